@@ -1,0 +1,143 @@
+"""Helpers over the canonical IR: an ATen-level ``torch.fx.GraphModule`` from ``torch.export``.
+
+Parameters and buffers are ``get_attr`` nodes whose target is a dotted attribute path;
+every ``call_function`` node carries ``meta["val"]`` (a fake tensor with the traced shape)
+and ``meta["nn_module_stack"]`` (which module of the user's model it came from).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+
+def get_attr(gm: torch.nn.Module, target: str) -> torch.Tensor:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_attr(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+    """Store ``value`` at ``target``, as an ``nn.Parameter`` if the old value was one (or if new)."""
+    *path, leaf = target.split(".")
+    owner = gm
+    for part in path:
+        if not hasattr(owner, part):
+            owner.add_module(part, torch.nn.Module())
+        owner = getattr(owner, part)
+    old = getattr(owner, leaf, None)
+    if isinstance(old, torch.Tensor) and not isinstance(old, torch.nn.Parameter) and leaf in owner._buffers:
+        owner._buffers[leaf] = value.detach()
+    else:
+        requires_grad = old.requires_grad if isinstance(old, torch.nn.Parameter) else False
+        if hasattr(owner, leaf) and leaf not in owner._parameters:
+            delattr(owner, leaf)
+        owner.register_parameter(leaf, torch.nn.Parameter(value.detach(), requires_grad=requires_grad))
+
+
+def unique_attr_name(gm: torch.nn.Module, base: str) -> str:
+    base = base.replace(".", "_")
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def add_constant(gm: fx.GraphModule, base: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
+    """Register ``value`` as a new top-level parameter of ``gm`` and return a get_attr node for it."""
+    name = unique_attr_name(gm, base)
+    set_attr(gm, name, value)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = value
+    return node
+
+
+def attr_use_count(gm: fx.GraphModule, target: str) -> int:
+    """How many times the tensor at ``target`` is consumed anywhere in the graph."""
+    return sum(len(n.users) for n in gm.graph.nodes if n.op == "get_attr" and n.target == target)
+
+
+def delete_unused_attrs(gm: fx.GraphModule) -> None:
+    """Drop parameters/buffers no get_attr node refers to any more, then empty submodules."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    used_prefixes = {t.rsplit(".", 1)[0] for t in used if "." in t}
+    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if name in used:
+            continue
+        *path, leaf = name.split(".")
+        owner = gm
+        for part in path:
+            owner = getattr(owner, part)
+        owner._parameters.pop(leaf, None)
+        owner._buffers.pop(leaf, None)
+    for name, mod in sorted(gm.named_modules(), key=lambda kv: -kv[0].count(".")):
+        if name and name not in used_prefixes and type(mod) is torch.nn.Module:
+            if not any(True for _ in mod.parameters()) and not any(True for _ in mod.buffers()):
+                *path, leaf = name.split(".")
+                owner = gm
+                for part in path:
+                    owner = getattr(owner, part)
+                delattr(owner, leaf)
+
+
+def module_path(node: fx.Node) -> str:
+    """Dotted path of the innermost user module that produced ``node`` ("" at top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, _ = list(stack.values())[-1]
+    return _clean_module_path(path)
+
+
+def _clean_module_path(path: str) -> str:
+    # export writes e.g. "L['self'].layer1[0].conv" or "layer1.0.conv" depending on version
+    path = path.replace("L['self']", "").replace("['", ".").replace("']", "").replace("[", ".").replace("]", "")
+    return path.strip(".")
+
+
+def fake_shape(node: fx.Node) -> tuple | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def finalize(gm: fx.GraphModule) -> None:
+    """Dead-code elimination, attribute clean-up, lint and recompile after a rewrite."""
+    gm.graph.eliminate_dead_code()
+    delete_unused_attrs(gm)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _schema_arguments(node: fx.Node) -> list:
+    return list(node.target._schema.arguments)
+
+
+def call_arguments(node: fx.Node) -> dict:
+    """All arguments of an ATen call node by schema name, with schema defaults filled in."""
+    values = {}
+    for i, arg in enumerate(_schema_arguments(node)):
+        if i < len(node.args):
+            values[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            values[arg.name] = node.kwargs[arg.name]
+        else:
+            values[arg.name] = arg.default_value if arg.has_default_value() else None
+    return values
+
+
+def set_call_argument(node: fx.Node, name: str, value) -> None:
+    """Set one schema argument of an ATen call node, materialising defaulted positional args before it."""
+    schema = _schema_arguments(node)
+    names = [a.name for a in schema]
+    index = names.index(name)
+    if name in node.kwargs or schema[index].kwarg_only:
+        node.update_kwarg(name, value)
+        return
+    args = list(node.args)
+    for i in range(len(args), index + 1):
+        args.append(schema[i].default_value if schema[i].has_default_value() else None)
+    args[index] = value
+    node.args = tuple(args)

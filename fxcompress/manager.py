@@ -1,0 +1,126 @@
+"""The pass manager: runs a pipeline, verifies the graph after every pass, calls instrumentation.
+
+Order of events for each pass (the hooks are :class:`fxcompress.instrument.Instrumentation`)::
+
+    before_pass -> pass.run -> after_run -> verification -> after_pass
+                                         \\-> after_failure (any exception), then re-raised
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+from .errors import VerificationError
+from .instrument import Instrumentation
+from .pass_base import Pass, PassContext, PassResult, make_pass
+from .verify import default_rtol, first_diverging_node, fidelity, output_signature
+
+
+@dataclass
+class PassRecord:
+    """One pass as it ran: its configuration and what it reported."""
+
+    pass_: Pass
+    result: PassResult
+
+
+def graph_fingerprint(gm: fx.GraphModule) -> tuple:
+    """Changes whenever the graph code or any parameter/buffer (identity, shape or contents) changes."""
+    state = [
+        (name, tuple(t.shape), t.dtype, t.data_ptr(), t._version)
+        for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+    ]
+    return gm.code, tuple(state)
+
+
+class PassManager:
+    """Run ``passes`` in order on a captured graph, verifying after each one.
+
+    Verification: the graph lints, recompiles and runs on the example inputs; the output
+    structure, shapes and dtypes are unchanged; a lossless pass reproduces the pre-pass outputs
+    within ``rtol`` (default by dtype: 1e-5 for fp32) of max|output|; a pass that reports
+    ``changed=False`` left the graph and its weights untouched. The first failure raises
+    :class:`VerificationError` naming the pass (and, for numerical divergence, the first
+    diverging node).
+    """
+
+    def __init__(
+        self,
+        passes: Sequence[str | Pass],
+        *,
+        verify: bool = True,
+        rtol: float | None = None,
+        instrumentations: Sequence[Instrumentation] = (),
+    ):
+        self.passes = [make_pass(p) for p in passes]
+        self.verify = verify
+        self.rtol = rtol
+        self.instrumentations = list(instrumentations)
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> list[PassRecord]:
+        outputs = self._run_model(gm, ctx)
+        for inst in self.instrumentations:
+            inst.on_start(gm, ctx, outputs)
+        records = []
+        for index, pass_ in enumerate(self.passes):
+            for inst in self.instrumentations:
+                inst.before_pass(index, pass_, gm)
+            try:
+                outputs = self._run_one(index, pass_, gm, ctx, outputs, records)
+            except Exception as exc:
+                for inst in self.instrumentations:
+                    inst.after_failure(index, pass_, gm, exc)
+                raise
+        return records
+
+    def _run_one(self, index, pass_, gm, ctx, outputs, records):
+        snapshot = copy.deepcopy(gm) if self.verify else None
+        fingerprint = graph_fingerprint(gm)
+        result = pass_.run(gm, ctx)
+        if not isinstance(result, PassResult):
+            raise VerificationError(pass_.name, f"run() returned {type(result).__name__}, not a PassResult")
+        for inst in self.instrumentations:
+            inst.after_run(index, pass_, gm, result)
+        if not result.changed and graph_fingerprint(gm) != fingerprint:
+            raise VerificationError(pass_.name, "the pass reported changed=False but modified the graph or its weights")
+        new_outputs = self._verify(pass_, gm, ctx, outputs, snapshot) if self.verify else self._run_model(gm, ctx)
+        records.append(PassRecord(pass_, result))
+        for inst in self.instrumentations:
+            inst.after_pass(index, pass_, gm, result, new_outputs)
+        return new_outputs
+
+    @staticmethod
+    def _run_model(gm: torch.nn.Module, ctx: PassContext) -> Any:
+        with torch.no_grad():
+            return ctx.run(gm)
+
+    def _verify(self, pass_: Pass, gm: fx.GraphModule, ctx: PassContext, before: Any, snapshot: fx.GraphModule) -> Any:
+        try:
+            gm.graph.lint()
+            gm.recompile()
+        except Exception as exc:
+            raise VerificationError(pass_.name, f"the graph is malformed: {exc}") from exc
+        try:
+            after = self._run_model(gm, ctx)
+        except Exception as exc:
+            raise VerificationError(pass_.name, f"the rewritten graph fails to run: {type(exc).__name__}: {exc}") from exc
+        old_sig, new_sig = output_signature(before), output_signature(after)
+        if old_sig != new_sig:
+            raise VerificationError(pass_.name, f"output structure/shape/dtype changed from {old_sig} to {new_sig}")
+        if pass_.lossless:
+            rtol = self.rtol if self.rtol is not None else default_rtol(before)
+            error = fidelity(before, after)
+            if not error.max_rel_err <= rtol:
+                node = first_diverging_node(snapshot, gm, ctx.args, ctx.kwargs, rtol)
+                raise VerificationError(
+                    pass_.name,
+                    f"the pass claims to be lossless but changed the outputs: max relative error "
+                    f"{error.max_rel_err:.3g} > {rtol:g}",
+                    node=node,
+                )
+        return after

@@ -1,0 +1,1 @@
+"""Triton GPU kernels that rewritten nodes lower to (imported as ``fxcompress.triton_kernels``)."""
