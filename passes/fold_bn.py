@@ -38,11 +38,11 @@ def _tensor(gm: fx.GraphModule, arg) -> torch.Tensor | None:
 
 def _match_batch_norm(gm: fx.GraphModule, node: fx.Node) -> tuple[_BatchNorm | None, str]:
     args = ir.call_arguments(node)
-    if node.target is aten.batch_norm.default and args["training"]:
-        return None, "batch norm runs in training mode (uses batch statistics)"
     mean, var = _tensor(gm, args["running_mean"]), _tensor(gm, args["running_var"])
     if mean is None or var is None:
         return None, "batch norm has no running statistics (track_running_stats=False)"
+    if node.target is aten.batch_norm.default and args["training"]:
+        return None, "batch norm runs in training mode (uses batch statistics)"
     output = node
     if node.target is aten._native_batch_norm_legit_no_training.default:
         getters = [u for u in node.users if u.target is operator.getitem]

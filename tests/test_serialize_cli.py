@@ -1,0 +1,61 @@
+import json
+import subprocess
+import sys
+import zipfile
+
+import torch
+
+import fxcompress
+from fxcompress.models import EXAMPLES
+from fxcompress.verify import fidelity
+
+
+def test_save_load_round_trip_keeps_outputs_and_dynamic_batch(tmp_path):
+    for name in ("resnet", "transformer"):
+        factory, inputs = EXAMPLES[name]
+        model, x = factory(), inputs()
+        out = fxcompress.optimize(model, x, report=False)
+        path = tmp_path / f"{name}.pt2"
+        fxcompress.save(out, path)
+        loaded = fxcompress.load(path)
+        with torch.no_grad():
+            assert fidelity(out(*x), loaded(*x)).max_abs_err == 0.0
+            bigger = tuple(torch.cat([t, t]) for t in x)
+            assert fidelity(model(*bigger), loaded(*bigger)).max_rel_err <= 1e-5
+        assert loaded.pipeline == out.pipeline
+        assert [r["stage"] for r in loaded.saved_report["rows"]] == ["input", "eliminate_identity", "fold_bn"]
+        with zipfile.ZipFile(path) as archive:
+            assert not any(n.endswith(".pkl") for n in archive.namelist())
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fxcompress", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_cli_optimize_end_to_end(tmp_path):
+    out, report = tmp_path / "model.pt2", tmp_path / "report.json"
+    proc = run_cli(
+        "optimize", "fxcompress.models:resnet_small", "--input-shape", "2,3,32,32",
+        "--passes", "fold_bn", "--out", str(out), "--json", str(report),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "fold_bn" in proc.stdout and "latency ms" in proc.stdout
+    assert json.loads(report.read_text())["rows"][1]["stage"] == "fold_bn"
+    loaded = fxcompress.load(out)
+    assert loaded(torch.randn(3, 3, 32, 32)).shape == (3, 10)
+
+
+def test_cli_token_inputs_and_errors():
+    proc = run_cli("optimize", "fxcompress.models:transformer_small", "--input-shape", "2,16", "--input-dtype", "long")
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("optimize", "fxcompress.models:resnet_small", "--input-shape", "2,3,32,32", "--passes", "nope")
+    assert proc.returncode == 2 and "unknown pass 'nope'" in proc.stderr
+    proc = run_cli("optimize", "fxcompress.models", "--input-shape", "2,3,32,32")
+    assert proc.returncode == 2 and "PKG.MODULE:FACTORY" in proc.stderr
+    proc = run_cli("optimize", "fxcompress.models:resnet_small", "--input-shape", "2,3,32,32", "--option", "fold_bn.x=1")
+    assert proc.returncode == 2 and "no option" in proc.stderr
+
+
+def test_cli_lists_passes():
+    proc = run_cli("passes")
+    assert proc.returncode == 0 and "fold_bn" in proc.stdout and "lossless" in proc.stdout
