@@ -6,6 +6,7 @@ runs verified rewrite passes on it and returns a smaller/faster ``GraphModule`` 
 
 from .api import DEFAULT_PASSES, optimize
 from .capture import capture
+from .dynamo_backend import backend
 from .errors import (
     CaptureError,
     FxCompressError,
@@ -23,6 +24,6 @@ from .serialize import load, save
 __all__ = [
     "DEFAULT_PASSES", "CaptureError", "FxCompressError", "InvalidInputError", "IRDumper", "Instrumentation",
     "Pass", "PassConfigError", "PassContext", "PassManager", "PassResult", "PassTimer", "Report",
-    "ReportConfig", "UnknownPassError", "VerificationError", "capture", "load", "make_pass", "optimize",
+    "ReportConfig", "UnknownPassError", "VerificationError", "backend", "capture", "load", "make_pass", "optimize",
     "register_pass", "registered_passes", "save",
 ]
