@@ -4,7 +4,9 @@
 runs verified rewrite passes on it and returns a smaller/faster ``GraphModule`` with a per-pass report.
 """
 
+from . import int8_ops  # noqa: F401  (registers the fxcompress:: custom ops)
 from .api import DEFAULT_PASSES, optimize
+from .calibrate import calibrate
 from .capture import capture
 from .dynamo_backend import backend
 from .errors import (
@@ -24,6 +26,6 @@ from .serialize import load, save
 __all__ = [
     "DEFAULT_PASSES", "CaptureError", "FxCompressError", "InvalidInputError", "IRDumper", "Instrumentation",
     "Pass", "PassConfigError", "PassContext", "PassManager", "PassResult", "PassTimer", "Report",
-    "ReportConfig", "UnknownPassError", "VerificationError", "backend", "capture", "load", "make_pass", "optimize",
+    "ReportConfig", "UnknownPassError", "VerificationError", "backend", "calibrate", "capture", "load", "make_pass", "optimize",
     "register_pass", "registered_passes", "save",
 ]

@@ -1,0 +1,76 @@
+"""Calibration for static int8: observe the inputs of every linear/1×1-conv layer, fix their scales.
+
+``calibrate(model, batches)`` returns ``((layer, s_x), ...)`` with the per-tensor activation scale
+``s_x = r / 127`` of each layer's input, where the range ``r`` is
+
+* ``minmax``:     ``max over batches of max |x|``;
+* ``percentile``: the mean over batches of the ``percentile``-th percentile of ``|x|`` (clips outliers).
+
+Feed the result to ``Int8(mode="static", activation_scales=...)``: it is plain data (a tuple of
+pairs), so the pass configuration stays printable and saveable.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+
+from .capture import ExampleInputs, capture
+from .errors import InvalidInputError
+
+METHODS = ("minmax", "percentile")
+MAX_PERCENTILE_SAMPLES = 1 << 22
+
+
+def calibrate(
+    model: torch.nn.Module, batches: Iterable[Any], method: str = "minmax", percentile: float = 99.99
+) -> tuple[tuple[str, float], ...]:
+    """Run ``batches`` (each what ``optimize`` accepts as example inputs) and return per-layer input scales."""
+    if method not in METHODS:
+        raise InvalidInputError(f"calibrate: method must be one of {METHODS}, not {method!r}")
+    if not 0 < percentile <= 100:
+        raise InvalidInputError(f"calibrate: percentile must be in (0, 100], not {percentile}")
+    batches = [ExampleInputs.of(b) for b in batches]
+    if not batches:
+        raise InvalidInputError("calibrate: batches is empty; pass at least one batch of representative inputs")
+    gm = model if isinstance(model, fx.GraphModule) else capture(model, batches[0])
+    observer = _RangeObserver(gm, method, percentile)
+    with torch.no_grad():
+        for batch in batches:
+            observer.run(*batch.args, **batch.kwargs)
+    return tuple((layer, max(r, 1e-8) / 127.0) for layer, r in sorted(observer.ranges().items()))
+
+
+class _RangeObserver(fx.Interpreter):
+    """Runs the graph and records the absolute range of the input of every int8 GEMM candidate."""
+
+    def __init__(self, gm: fx.GraphModule, method: str, percentile: float):
+        from fxcompress.passes.int8 import gemm_candidates, layer_name
+
+        super().__init__(gm)
+        self.method = method
+        self.quantile = percentile / 100.0
+        self.layers = {node: layer_name(node) for node in gemm_candidates(gm)}
+        self.observed: dict[str, list[float]] = {}
+
+    def run_node(self, node: fx.Node) -> Any:
+        if node in self.layers:
+            x = self.env[node.args[0]]
+            self.observed.setdefault(self.layers[node], []).append(self._range(x.detach()))
+        return super().run_node(node)
+
+    def _range(self, x: torch.Tensor) -> float:
+        magnitudes = x.abs().flatten().float()
+        if self.method == "minmax":
+            return magnitudes.max().item()
+        if magnitudes.numel() > MAX_PERCENTILE_SAMPLES:
+            magnitudes = magnitudes[torch.randperm(magnitudes.numel(), device=x.device)[:MAX_PERCENTILE_SAMPLES]]
+        k = max(1, min(magnitudes.numel(), round(self.quantile * magnitudes.numel())))
+        return magnitudes.kthvalue(k).values.item()
+
+    def ranges(self) -> dict[str, float]:
+        if self.method == "minmax":
+            return {layer: max(values) for layer, values in self.observed.items()}
+        return {layer: sum(values) / len(values) for layer, values in self.observed.items()}

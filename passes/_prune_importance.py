@@ -1,0 +1,164 @@
+"""Importance of prunable units and the choice of which to remove.
+
+A unit's score sums a per-index statistic over every parameter index it would remove:
+``l1 = sum |w|``, ``l2 = sum w^2``, ``taylor = sum |w * dL/dw|`` (L = the given loss, or the sum
+of squares of all outputs, on the example inputs), ``bn_scale = sum |gamma|`` over BatchNorm
+weights (``l1`` for groups without BatchNorm), ``random`` a seeded uniform draw.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from fxcompress import ir
+from fxcompress.pass_base import PassContext
+from fxcompress.passes._prune_graph import ChannelGraph, Group
+from fxcompress.passes._prune_rules import op_name
+
+IMPORTANCE = ("l1", "l2", "bn_scale", "taylor", "random")
+
+
+def group_scores(
+    gm: fx.GraphModule, graph: ChannelGraph, method: str, ctx: PassContext, loss: Callable | None, seed: int
+) -> list[np.ndarray]:
+    """One score per prunable unit of every group (higher = more important)."""
+    grads = _gradients(gm, ctx, loss) if method == "taylor" else {}
+    bn_weights = _bn_weight_targets(gm) if method == "bn_scale" else set()
+    generator = np.random.default_rng(seed)
+    cache: dict[tuple[str, int, str], np.ndarray] = {}
+
+    def per_index(target: str, dim: int, stat: str) -> np.ndarray:
+        key = (target, dim, stat)
+        if key not in cache:
+            w = ir.get_attr(gm, target).detach().float()
+            value = {"l1": w.abs(), "l2": w.square(), "taylor": (w * grads.get(target, torch.zeros_like(w))).abs()}
+            other = [d for d in range(w.ndim) if d != dim]
+            cache[key] = value[stat].sum(dim=other).numpy() if other else value[stat].numpy()
+        return cache[key]
+
+    scores = []
+    for group in graph.groups:
+        if method == "random":
+            scores.append(generator.random(len(group.units)))
+            continue
+        stat, targets = method, None
+        if method == "bn_scale":  # sum |gamma| = l1 restricted to BatchNorm weights
+            targets = {t for s, (t, _) in graph.param_spaces.items() if s in group.spaces and t in bn_weights}
+            stat = "l1"
+        scores.append(np.array([_unit_score(unit, graph, per_index, stat, targets) for unit in group.units]))
+    return scores
+
+
+def _unit_score(unit, graph: ChannelGraph, per_index, stat: str, only_targets: set | None) -> float:
+    total = 0.0
+    for sid, idx in unit.elements.items():
+        if sid in graph.param_spaces:
+            target, dim = graph.param_spaces[sid]
+            if not only_targets or target in only_targets:
+                total += float(per_index(target, dim, stat)[idx].sum())
+    return total
+
+
+def _bn_weight_targets(gm: fx.GraphModule) -> set[str]:
+    targets = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and op_name(node) in ("aten.batch_norm", "aten._native_batch_norm_legit_no_training"):
+            weight = node.args[1]
+            if isinstance(weight, fx.Node) and weight.op == "get_attr":
+                targets.add(weight.target)
+    return targets
+
+
+def _gradients(gm: fx.GraphModule, ctx: PassContext, loss: Callable | None) -> dict[str, torch.Tensor]:
+    params = dict(gm.named_parameters())
+    was = {name: p.requires_grad for name, p in params.items()}
+    for p in params.values():
+        p.requires_grad_(True)
+        p.grad = None
+    try:
+        with torch.enable_grad():
+            outputs = ctx.run(gm)
+            value = loss(outputs) if loss is not None else _sum_of_squares(outputs)
+            value.backward()
+        return {name: p.grad.detach().clone() for name, p in params.items() if p.grad is not None}
+    finally:
+        for name, p in params.items():
+            p.grad = None
+            p.requires_grad_(was[name])
+
+
+def _sum_of_squares(outputs: Any) -> torch.Tensor:
+    leaves = [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return sum(t.float().square().sum() for t in leaves)
+
+
+# --- selection -----------------------------------------------------------------------------
+
+
+def choose_units(
+    graph: ChannelGraph, scores: list[np.ndarray], ratio: float, scope: str, max_ratio: float, round_to: int
+) -> list[np.ndarray]:
+    """Indices (into ``group.units``) of the units to remove from each group."""
+    if scope == "local":
+        counts = [min(math.floor(ratio * _total(g)), len(g.units)) for g in graph.groups]
+    else:
+        counts = _global_counts(graph, scores, ratio, max_ratio)
+    chosen = []
+    for group, score, count in zip(graph.groups, scores, counts):
+        count = _round_count(group, count, round_to)
+        order = np.argsort(score, kind="stable")
+        chosen.append(_keep_every_space(group, order[:count], graph))
+    return chosen
+
+
+def _total(group: Group) -> int:
+    return len(group.units) + group.frozen_units
+
+
+def _global_counts(graph: ChannelGraph, scores: list[np.ndarray], ratio: float, max_ratio: float) -> list[int]:
+    """Rank units of all groups by score relative to their group's mean; each group loses at
+    most ``max_ratio`` of its units; stop at ``ratio`` of all channels."""
+    ranked = []
+    for gid, (group, score) in enumerate(zip(graph.groups, scores)):
+        mean = float(score.mean()) if len(score) and score.mean() > 0 else 1.0
+        ranked += [(s / mean, gid) for s in score]
+    ranked.sort()
+    widths = [g.width for g in graph.groups]
+    budget = ratio * sum(_total(g) * w for g, w in zip(graph.groups, widths))
+    caps = [min(math.floor(max_ratio * _total(g)), len(g.units)) for g in graph.groups]
+    counts, removed = [0] * len(graph.groups), 0.0
+    for _, gid in ranked:
+        if removed + widths[gid] > budget + 1e-9:
+            break
+        if counts[gid] < caps[gid]:
+            counts[gid] += 1
+            removed += widths[gid]
+    return counts
+
+
+def _round_count(group: Group, count: int, round_to: int) -> int:
+    """Remove fewer units so the kept channel count (units x width) is a multiple of round_to."""
+    step = round_to // math.gcd(round_to, group.width)
+    total = _total(group)
+    keep = math.ceil((total - count) / step) * step
+    return max(0, total - keep) if keep <= total else 0
+
+
+def _keep_every_space(group: Group, remove: np.ndarray, graph: ChannelGraph) -> np.ndarray:
+    """Give back the most important removed units until no channel space would become empty."""
+    remove = list(remove)
+    while remove:
+        dropped: dict[int, int] = {}
+        for i in remove:
+            for sid, idx in group.units[i].elements.items():
+                dropped[sid] = dropped.get(sid, 0) + len(idx)
+        if all(n < graph.spaces[sid].size for sid, n in dropped.items()):
+            break
+        remove.pop()  # the removed unit with the highest score
+    return np.array(remove, dtype=np.int64)

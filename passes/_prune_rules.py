@@ -1,0 +1,526 @@
+"""Per-op channel rules for ``prune_channels``: which dims of an op's inputs and outputs are
+the same channels (identity), which are related by an index map, and which must stay whole.
+
+Every rule receives ``(node, builder, inputs, outputs)``; any dim of ``inputs``/``outputs`` a
+rule neither links nor releases is frozen afterwards. An op without a rule freezes every dim
+it touches and is reported by name.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import numpy as np
+import sympy
+import torch
+import torch.fx as fx
+
+from fxcompress.passes._prune_graph import Builder, tensor_shape
+
+
+def op_name(node: fx.Node) -> str:
+    target = node.target
+    packet = getattr(target, "overloadpacket", None)
+    return str(packet) if packet is not None else getattr(target, "__name__", str(target))
+
+
+def arg(node: fx.Node, name: str, default=None):
+    """Value of argument ``name`` of an ATen op node, positional or keyword."""
+    for i, schema_arg in enumerate(node.target._schema.arguments):
+        if schema_arg.name == name:
+            if i < len(node.args):
+                return node.args[i]
+            return node.kwargs.get(name, schema_arg.default_value if schema_arg.has_default_value() else default)
+    return default
+
+
+def set_arg(node: fx.Node, name: str, value) -> None:
+    for i, schema_arg in enumerate(node.target._schema.arguments):
+        if schema_arg.name == name:
+            if i < len(node.args):
+                node.args = node.args[:i] + (value,) + node.args[i + 1 :]
+            else:
+                node.kwargs = {**node.kwargs, name: value}
+            return
+    raise KeyError(name)
+
+
+def apply_rule(node: fx.Node, b: Builder) -> None:
+    if node.target is operator.getitem:
+        return  # linked by the rule of the op that produced the tuple
+    inputs = [n for n in _flat_nodes(node.args, node.kwargs) if tensor_shape(b.gm, n) is not None]
+    outputs = _outputs(node, b)
+    if not outputs and not inputs:
+        return
+    name = op_name(node)
+    if name in NO_CHANNEL_EFFECT and not outputs:
+        return
+    rule = RULES.get(name)
+    if rule is None:
+        for n in inputs + outputs:
+            b.freeze_node(n, f"unsupported op {name} (node {node.name})", unknown=True)
+        return
+    rule(node, b, inputs, outputs)
+    b.freeze_untouched(inputs + outputs, name)
+
+
+def _flat_nodes(args, kwargs) -> list[fx.Node]:
+    nodes: list[fx.Node] = []
+    fx.node.map_arg((args, kwargs), nodes.append)
+    return list(dict.fromkeys(nodes))
+
+
+def _outputs(node: fx.Node, b: Builder) -> list[fx.Node]:
+    if isinstance(node.meta.get("val"), torch.Tensor):
+        return [node]
+    return [u for u in node.users if u.target is operator.getitem and tensor_shape(b.gm, u) is not None]
+
+
+def _getitem(node: fx.Node, index: int) -> fx.Node | None:
+    return next((u for u in node.users if u.target is operator.getitem and u.args[1] == index), None)
+
+
+# --- elementwise, layout -------------------------------------------------------------------
+
+
+def pointwise(node, b: Builder, inputs, outputs, out=None):
+    """out = f(x, y, ...) with broadcasting: dims aligned from the right are the same channels."""
+    out = out or outputs[0]
+    for x in inputs:
+        for k in range(1, min(b.ndim(x), b.ndim(out)) + 1):
+            b.identity(x, -k, out, -k)
+
+
+def permute(node, b: Builder, inputs, outputs):
+    x, out = node.args[0], outputs[0]
+    n = b.ndim(x)
+    if op_name(node) == "aten.permute":
+        order = [d % n for d in node.args[1]]
+    else:
+        d0, d1 = (node.args[1] % n, node.args[2] % n) if len(node.args) > 2 else (0, 1)
+        order = list(range(n))
+        order[d0], order[d1] = order[d1], order[d0]
+    for out_dim, in_dim in enumerate(order):
+        b.identity(x, in_dim, out, out_dim)
+
+
+def expand(node, b: Builder, inputs, outputs):
+    pointwise(node, b, [node.args[0]], outputs)
+
+
+def reduction(node, b: Builder, inputs, outputs):
+    """Reduced dims (mean, softmax, pooling windows) stay whole; the others are channels."""
+    x, out = node.args[0], outputs[0]
+    n = b.ndim(x)
+    name = op_name(node)
+    if name in POOLING:
+        reduced = set(range(2, n)) if n > 2 else set()
+        keep_dims = True
+    elif name in SOFTMAX:
+        reduced, keep_dims = {arg(node, "dim") % n}, True
+    else:
+        dims = arg(node, "dim")
+        reduced = set(range(n)) if dims in (None, []) else {d % n for d in ([dims] if isinstance(dims, int) else dims)}
+        keep_dims = bool(arg(node, "keepdim", False))
+    out_dim = 0
+    for d in range(n):
+        if d in reduced:
+            out_dim += keep_dims
+            continue
+        b.identity(x, d, out, out_dim)
+        out_dim += 1
+
+
+def cat(node, b: Builder, inputs, outputs):
+    tensors, out = arg(node, "tensors"), outputs[0]
+    dim = arg(node, "dim", 0) % b.ndim(out)
+    offset = 0
+    for x in tensors:
+        size = b.size(x, dim)
+        if not isinstance(size, int):
+            return
+        for d in range(b.ndim(out)):
+            if d == dim:
+                b.map(x, d, out, d, np.arange(size), offset + np.arange(size))
+            else:
+                b.identity(x, d, out, d)
+        offset += size
+
+
+def stack(node, b: Builder, inputs, outputs):
+    dim = arg(node, "dim", 0) % b.ndim(outputs[0])
+    for x in arg(node, "tensors"):
+        for d in range(b.ndim(x)):
+            b.identity(x, d, outputs[0], d if d < dim else d + 1)
+
+
+def split(node, b: Builder, inputs, outputs):
+    """Pieces of ``x`` along ``dim``: piece k holds indices [offset_k, offset_k + size_k)."""
+    x = node.args[0]
+    n = b.ndim(x)
+    dim = arg(node, "dim", 0) % n
+    for index, size in enumerate(_split_sizes(node, b.size(x, dim))):
+        piece = _getitem(node, index)
+        offset = sum(_split_sizes(node, b.size(x, dim))[:index])
+        if piece is None:
+            b.release(x, dim)
+            continue
+        for d in range(n):
+            if d == dim:
+                b.map(x, d, piece, d, offset + np.arange(size), np.arange(size))
+            else:
+                b.identity(x, d, piece, d)
+
+
+def _split_sizes(node: fx.Node, total: int) -> list[int]:
+    name = op_name(node)
+    if name == "aten.split_with_sizes":
+        return list(node.args[1])
+    step = node.args[1] if name == "aten.split" else math.ceil(total / node.args[1])
+    return [min(step, total - start) for start in range(0, total, step)]
+
+
+def unbind(node, b: Builder, inputs, outputs):
+    x = node.args[0]
+    dim = arg(node, "dim", 0) % b.ndim(x)
+    for piece in outputs:
+        for d in range(b.ndim(x)):
+            if d != dim:
+                b.identity(x, d, piece, d if d < dim else d - 1)
+
+
+def slice_(node, b: Builder, inputs, outputs):
+    x, out = node.args[0], outputs[0]
+    n = b.ndim(x)
+    dim, step = arg(node, "dim", 0) % n, arg(node, "step", 1)
+    size = b.size(x, dim)
+    for d in range(n):
+        if d != dim:
+            b.identity(x, d, out, d)
+        elif isinstance(size, int) and step == 1:
+            start, end, _ = slice(arg(node, "start"), arg(node, "end")).indices(size)
+            b.map(x, d, out, d, np.arange(start, end), np.arange(end - start))
+
+
+def select(node, b: Builder, inputs, outputs):
+    x = node.args[0]
+    dim = node.args[1] % b.ndim(x)
+    for d in range(b.ndim(x)):
+        if d != dim:
+            b.identity(x, d, outputs[0], d if d < dim else d - 1)
+
+
+def index(node, b: Builder, inputs, outputs):
+    """``x[..., idx, ...]`` with one index tensor: dims before and after it are channels."""
+    x, out = node.args[0], outputs[0]
+    indices = node.args[1]
+    positions = [p for p, i in enumerate(indices) if i is not None]
+    if len(positions) != 1:
+        return
+    p = positions[0]
+    shift = b.ndim(indices[p]) - 1
+    for d in range(b.ndim(x)):
+        if d < p:
+            b.identity(x, d, out, d)
+        elif d > p:
+            b.identity(x, d, out, d + shift)
+
+
+def reshape(node, b: Builder, inputs, outputs):
+    """view/reshape/flatten/unflatten/squeeze/unsqueeze: match blocks of dims with equal products.
+
+    A dim split into factors (or factors merged into a dim) is linked to one *carrier* factor:
+    merged index j = (.., c, ..) in row-major order maps to carrier index c. The other factors
+    stay whole.
+    """
+    x, out = node.args[0], outputs[0]
+    in_shape, out_shape = tensor_shape(b.gm, x), tensor_shape(b.gm, out)
+    for in_dims, out_dims in _blocks(in_shape, out_shape):
+        if len(in_dims) == 1 and len(out_dims) == 1:
+            b.identity(x, in_dims[0], out, out_dims[0])
+        elif len(in_dims) == 1 or len(out_dims) == 1:
+            _link_factors(node, b, x, in_dims, out, out_dims)
+
+
+def _link_factors(node, b: Builder, x, in_dims, out, out_dims):
+    whole, whole_dims, parts, part_dims = (x, in_dims, out, out_dims) if len(in_dims) == 1 else (out, out_dims, x, in_dims)
+    sizes = [tensor_shape(b.gm, parts)[d] for d in part_dims]
+    if not all(isinstance(s, int) for s in sizes):
+        return
+    carrier = _carrier(node, b, parts, part_dims, sizes, splitting=whole is x)
+    stride = math.prod(sizes[carrier + 1 :])
+    merged = np.arange(math.prod(sizes))
+    b.map(whole, whole_dims[0], parts, part_dims[carrier], merged, (merged // stride) % sizes[carrier])
+    b.carriers.add(b.space(parts, part_dims[carrier]))
+
+
+def _carrier(node, b: Builder, parts, part_dims, sizes, splitting: bool) -> int:
+    """Which factor carries the channels of a split or merged dim.
+
+    Merge: the factor already carrying channels, else the outermost. Split: the outermost
+    factor that a later ``unbind``/``select`` does not take apart (packed q/k/v), except for a
+    channel shuffle (factors merged back in another order), where it is the largest factor.
+    """
+    candidates = [i for i, s in enumerate(sizes) if s > 1]
+    if not splitting:
+        flagged = [i for i in candidates if b.space(parts, part_dims[i]) in b.carriers]
+        return flagged[0] if flagged else candidates[0]
+    end, position = _follow_permutes(node, part_dims)
+    name = op_name(end) if end is not None else ""
+    if name in RESHAPES and position != sorted(position):
+        return max(candidates, key=lambda i: sizes[i])
+    if name in ("aten.unbind", "aten.select"):
+        taken = arg(end, "dim", 0) % len(tensor_shape_of(end.args[0]))
+        candidates = [i for i in candidates if position[i] != taken] or candidates
+    return candidates[0]
+
+
+def _follow_permutes(node: fx.Node, dims: list[int]) -> tuple[fx.Node | None, list[int]]:
+    """Follow a single-user chain of permutes; the op it ends at and where ``dims`` went."""
+    position = list(dims)
+    current = node
+    while len(current.users) == 1:
+        user = next(iter(current.users))
+        name = op_name(user)
+        if name in ("aten.transpose", "aten.permute"):
+            n = len(tensor_shape_of(user))
+            order = list(range(n))
+            if name == "aten.permute":
+                order = [d % n for d in user.args[1]]
+            else:
+                d0, d1 = user.args[1] % n, user.args[2] % n
+                order[d0], order[d1] = order[d1], order[d0]
+            position = [order.index(p) for p in position]
+        elif name not in ("aten.contiguous", "aten.clone"):
+            return user, position
+        current = user
+    return None, position
+
+
+def tensor_shape_of(node: fx.Node) -> tuple:
+    return tuple(node.meta["val"].shape)
+
+
+def _expr(size):
+    return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(size)
+
+
+def _blocks(in_shape, out_shape) -> list[tuple[list[int], list[int]]]:
+    """Minimal runs of input and output dims (size-1 dims dropped) with equal products."""
+    ins = [d for d, s in enumerate(in_shape) if not (isinstance(s, int) and s == 1)]
+    outs = [d for d, s in enumerate(out_shape) if not (isinstance(s, int) and s == 1)]
+    blocks, i, j = [], 0, 0
+    while i < len(ins) and j < len(outs):
+        bi, bj = [ins[i]], [outs[j]]
+        pi, pj = _expr(in_shape[ins[i]]), _expr(out_shape[outs[j]])
+        i, j = i + 1, j + 1
+        while sympy.simplify(pi - pj) != 0:
+            ratio = sympy.simplify(pj / pi)
+            if ratio.is_Integer and ratio > 1 and i < len(ins):
+                pi, i = pi * _expr(in_shape[ins[i]]), i + 1
+                bi.append(ins[i - 1])
+            elif (1 / ratio).is_Integer and j < len(outs):
+                pj, j = pj * _expr(out_shape[outs[j]]), j + 1
+                bj.append(outs[j - 1])
+            else:
+                return blocks
+        blocks.append((bi, bj))
+    return blocks
+
+
+# --- layers with parameters -----------------------------------------------------------------
+
+
+def linear(node, b: Builder, inputs, outputs):
+    """out[..., o] = sum_i x[..., i] W[o, i] + bias[o]."""
+    x, w, bias, out = node.args[0], node.args[1], arg(node, "bias"), outputs[0]
+    b.identity(x, -1, w, 1)
+    b.identity(w, 0, out, -1)
+    if bias is not None:
+        b.identity(bias, 0, out, -1)
+    for d in range(b.ndim(x) - 1):
+        b.identity(x, d, out, d)
+
+
+def addmm(node, b: Builder, inputs, outputs):
+    bias, x, w, out = node.args[0], node.args[1], node.args[2], outputs[0]
+    b.identity(x, 1, w, 0)
+    b.identity(w, 1, out, 1)
+    b.identity(x, 0, out, 0)
+    pointwise(node, b, [bias], outputs)
+
+
+def matmul(node, b: Builder, inputs, outputs):
+    """out[.., n, m] = sum_k a[.., n, k] b[.., k, m]; batch dims broadcast."""
+    x, y, out = node.args[0], node.args[1], outputs[0]
+    if b.ndim(x) < 2 or b.ndim(y) < 2:
+        return
+    b.identity(x, -1, y, -2)
+    b.identity(x, -2, out, -2)
+    b.identity(y, -1, out, -1)
+    for t in (x, y):
+        for k in range(3, min(b.ndim(t), b.ndim(out)) + 1):
+            b.identity(t, -k, out, -k)
+
+
+def conv(node, b: Builder, inputs, outputs):
+    """out[n, o] = sum_{i in group(o)} x[n, i] * W[o, i - first(group(o))] + bias[o]."""
+    x, w, bias, out = node.args[0], node.args[1], arg(node, "bias"), outputs[0]
+    transposed = op_name(node).startswith("aten.conv_transpose") or bool(arg(node, "transposed", False))
+    groups = arg(node, "groups", 1)
+    in_dim, out_dim = (0, 1) if transposed else (1, 0)
+    b.identity(x, 0, out, 0)
+    b.identity(w, out_dim, out, 1)
+    if bias is not None:
+        b.identity(bias, 0, out, 1)
+    if groups == 1:
+        b.identity(x, 1, w, in_dim)
+    elif not transposed:
+        # per group: all its input channels and all its output channels go together
+        c_in, c_out = b.size(x, 1), b.size(out, 1)
+        in_group, out_group = np.arange(c_in) // (c_in // groups), np.arange(c_out) // (c_out // groups)
+        first_out = np.searchsorted(out_group, in_group)
+        b.map(x, 1, out, 1, np.arange(c_in), first_out)
+        b.map(out, 1, out, 1, np.arange(c_out), np.searchsorted(out_group, out_group))
+
+
+def batch_norm(node, b: Builder, inputs, outputs):
+    x = node.args[0]
+    out = outputs[0] if op_name(node) == "aten.batch_norm" else _getitem(node, 0)
+    if out is None:
+        return
+    for d in range(b.ndim(x)):
+        b.identity(x, d, out, d)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        param = arg(node, name)
+        if isinstance(param, fx.Node):
+            b.identity(param, 0, out, 1)
+
+
+def layer_norm(node, b: Builder, inputs, outputs):
+    """Normalizing over one channel dim: pruning changes which channels the statistics cover."""
+    x, out = node.args[0], outputs[0]
+    shape = arg(node, "normalized_shape")
+    n = b.ndim(x)
+    for d in range(n - len(shape)):
+        b.identity(x, d, out, d)
+    if len(shape) == 1:
+        b.identity(x, -1, out, -1)
+        b.normalized.add(b.space(out, -1))
+        for name in ("weight", "bias"):
+            if isinstance(arg(node, name), fx.Node):
+                b.identity(arg(node, name), 0, out, -1)
+
+
+def group_norm(node, b: Builder, inputs, outputs):
+    """Whole groups go together, so every kept group keeps its statistics."""
+    x, out = node.args[0], outputs[0]
+    groups, channels = arg(node, "num_groups"), b.size(x, 1)
+    for d in range(b.ndim(x)):
+        b.identity(x, d, out, d)
+    group_first = (np.arange(channels) // (channels // groups)) * (channels // groups)
+    b.map(out, 1, out, 1, np.arange(channels), group_first)
+    for name in ("weight", "bias"):
+        if isinstance(arg(node, name), fx.Node):
+            b.identity(arg(node, name), 0, out, 1)
+
+
+def embedding(node, b: Builder, inputs, outputs):
+    w, indices, out = node.args[0], node.args[1], outputs[0]
+    b.identity(w, 1, out, -1)
+    for d in range(b.ndim(indices)):
+        b.identity(indices, d, out, d)
+
+
+def sdpa(node, b: Builder, inputs, outputs):
+    """out[.., h, l, e] = softmax(q[.., h, l, :] k[.., h, :, :]^T * scale + mask) v[.., h, :, e].
+
+    Heads are channels of q, k, v and out alike. The q/k feature dim is a channel only with an
+    explicit scale (the default scale depends on its size).
+    """
+    q, k, v, out = node.args[0], node.args[1], node.args[2], outputs[0]
+    mask = arg(node, "attn_mask")
+    for t in (q, k, v):
+        for j in range(3, min(b.ndim(t), b.ndim(out)) + 1):
+            b.identity(t, -j, out, -j)
+    b.identity(q, -2, out, -2)
+    b.identity(k, -2, v, -2)
+    b.identity(v, -1, out, -1)
+    if arg(node, "scale") is not None:
+        b.identity(q, -1, k, -1)
+    if isinstance(mask, fx.Node):  # broadcast against (.., h, l, s)
+        b.identity(mask, -1, k, -2)
+        for j in range(2, min(b.ndim(mask), b.ndim(out)) + 1):
+            b.identity(mask, -j, out, -j)
+
+
+def assert_metadata(node, b: Builder, inputs, outputs):
+    if arg(node, "size") is None and arg(node, "stride") is None:
+        for d in range(b.ndim(node.args[0])):
+            b.release(node.args[0], d)
+
+
+def creation(node, b: Builder, inputs, outputs):
+    """Constants built from sizes: their dims stay whole (frozen without a warning); a tensor
+    argument only lends its dtype and device."""
+    for x in inputs:
+        for d in range(b.ndim(x)):
+            b.release(x, d)
+
+
+POINTWISE = """add sub rsub mul div true_divide neg abs pow sqrt rsqrt exp log log1p erf reciprocal square
+relu relu_ relu6 gelu gelu_ silu silu_ sigmoid sigmoid_ tanh tanh_ hardswish hardswish_ hardsigmoid
+hardsigmoid_ hardtanh hardtanh_ leaky_relu leaky_relu_ elu elu_ selu mish softplus clamp clamp_
+clamp_min clamp_max maximum minimum where masked_fill dropout feature_dropout alpha_dropout clone
+contiguous alias detach to _to_copy type_as lift_fresh_copy zeros_like ones_like full_like empty_like
+eq ne ge gt le lt __and__ __or__ bitwise_not logical_not logical_and logical_or sign add_ mul_ sub_ div_
+""".split()
+POOLING = {f"aten.{p}" for p in """avg_pool1d avg_pool2d avg_pool3d max_pool1d max_pool2d max_pool3d
+adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d upsample_nearest2d upsample_bilinear2d
+""".split()}
+SOFTMAX = {"aten.softmax", "aten._softmax", "aten.log_softmax", "aten._log_softmax"}
+RESHAPES = {f"aten.{r}" for r in "view reshape _unsafe_view flatten unflatten squeeze unsqueeze".split()}
+CREATION = {f"aten.{c}" for c in "arange zeros ones full empty new_zeros new_ones new_full new_empty scalar_tensor".split()}
+NO_CHANNEL_EFFECT = {"aten.sym_size", "aten.sym_numel", "aten.sym_stride", "aten._assert_scalar"}
+
+RULES = {
+    **{f"aten.{p}": pointwise for p in POINTWISE},
+    **{r: reshape for r in RESHAPES},
+    **{p: reduction for p in POOLING | SOFTMAX},
+    **{c: creation for c in CREATION},
+    "aten.mean": reduction,
+    "aten.sum": reduction,
+    "aten.amax": reduction,
+    "aten.permute": permute,
+    "aten.transpose": permute,
+    "aten.t": permute,
+    "aten.expand": expand,
+    "aten.cat": cat,
+    "aten.stack": stack,
+    "aten.split": split,
+    "aten.split_with_sizes": split,
+    "aten.chunk": split,
+    "aten.unbind": unbind,
+    "aten.slice": slice_,
+    "aten.select": select,
+    "aten.index": index,
+    "aten.linear": linear,
+    "aten.addmm": addmm,
+    "aten.matmul": matmul,
+    "aten.bmm": matmul,
+    "aten.mm": matmul,
+    "aten.conv1d": conv,
+    "aten.conv2d": conv,
+    "aten.conv3d": conv,
+    "aten.convolution": conv,
+    "aten.conv_transpose1d": conv,
+    "aten.conv_transpose2d": conv,
+    "aten.batch_norm": batch_norm,
+    "aten._native_batch_norm_legit_no_training": batch_norm,
+    "aten.layer_norm": layer_norm,
+    "aten.group_norm": group_norm,
+    "aten.embedding": embedding,
+    "aten.scaled_dot_product_attention": sdpa,
+    "aten._assert_tensor_metadata": assert_metadata,
+}

@@ -1,0 +1,165 @@
+"""``prune_channels``: structured channel pruning with dependency propagation.
+
+For every group of coupled channel spaces (see ``_prune_graph``) the pass removes the least
+important units and rewrites the model so that, for kept index sets ``K``,
+``W'_conv = W_conv[K_out][:, K_in]``, ``b' = b[K_out]``, BN/LN/GN parameters and statistics
+``p' = p[K]``, embedding tables ``E' = E[:, K]``, head counts and view/reshape sizes follow
+``|K|``. Channels feeding the model's outputs, ignored modules or ops the analysis does not
+know are kept. With the pruned channels' producing weights zeroed, the original model and
+the pruned one compute the same function (except through LayerNorm statistics over pruned
+channels).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch.utils.flop_counter import FlopCounterMode
+
+from fxcompress.errors import PassConfigError
+from fxcompress.pass_base import Pass, PassContext, PassResult, register_pass
+from fxcompress.passes._prune_graph import ChannelGraph, analyze
+from fxcompress.passes._prune_importance import IMPORTANCE, choose_units, group_scores
+from fxcompress.passes._prune_rewrite import apply_pruning
+
+SCOPES = ("local", "global")
+MACS_SEARCH_STEPS = 8
+
+
+@register_pass
+@dataclass(frozen=True)
+class PruneChannels(Pass):
+    """Remove channels, attention heads and hidden features; keep output shapes.
+
+    Give exactly one target: ``ratio`` (fraction of each group's channels to remove; with
+    ``scope="global"`` the fraction of all channels) or ``target_macs`` (fraction of the
+    original multiply-accumulates to keep, found by bisection on the ratio). ``ignore`` holds
+    module names or ``fnmatch`` globs (``"classifier"``, ``"layer4.*"``) whose parameters stay
+    untouched (node predicates are not plain data, so they are not accepted). ``taylor_loss``
+    maps the model's outputs to a scalar for ``importance="taylor"`` (default: sum of squares).
+    """
+
+    name: ClassVar[str] = "prune_channels"
+    lossless: ClassVar[bool] = False
+
+    ratio: float | None = None
+    target_macs: float | None = None
+    importance: str = "l1"
+    scope: str = "local"
+    max_ratio_per_group: float = 0.9
+    round_to: int = 1
+    ignore: tuple[str, ...] = ()
+    prune_outputs: bool = False
+    taylor_loss: Callable[[Any], torch.Tensor] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ignore, str) or isinstance(self.ignore, list):
+            object.__setattr__(self, "ignore", (self.ignore,) if isinstance(self.ignore, str) else tuple(self.ignore))
+        if (self.ratio is None) == (self.target_macs is None):
+            raise PassConfigError(
+                "prune_channels needs exactly one target: ratio= (fraction of channels to remove, e.g. 0.5) "
+                "or target_macs= (fraction of the original MACs to keep, e.g. 0.5)"
+            )
+        if self.ratio is not None and not 0 <= self.ratio < 1:
+            raise PassConfigError(f"ratio={self.ratio} must be in [0, 1): the fraction of channels to remove")
+        if self.target_macs is not None and not 0 < self.target_macs <= 1:
+            raise PassConfigError(f"target_macs={self.target_macs} must be in (0, 1]: the fraction of MACs to keep")
+        if self.importance not in IMPORTANCE:
+            raise PassConfigError(f"importance={self.importance!r} is unknown; use one of {', '.join(IMPORTANCE)}")
+        if self.scope not in SCOPES:
+            raise PassConfigError(f"scope={self.scope!r} is unknown; use 'local' or 'global'")
+        if not 0 < self.max_ratio_per_group <= 1:
+            raise PassConfigError(f"max_ratio_per_group={self.max_ratio_per_group} must be in (0, 1]")
+        if not isinstance(self.round_to, int) or self.round_to < 1:
+            raise PassConfigError(f"round_to={self.round_to!r} must be a positive int, e.g. 8")
+        if not all(isinstance(p, str) for p in self.ignore):
+            raise PassConfigError("ignore= takes module names or globs (strings), e.g. ('classifier', 'layer4.*')")
+        if self.taylor_loss is not None and not callable(self.taylor_loss):
+            raise PassConfigError("taylor_loss must be a callable mapping the model outputs to a scalar tensor")
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        graph = analyze(gm, self.ignore, self.prune_outputs)
+        result = PassResult(changed=False, skipped=list(graph.blocked))
+        scores = group_scores(gm, graph, self.importance, ctx, self.taylor_loss, self.seed)
+        summary: dict[str, Any] = {"groups": len(graph.groups), "prunable_groups": sum(bool(g.units) for g in graph.groups)}
+        if self.target_macs is None:
+            ratio = self.ratio
+        else:
+            ratio, summary["macs_before"], summary["macs_after"] = self._search_ratio(gm, graph, scores, ctx)
+        summary["ratio"] = ratio
+        chosen = choose_units(graph, scores, ratio, self.scope, self.max_ratio_per_group, self.round_to)
+        removed = removed_indices(graph, chosen)
+        result.details = [summary] + _group_details(graph, chosen)
+        if removed:
+            result.rewritten = apply_pruning(gm, graph, removed)
+            result.changed = True
+        return result
+
+    def _search_ratio(self, gm, graph: ChannelGraph, scores, ctx: PassContext) -> tuple[float, int, int]:
+        """Smallest ratio whose pruned model has at most ``target_macs`` of the original MACs."""
+        before = count_macs(gm, ctx)
+        low, high = 0.0, self.max_ratio_per_group if self.scope == "global" else 0.99
+        best, best_macs = high, None
+        for _ in range(MACS_SEARCH_STEPS):
+            mid = (low + high) / 2
+            macs = self._macs_at(gm, graph, scores, ctx, mid)
+            if macs <= self.target_macs * before:
+                best, best_macs, high = mid, macs, mid
+            else:
+                low = mid
+        if best_macs is None:
+            best_macs = self._macs_at(gm, graph, scores, ctx, best)
+        return best, before, best_macs
+
+    def _macs_at(self, gm, graph: ChannelGraph, scores, ctx: PassContext, ratio: float) -> int:
+        chosen = choose_units(graph, scores, ratio, self.scope, self.max_ratio_per_group, self.round_to)
+        trial = copy.deepcopy(gm)
+        removed = removed_indices(graph, chosen)
+        if removed:
+            apply_pruning(trial, graph, removed, refresh_meta=False)
+        return count_macs(trial, ctx)
+
+
+def removed_indices(graph: ChannelGraph, chosen: list[np.ndarray]) -> dict[int, np.ndarray]:
+    """Per channel space, the sorted indices the chosen units remove."""
+    removed: dict[int, list[np.ndarray]] = {}
+    for group, units in zip(graph.groups, chosen):
+        for u in units:
+            for sid, idx in group.units[u].elements.items():
+                removed.setdefault(sid, []).append(idx)
+    return {sid: np.unique(np.concatenate(parts)) for sid, parts in removed.items()}
+
+
+def count_macs(module: torch.nn.Module, ctx: PassContext) -> int:
+    """Multiply-accumulates of one forward on the example inputs (FLOPs / 2)."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        ctx.run(module)
+    return counter.get_total_flops() // 2
+
+
+def _group_details(graph: ChannelGraph, chosen: list[np.ndarray]) -> list[dict]:
+    details = []
+    for group, units in zip(graph.groups, chosen):
+        if not len(units):
+            continue
+        params = list(dict.fromkeys(graph.param_spaces[s][0] for s in group.spaces if s in graph.param_spaces))
+        total = len(group.units) + group.frozen_units
+        details.append({
+            "group": params[0],
+            "params": len(params),
+            "units": total,
+            "removed_units": int(len(units)),
+            "unit_width": group.width,
+            "kept_channels": (total - len(units)) * group.width,
+        })
+    return details
+
+
+__all__ = ["PruneChannels", "count_macs", "removed_indices"]
