@@ -8,6 +8,7 @@ from . import int8_ops  # noqa: F401  (registers the fxcompress:: custom ops)
 from .api import DEFAULT_PASSES, optimize
 from .calibrate import calibrate
 from .capture import capture
+from .distill import distill
 from .dynamo_backend import backend
 from .errors import (
     CaptureError,
@@ -26,6 +27,6 @@ from .serialize import load, save
 __all__ = [
     "DEFAULT_PASSES", "CaptureError", "FxCompressError", "InvalidInputError", "IRDumper", "Instrumentation",
     "Pass", "PassConfigError", "PassContext", "PassManager", "PassResult", "PassTimer", "Report",
-    "ReportConfig", "UnknownPassError", "VerificationError", "backend", "calibrate", "capture", "load", "make_pass", "optimize",
+    "ReportConfig", "UnknownPassError", "VerificationError", "backend", "calibrate", "capture", "distill", "load", "make_pass", "optimize",
     "register_pass", "registered_passes", "save",
 ]

@@ -30,7 +30,8 @@ def set_attr(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
     if isinstance(old, torch.Tensor) and not isinstance(old, torch.nn.Parameter) and leaf in owner._buffers:
         owner._buffers[leaf] = value.detach()
     else:
-        requires_grad = old.requires_grad if isinstance(old, torch.nn.Parameter) else False
+        # new float parameters are trainable, so distillation can recover what a lossy pass cost
+        requires_grad = old.requires_grad if isinstance(old, torch.nn.Parameter) else value.is_floating_point()
         if hasattr(owner, leaf) and leaf not in owner._parameters:
             delattr(owner, leaf)
         owner.register_parameter(leaf, torch.nn.Parameter(value.detach(), requires_grad=requires_grad))

@@ -1,0 +1,432 @@
+"""Low-rank decomposition of Linear and Conv layers (pass ``low_rank``).
+
+For a layer with weight W and bias b:
+
+* **linear / pointwise conv**, W ∈ R^{N×C}, truncated SVD W = U S Vᵀ:
+  ``y = x Wᵀ + b  ≈  (x V_r)(U_r S_r)ᵀ + b`` — a layer C→r (weight V_rᵀ, no bias) then r→N
+  (weight U_r S_r, bias b). A pointwise conv keeps its stride/padding on the first layer.
+* **k×k conv, Tucker-2** (``method="tucker2"``), W ∈ R^{N×C×k_h×k_w}: with U_out, U_in the
+  leading r_out, r_in left singular vectors of W's output- and input-channel unfoldings (HOSVD)
+  and the core G = W ×₀ U_outᵀ ×₁ U_inᵀ,
+  ``W ≈ G ×₀ U_out ×₁ U_in`` → 1×1 conv C→r_in (U_inᵀ), k×k conv r_in→r_out (G, the original
+  stride/padding/dilation), 1×1 conv r_out→N (U_out, bias b).
+* **k×k conv, spatially separable** (``method="separable"``, 2-d only): the SVD of
+  M[(c,i),(n,j)] = W[n,c,i,j] gives ``M ≈ (U_r S_r)(V_rᵀ)`` → k_h×1 conv C→r (U_r S_r) with the
+  height stride/padding/dilation, then 1×k_w conv r→N (V_rᵀ, bias b) with the width ones.
+
+Ranks come from ``rank``, ``energy`` or a global ``target_macs`` budget (see
+:mod:`fxcompress.passes._rank_selection`). A layer is rewritten only when the factorized form has
+fewer MACs (and, with ``min_speedup``, is measured faster); every other layer is reported skipped.
+Grouped and depthwise convs are left alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch.fx._pytree import tree_flatten_spec
+
+from fxcompress.ir import add_constant, attr_use_count, finalize, get_attr, module_path
+from fxcompress.pass_base import Pass, PassContext, PassResult, register_pass
+from fxcompress.passes import _rank_selection as rs
+
+_LINEAR = torch.ops.aten.linear.default
+_CONV_DIMS = {torch.ops.aten.conv1d.default: 1, torch.ops.aten.conv2d.default: 2}
+_CONV_OPS = {dims: op for op, dims in _CONV_DIMS.items()}
+METHODS = ("tucker2", "separable")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One layer of the factorized chain; ``geometry`` is (stride, padding, dilation) for convs."""
+
+    weight: torch.Tensor
+    geometry: tuple[list[int], list[int], list[int]] | None = None
+
+
+@dataclass
+class _Layer:
+    node: fx.Node
+    name: str
+    kind: str  # "linear", "pointwise", "tucker2" or "separable"
+    weight: torch.Tensor
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    geometry: tuple[list[int], list[int], list[int]] | None
+    svds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def spectra(self) -> list[torch.Tensor]:
+        return [s for _, s, _ in self.svds]
+
+    @property
+    def full_ranks(self) -> tuple[int, ...]:
+        return tuple(len(s) for s in self.spectra)
+
+    def macs(self, ranks: tuple[int, ...] | None = None) -> int:
+        """Analytic MACs at the recorded shapes: original (``ranks=None``) or factorized."""
+        out_ch, in_ch = self.weight.shape[:2]
+        kernel = self.weight.shape[2:]
+        out_positions = math.prod(self.out_shape) // out_ch
+        if ranks is None:
+            return out_positions * out_ch * in_ch * math.prod(kernel)
+        if self.kind in ("linear", "pointwise"):
+            return out_positions * ranks[0] * (in_ch + out_ch)
+        if self.kind == "tucker2":
+            r_in, r_out = ranks
+            in_positions = math.prod(self.in_shape) // in_ch
+            return in_positions * in_ch * r_in + out_positions * (r_in * r_out * math.prod(kernel) + r_out * out_ch)
+        mid_positions = out_positions // self.out_shape[-1] * self.in_shape[-1]
+        return mid_positions * in_ch * kernel[0] * ranks[0] + out_positions * ranks[0] * out_ch * kernel[1]
+
+
+@register_pass
+@dataclass(frozen=True)
+class LowRank(Pass):
+    """Factorize Linear/Conv weights by truncated SVD / Tucker-2 where that saves MACs.
+
+    Exactly one of:
+      ``rank``: int (rank per layer, capped at full rank) or float in (0, 1] (fraction of full rank);
+      ``energy``: in (0, 1], smallest rank holding that share of the squared singular values;
+      ``target_macs``: in (0, 1), fraction of the selected layers' MACs to keep, spread greedily
+      over layers by least discarded spectral energy per MAC saved.
+    ``method``: how k×k convs are factorized, "tucker2" or "separable".
+    ``round_to``: ranks are rounded up to a multiple of it (capped at full rank).
+    ``min_speedup``: if set, a layer is rewritten only when its measured CPU/GPU latency improves
+    by at least this factor.
+    ``include``/``ignore``: globs on module names; ``*`` matches within one dotted segment, ``**``
+    across segments (``"encoder.layer.*.output.dense"`` does not match ``...attention.output.dense``).
+    """
+
+    name = "low_rank"
+    lossless = False
+
+    rank: int | float | None = None
+    energy: float | None = None
+    target_macs: float | None = None
+    method: str = "tucker2"
+    round_to: int = 1
+    min_speedup: float | None = None
+    include: tuple[str, ...] = ("**",)
+    ignore: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        rs.validate_options(self, METHODS)
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        result = PassResult(changed=False)
+        layers = self._collect(gm, ctx, result)
+        for layer in layers:
+            layer.svds = _svds(layer.weight, layer.kind)
+        for layer, ranks in zip(layers, self._choose_ranks(layers)):
+            if ranks is None:
+                result.skip(layer.name, "target_macs budget met without it (other layers lose less energy per MAC)")
+                continue
+            self._rewrite_if_cheaper(gm, layer, ranks, result)
+        if result.rewritten:
+            finalize(gm)
+            result.changed = True
+        return result
+
+    def _collect(self, gm: fx.GraphModule, ctx: PassContext, result: PassResult) -> list[_Layer]:
+        found = []
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or (node.target is not _LINEAR and node.target not in _CONV_DIMS):
+                continue
+            name = _layer_name(node)
+            reason = self._unsupported(gm, node, name)
+            if reason:
+                result.skip(name, reason)
+            else:
+                found.append(node)
+        shapes = _record_shapes(gm, ctx, found)
+        layers = []
+        for node in found:
+            args, name = _bound_args(node), _layer_name(node)
+            if node not in shapes:
+                result.skip(name, "not executed on the example inputs, so its MACs are unknown")
+                continue
+            weight = get_attr(gm, args["weight"].target).detach()
+            geometry = None
+            if node.target in _CONV_DIMS:
+                dims = _CONV_DIMS[node.target]
+                geometry = tuple(_expand(args[k], dims) for k in ("stride", "padding", "dilation"))
+            kind = _kind(node, weight, self.method)
+            layers.append(_Layer(node, name, kind, weight, *shapes[node], geometry))
+        return layers
+
+    def _unsupported(self, gm: fx.GraphModule, node: fx.Node, name: str) -> str | None:
+        if not any(rs.module_glob_match(name, p) for p in self.include):
+            return f"not matched by include={self.include}"
+        matched = [p for p in self.ignore if rs.module_glob_match(name, p)]
+        if matched:
+            return f"matched ignore pattern {matched[0]!r}"
+        args = _bound_args(node)
+        weight = args["weight"]
+        if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+            return "weight is computed in the graph, not a stored parameter; cannot factorize it"
+        uses = attr_use_count(gm, weight.target)
+        if uses > 1:
+            return f"weight {weight.target!r} is used {uses} times; factorizing one use would duplicate it"
+        if not get_attr(gm, weight.target).is_floating_point():
+            return "weight is not floating point"
+        if node.target in _CONV_DIMS:
+            if args["groups"] != 1:
+                return f"grouped/depthwise conv (groups={args['groups']}): channel factorization would mix groups"
+            kernel = get_attr(gm, weight.target).shape[2:]
+            if self.method == "separable" and len(kernel) != 2 and math.prod(kernel) > 1:
+                return "method='separable' applies to 2-d convs only"
+        return None
+
+    def _choose_ranks(self, layers: list[_Layer]) -> list[tuple[int, ...] | None]:
+        if self.target_macs is not None:
+            options = [
+                [rs.RankOption(r, layer.macs(r), _loss(layer, r)) for r in rs.candidate_ranks(layer.spectra, self.round_to)]
+                for layer in layers
+            ]
+            chosen = rs.allocate_budget([layer.macs() for layer in layers], options, self.target_macs)
+            return [option.ranks if option else None for option in chosen]
+        ranks = []
+        for layer in layers:
+            per_mode = []
+            for spectrum in layer.spectra:
+                full = len(spectrum)
+                raw = rs.rank_from_spec(self.rank, full) if self.rank is not None else rs.rank_for_energy(spectrum, self.energy)
+                per_mode.append(rs.round_rank(raw, self.round_to, full))
+            ranks.append(tuple(per_mode))
+        return ranks
+
+    def _rewrite_if_cheaper(self, gm: fx.GraphModule, layer: _Layer, ranks: tuple[int, ...], result: PassResult) -> None:
+        before, after = layer.macs(), layer.macs(ranks)
+        rank_text = _fmt_ranks(ranks)
+        if after >= before:
+            result.skip(layer.name, f"factorized at rank {rank_text} costs {after} MACs >= {before} unfactorized")
+            return
+        stages = factorize(layer.weight, layer.kind, ranks, layer.geometry, layer.svds)
+        row = {
+            "layer": layer.name,
+            "kind": layer.kind,
+            "full_rank": _fmt_ranks(layer.full_ranks),
+            "rank": rank_text,
+            "macs_before": before,
+            "macs_after": after,
+            "rel_error": _relative_error(layer, stages),
+        }
+        if self.min_speedup is not None:
+            speedup = _measured_speedup(layer, stages)
+            row["speedup"] = speedup
+            if speedup < self.min_speedup:
+                result.skip(layer.name, f"measured speedup {speedup:.2f}x < min_speedup {self.min_speedup}")
+                return
+        _emit(gm, layer, stages)
+        result.rewritten.append(layer.name)
+        result.details.append(row)
+
+
+def _layer_name(node: fx.Node) -> str:
+    """The user's module name, or for a top-level layer the weight's attribute name."""
+    return module_path(node) or str(getattr(_bound_args(node)["weight"], "target", node.name))
+
+
+def _bound_args(node: fx.Node) -> dict[str, Any]:
+    """The op's arguments by schema name, with schema defaults for omitted trailing ones."""
+    values = {}
+    for i, arg in enumerate(node.target._schema.arguments):
+        if i < len(node.args):
+            values[arg.name] = node.args[i]
+        else:
+            values[arg.name] = node.kwargs.get(arg.name, arg.default_value)
+    return values
+
+
+def _expand(value: int | list[int], dims: int) -> list[int]:
+    values = [value] if isinstance(value, int) else list(value)
+    return values * dims if len(values) == 1 else values
+
+
+def _kind(node: fx.Node, weight: torch.Tensor, method: str) -> str:
+    if node.target is _LINEAR:
+        return "linear"
+    return "pointwise" if math.prod(weight.shape[2:]) == 1 else method
+
+
+def _matrices(weight: torch.Tensor, kind: str) -> list[torch.Tensor]:
+    """The matrices whose SVDs define the factorization (float32 for the decomposition)."""
+    w = weight.float()
+    out_ch, in_ch = w.shape[:2]
+    if kind in ("linear", "pointwise"):
+        return [w.reshape(out_ch, in_ch)]
+    if kind == "tucker2":
+        return [w.transpose(0, 1).reshape(in_ch, -1), w.reshape(out_ch, -1)]
+    k_h, k_w = w.shape[2:]
+    return [w.permute(1, 2, 0, 3).reshape(in_ch * k_h, out_ch * k_w)]
+
+
+def _svds(weight: torch.Tensor, kind: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    return [_svd(m) for m in _matrices(weight, kind)]
+
+
+def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD; a tall matrix is decomposed as its transpose (Mᵀ = U S Vᵀ ⇒ M = V S Uᵀ), several times faster on CPU."""
+    if matrix.shape[0] <= matrix.shape[1]:
+        return torch.linalg.svd(matrix, full_matrices=False)
+    u, s, vh = torch.linalg.svd(matrix.T, full_matrices=False)
+    return vh.T, s, u.T
+
+
+def _loss(layer: _Layer, ranks: tuple[int, ...]) -> float:
+    return sum(rs.discarded_energy(s, r) for s, r in zip(layer.spectra, ranks))
+
+
+def factorize(
+    weight: torch.Tensor,
+    kind: str,
+    ranks: tuple[int, ...],
+    geometry: tuple[list[int], list[int], list[int]] | None = None,
+    svds: list | None = None,
+) -> list[Stage]:
+    """The chain of layers replacing one with ``weight`` (the bias goes on the last one).
+
+    ``kind``: "linear", "pointwise" (1×1 conv), "tucker2" (ranks = (r_in, r_out)) or "separable";
+    ``geometry``: the conv's (stride, padding, dilation), one entry per spatial dim.
+    """
+    svds = svds if svds is not None else _svds(weight, kind)
+    dtype = weight.dtype
+    out_ch, in_ch = weight.shape[:2]
+    ones = [1] * (weight.dim() - 2)
+    pointwise = (ones, [0] * len(ones), ones)
+    if kind in ("linear", "pointwise"):
+        (u, s, vh), r = svds[0], ranks[0]
+        first = vh[:r].reshape(r, in_ch, *ones).to(dtype)
+        second = (u[:, :r] * s[:r]).reshape(out_ch, r, *ones).to(dtype)
+        if kind == "linear":
+            return [Stage(first), Stage(second)]
+        return [Stage(first, geometry), Stage(second, pointwise)]
+    if kind == "tucker2":
+        r_in, r_out = ranks
+        u_in, u_out = svds[0][0][:, :r_in], svds[1][0][:, :r_out]
+        core = torch.einsum("nc...,nr,cs->rs...", weight.float(), u_out, u_in)
+        return [
+            Stage(u_in.T.reshape(r_in, in_ch, *ones).to(dtype), pointwise),
+            Stage(core.to(dtype), geometry),
+            Stage(u_out.reshape(out_ch, r_out, *ones).to(dtype), pointwise),
+        ]
+    (u, s, vh), r = svds[0], ranks[0]
+    k_h, k_w = weight.shape[2:]
+    (s_h, s_w), (p_h, p_w), (d_h, d_w) = geometry
+    vertical = (u[:, :r] * s[:r]).reshape(in_ch, k_h, r).permute(2, 0, 1).unsqueeze(-1)
+    horizontal = vh[:r].reshape(r, out_ch, k_w).permute(1, 0, 2).unsqueeze(2)
+    return [
+        Stage(vertical.contiguous().to(dtype), ([s_h, 1], [p_h, 0], [d_h, 1])),
+        Stage(horizontal.contiguous().to(dtype), ([1, s_w], [0, p_w], [1, d_w])),
+    ]
+
+
+def run_stages(x: torch.Tensor, stages: list[Stage], bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Evaluate a factorized chain eagerly (as the rewritten graph does)."""
+    for i, stage in enumerate(stages):
+        op, tail = _stage_call(stage)
+        x = op(x, stage.weight, bias if i == len(stages) - 1 else None, *tail)
+    return x
+
+
+def reconstruct(kind: str, stages: list[Stage]) -> torch.Tensor:
+    """Ŵ, the single weight equivalent to the chain of stages (bias excluded)."""
+    weights = [stage.weight.float() for stage in stages]
+    if kind in ("linear", "pointwise"):
+        first, second = weights
+        return (second.flatten(1) @ first.flatten(1)).reshape(second.shape[0], first.shape[1], *first.shape[2:])
+    if kind == "tucker2":
+        first, core, last = weights
+        return torch.einsum("rs...,nr,sc->nc...", core, last.flatten(1), first.flatten(1))
+    vertical, horizontal = weights
+    return torch.einsum("rci,nrj->ncij", vertical.squeeze(-1), horizontal.squeeze(2))
+
+
+def _relative_error(layer: _Layer, stages: list[Stage]) -> float:
+    weight = layer.weight.float()
+    norm = torch.linalg.vector_norm(weight)
+    error = torch.linalg.vector_norm(weight - reconstruct(layer.kind, stages))
+    return float(error / norm) if norm > 0 else 0.0
+
+
+def _stage_call(stage: Stage) -> tuple[Callable, tuple]:
+    """(op, trailing args after (input, weight, bias)) for one stage."""
+    if stage.geometry is None:
+        return _LINEAR, ()
+    return _CONV_OPS[stage.weight.dim() - 2], (*stage.geometry, 1)
+
+
+def _emit(gm: fx.GraphModule, layer: _Layer, stages: list[Stage]) -> None:
+    node, graph = layer.node, gm.graph
+    args = _bound_args(node)
+    value = args["input"]
+    for i, stage in enumerate(stages):
+        weight = add_constant(gm, f"{layer.name or node.name}_lowrank{i}", stage.weight, before=node)
+        bias = args["bias"] if i == len(stages) - 1 else None
+        op, tail = _stage_call(stage)
+        with graph.inserting_before(node):
+            value = graph.call_function(op, (value, weight, bias, *tail))
+        value.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        fake = _infer_val(op, value.args)
+        if fake is not None:
+            value.meta["val"] = fake
+    node.replace_all_uses_with(value)
+    graph.erase_node(node)
+
+
+def _infer_val(op: Callable, args: tuple) -> Any:
+    """The output fake tensor, computed in the graph's fake mode (symbolic batch kept)."""
+    vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in args]
+    fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    if fake_mode is None:
+        return None
+    with fake_mode:
+        fake_args = [
+            fake_mode.from_tensor(v, static_shapes=True)
+            if isinstance(v, torch.Tensor) and not fake_mode.is_our_fake(v) else v
+            for v in vals
+        ]
+        return op(*fake_args)
+
+
+def _record_shapes(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node]) -> dict[fx.Node, tuple]:
+    """Concrete (input shape, output shape) of ``nodes`` on the example inputs."""
+    wanted, shapes = set(nodes), {}
+    if not wanted:
+        return shapes
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            if n in wanted:
+                shapes[n] = (tuple(self.env[_bound_args(n)["input"]].shape), tuple(out.shape))
+            return out
+
+    flat = tree_flatten_spec((ctx.args, ctx.kwargs), gm._in_spec) if getattr(gm, "_in_spec", None) else list(ctx.args)
+    with torch.no_grad():
+        Recorder(gm).run(*flat)
+    return shapes
+
+
+def _measured_speedup(layer: _Layer, stages: list[Stage]) -> float:
+    """Median latency of the original layer over that of the factorized chain, on random input."""
+    x = torch.randn(layer.in_shape, dtype=layer.weight.dtype, device=layer.weight.device)
+    original_tail = (*layer.geometry, 1) if layer.geometry else ()
+
+    def original() -> torch.Tensor:
+        return layer.node.target(x, layer.weight, None, *original_tail)
+
+    def factorized() -> torch.Tensor:
+        return run_stages(x, stages)
+
+    return rs.latency_ratio(original, factorized, x.device)
+
+
+def _fmt_ranks(ranks: tuple[int, ...]) -> int | str:
+    return ranks[0] if len(ranks) == 1 else "/".join(map(str, ranks))
