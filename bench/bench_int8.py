@@ -94,9 +94,15 @@ def encoder_table(layers: int, batch: int, seq: int, warmup: int, repeats: int) 
     inputs = token_batch(batch, seq, model.cfg.vocab_size)
     scales = calibrate(model, [token_batch(batch, seq, model.cfg.vocab_size) for _ in range(2)])
     variants = {"fp32 eager": model}
-    for mode in ("dynamic", "weight_only", "static"):
-        options = {"activation_scales": scales} if mode == "static" else {}
-        variants[f"fxcompress int8 {mode}"] = fxcompress.optimize(model, inputs, passes=[Int8(mode=mode, **options)], report=False)
+    configs = {
+        "fxcompress int8 dynamic": Int8(mode="dynamic"),
+        "fxcompress int8 dynamic, smooth_alpha=0.5": Int8(mode="dynamic", smooth_alpha=0.5),
+        "fxcompress int8 static": Int8(mode="static", activation_scales=scales),
+        "fxcompress int8 weight_only (fp32: stays float)": Int8(mode="weight_only"),
+        "fxcompress int8 weight_only, allow_slower": Int8(mode="weight_only", allow_slower=True),
+    }
+    for name, config in configs.items():
+        variants[name] = fxcompress.optimize(model, inputs, passes=[config], report=False)
     variants.update(torchao_variants(model))
     latency = interleaved_medians(variants, lambda m: m(*inputs), warmup, repeats)
     with torch.no_grad():
@@ -138,8 +144,16 @@ def minilm_rows(warmup: int, repeats: int) -> list[dict]:
         return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
 
     variants = {"fp32 eager": model}
-    for mode in ("dynamic", "weight_only"):
-        variants[f"fxcompress int8 {mode}"] = fxcompress.optimize(model, batch, passes=[Int8(mode=mode)], report=False)
+    configs = {
+        "fxcompress int8 dynamic": Int8(mode="dynamic"),
+        "fxcompress int8 dynamic, smooth_alpha=0.5": Int8(mode="dynamic", smooth_alpha=0.5),
+        "fxcompress int8 dynamic, smooth_alpha=0.5, FFN down-proj float": Int8(
+            mode="dynamic", smooth_alpha=0.5, skip=("encoder.layer.[0-9].output.dense",)
+        ),
+        "fxcompress int8 weight_only (fp32: stays float)": Int8(mode="weight_only"),
+    }
+    for name, config in configs.items():
+        variants[name] = fxcompress.optimize(model, batch, passes=[config], report=False)
     latency = interleaved_medians(variants, embed, warmup, repeats)
     with torch.no_grad():
         reference = embed(model)

@@ -54,11 +54,13 @@ def _check_activation(activation: str) -> None:
 def quantize_rows_aten(x: Tensor, static_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """``x [M, K] -> (q int8, s fp32 [M, 1])`` with ``x ≈ s ⊙ q``; ``s = absmax/127`` per row unless static.
 
-    Written as few full passes over ``x`` as ATen allows (each is one parallel region on the CPU).
+    ``max(amax, -amin)`` is the row absmax: on the CPU two vectorised reductions beat
+    ``abs().amax()`` and ``vector_norm(inf)`` (measured 1.5x and 16x faster at 1024x768).
     """
     x = x.float()
     if static_scale is None:
-        scale = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True).clamp_(min=EPS).div_(127.0)
+        absmax = torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg_())
+        scale = absmax.clamp_(min=EPS).div_(127.0)
         scaled = x * scale.reciprocal()  # |x / s| <= 127 by construction of s: no clamp needed
     else:
         scale = static_scale.float().reshape(1, 1)
@@ -67,8 +69,10 @@ def quantize_rows_aten(x: Tensor, static_scale: Optional[Tensor] = None) -> tupl
 
 
 def _dequantize_aten(acc: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Optional[Tensor], activation: str) -> Tensor:
-    y = torch.mul(acc, row_scale)  # int32 · fp32 -> fp32 in one pass
-    y = torch.addcmul(bias, y, col_scale, out=y) if bias is not None else y.mul_(col_scale)
+    # same-dtype in-place passes: int32·fp32 mixed-dtype kernels are ~8x slower on the CPU
+    y = acc.to(torch.float32).mul_(row_scale).mul_(col_scale)
+    if bias is not None:
+        y.add_(bias)
     if activation == "relu":
         y = torch.relu_(y)
     elif activation == "gelu":
@@ -129,8 +133,12 @@ def int8_weight_only_linear(x: Tensor, weight_q: Tensor, weight_scale: Tensor, b
     rows = _as_rows(x)
     if _on_gpu(x):
         y = weight_only_gemm.weight_only_gemm(rows, weight_q, weight_scale, bias, launch=wrap_triton)
+    elif x.dtype in (torch.bfloat16, torch.float16):
+        y = torch._weight_int8pack_mm(rows.contiguous(), weight_q, weight_scale.to(x.dtype))
+        y = y.add_(bias) if bias is not None else y
     else:
-        # oneDNN has no mixed int8-weight GEMM: dequantize the weight (N·K) then one float GEMM
+        # ATen's int8-weight GEMM is slow for fp32 activations: dequantize the weight, one float GEMM.
+        # The int8 pass keeps fp32 layers in float for this reason unless allow_slower=True.
         weight = (weight_q.float() * weight_scale.float()[:, None]).to(x.dtype)
         y = torch.nn.functional.linear(rows, weight, bias)
     return y.reshape(*x.shape[:-1], weight_q.shape[0])

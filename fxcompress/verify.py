@@ -69,21 +69,22 @@ def default_rtol(outputs: Any) -> float:
 
 
 class _RecordingInterpreter(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, names: set[str] | None):
         super().__init__(gm)
+        self.names = names
         self.values: dict[str, Any] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
-        if isinstance(result, torch.Tensor):
+        if isinstance(result, torch.Tensor) and (self.names is None or n.name in self.names):
             self.values[n.name] = result.detach()
         return result
 
 
-def node_values(gm: fx.GraphModule, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
-    """Every tensor an fx node of ``gm`` produces on the given inputs, by node name."""
+def node_values(gm: fx.GraphModule, args: tuple, kwargs: dict, names: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor an fx node of ``gm`` (or only those in ``names``) produces on the given inputs."""
     flat = tree_flatten_spec((args, kwargs), gm._in_spec) if getattr(gm, "_in_spec", None) else list(args)
-    interpreter = _RecordingInterpreter(gm)
+    interpreter = _RecordingInterpreter(gm, names)
     with torch.no_grad():
         interpreter.run(*flat)
     return interpreter.values
