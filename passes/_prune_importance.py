@@ -19,7 +19,7 @@ from torch.utils import _pytree as pytree
 from fxcompress import ir
 from fxcompress.pass_base import PassContext
 from fxcompress.passes._prune_graph import ChannelGraph, Group
-from fxcompress.passes._prune_rules import op_name
+from fxcompress.passes._prune_graph import op_name
 
 IMPORTANCE = ("l1", "l2", "bn_scale", "taylor", "random")
 

@@ -13,7 +13,8 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fxcompress import ir
 from fxcompress.passes._prune_graph import ChannelGraph, tensor_shape
-from fxcompress.passes._prune_rules import _split_sizes, arg, op_name, set_arg
+from fxcompress.passes._prune_graph import arg, op_name, set_arg
+from fxcompress.passes._prune_rules import _split_sizes
 
 
 class PrunedSizes:
