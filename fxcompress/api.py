@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from typing import Any, Sequence
 
 import torch
@@ -54,7 +55,11 @@ def optimize(
         hooks.append(dumper)
     PassManager(pipeline, verify=verify, instrumentations=hooks).run(gm, ctx)
     if recover:
+        start = time.perf_counter()
         gm = _recover(gm, model, recover)
+        with torch.no_grad():
+            outputs = ctx.run(gm)
+        builder.add_stage("recover", gm, outputs, time.perf_counter() - start, "distilled from the input model")
     gm.report = builder.report
     gm.pipeline = [p.config() for p in pipeline]
     return gm

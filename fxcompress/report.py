@@ -168,6 +168,10 @@ class ReportBuilder(Instrumentation):
     def after_run(self, index, pass_, gm, result):
         self.timer.after_run(index, pass_, gm, result)
 
+    def add_stage(self, stage: str, gm: torch.nn.Module, outputs: Any, seconds: float, changes: str) -> None:
+        """A row for work done outside the pass pipeline (e.g. distillation after the passes)."""
+        self.report.rows.append({**self._measure(stage, gm, outputs), "pass_time_s": seconds, "changes": changes})
+
     def after_pass(self, index, pass_, gm, result, outputs):
         stage = pass_.name if pass_.name not in self.report.results else f"{pass_.name}#{index}"
         self.report.results[stage] = result

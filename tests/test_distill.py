@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+import fxcompress
 from fxcompress.distill import distill
 from fxcompress.errors import InvalidInputError
 
@@ -253,3 +254,23 @@ def test_frozen_student_parameters_stay_fixed_with_a_warning():
     with pytest.warns(UserWarning, match="0.weight"):
         distill(student, make_teacher(), make_dataset(), steps=5, lr=1e-2, progress=False)
     assert torch.equal(student[0].weight, frozen_before)
+
+
+def test_optimize_recover_distills_after_the_passes_and_reports_it():
+    torch.manual_seed(0)
+    from fxcompress.passes import LowRank
+
+    teacher = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)).eval()
+    data = [torch.randn(16, 32) for _ in range(8)]
+    passes = [LowRank(rank=4, include=("**",))]
+    plain = fxcompress.optimize(teacher, (data[0],), passes=passes, report=False)
+    recovered = fxcompress.optimize(
+        teacher, (data[0],), passes=passes, report=False, recover=dict(data=data, steps=200, lr=1e-2, loss="mse", progress=False, seed=0)
+    )
+    held_out = torch.randn(64, 32)
+    with torch.no_grad():
+        err_plain = (plain(held_out) - teacher(held_out)).pow(2).mean()
+        err_recovered = (recovered(held_out) - teacher(held_out)).pow(2).mean()
+    assert err_recovered < 0.8 * err_plain  # measured 0.65: rank 4 cannot match the teacher exactly
+    assert recovered.report.rows[-1]["stage"] == "recover"
+    assert recovered.report.rows[-1]["max_abs_err"] < plain.report.rows[-1]["max_abs_err"]
