@@ -23,6 +23,7 @@ from .manager import PassManager
 from .pass_base import Pass, PassContext, PassResult, make_pass, register_pass, registered_passes
 from .report import Report, ReportConfig
 from .serialize import load, save
+from . import passes  # noqa: E402,F401  (registers the built-in passes; fxcompress.passes.FoldBN() etc.)
 
 __all__ = [
     "DEFAULT_PASSES", "CaptureError", "FxCompressError", "InvalidInputError", "IRDumper", "Instrumentation",
