@@ -59,3 +59,13 @@ def test_cli_token_inputs_and_errors():
 def test_cli_lists_passes():
     proc = run_cli("passes")
     assert proc.returncode == 0 and "fold_bn" in proc.stdout and "lossless" in proc.stdout
+
+
+def test_cli_demo_runs_the_shipped_example(tmp_path):
+    report = tmp_path / "demo.json"
+    proc = run_cli("demo", "--model", "mobilenet", "--json", str(report))
+    assert proc.returncode == 0, proc.stderr
+    assert "## mobilenet" in proc.stdout and "fold_bn" in proc.stdout
+    rows = json.loads(report.read_text())["mobilenet"]["rows"]
+    assert [r["stage"] for r in rows] == ["input", "eliminate_identity", "fold_bn"]
+    assert rows[-1]["max_abs_err"] < 1e-4
