@@ -14,7 +14,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,21 +31,10 @@ from fxcompress.models import bert_base_like, token_batch
 from fxcompress.passes.int8 import Int8, quantize_weight_per_channel
 from fxcompress.verify import fidelity
 
+from common import machine_info
+
 RESULTS = Path(__file__).resolve().parent / "results"
 H100_INT8_TOPS, H100_BF16_TFLOPS, H100_HBM_GBS = 1979.0, 989.0, 3350.0
-
-
-def machine_info() -> dict:
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").exists():
-        cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), cpu)
-    import triton
-
-    return {
-        "cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "triton": triton.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
 
 
 def write_results(name: str, rows: list[dict], extra: dict) -> None:

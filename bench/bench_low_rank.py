@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -33,6 +31,8 @@ from fxcompress.pass_base import PassContext
 from fxcompress.passes.low_rank import LowRank
 from fxcompress.report import count_flops
 from fxcompress.verify import fidelity
+
+from common import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MLP_LAYERS = ("encoder.layer.*.intermediate.dense", "encoder.layer.*.output.dense")
@@ -219,16 +219,6 @@ def fidelity_curve(model: nn.Module, ctx: PassContext, fractions: list[float]) -
             "embedding_cosine_min": cosines.min().item(),
         })
     return rows
-
-
-def machine_info() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
-    return {
-        "cpu": cpu, "cpu_count": os.cpu_count(), "load_average_at_start": " ".join(load),
-        "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-    }
 
 
 def main() -> None:

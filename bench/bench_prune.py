@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import signal
 import statistics
 import sys
@@ -36,6 +35,8 @@ from fxcompress.capture import capture  # noqa: E402
 from fxcompress.pass_base import PassContext  # noqa: E402
 from fxcompress.passes.prune_channels import PruneChannels, count_macs  # noqa: E402
 from tests import prune_zoo  # noqa: E402
+
+from common import machine_info
 
 NUM_CLASSES = 10
 TIME_LIMIT_S = 300
@@ -132,13 +133,6 @@ def guarded(fn, *args) -> dict:
         signal.alarm(0)
 
 
-def machine() -> dict:
-    return {
-        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
@@ -168,7 +162,7 @@ def main() -> None:
 
 def write(out: Path, rows: list[dict], tools: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "prune_channels.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+    (out / "prune_channels.json").write_text(json.dumps({"machine": machine_info(), "rows": rows}, indent=2))
     table = [[r["model"], r["ratio"], r["tool"],
               *(f"{r[k]:.3f}" if k in r else "-" for k in ("macs", "params", "latency")),
               r.get("shapes_same", "-"), f"{r['seconds']:.1f}" if "seconds" in r else "-", r.get("error", "")]
@@ -180,7 +174,7 @@ def write(out: Path, rows: list[dict], tools: dict) -> None:
         summary.append([tool, f"{len(ok)}/{len(mine)}", len([r for r in mine if "error" in r]),
                         len([r for r in mine if "error" not in r and not r["shapes_same"]])])
     text = "\n\n".join([
-        "# prune_channels benchmark", "Machine: " + ", ".join(f"{k}={v}" for k, v in machine().items()),
+        "# prune_channels benchmark", "Machine: " + ", ".join(f"{k}={v}" for k, v in machine_info().items()),
         "Ratios are pruned / unpruned (MACs from FlopCounterMode, latency = median CPU forward).",
         tabulate(table, headers=["model", "ratio", "tool", "MACs", "params", "latency", "shapes same", "prune s", "error"],
                  tablefmt="github"),

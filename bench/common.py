@@ -25,6 +25,8 @@ def machine_info() -> dict:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,

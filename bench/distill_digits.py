@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -27,6 +25,8 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 import fxcompress
 from fxcompress.report import parameter_count
 from fxcompress.distill import distill
+
+from common import machine_info
 
 RESULTS_DIR = Path(__file__).parent / "results"
 COMPRESSION = {  # --method -> (pass name, pass options)
@@ -154,12 +154,6 @@ def run_experiment(method: str = "prune", ratio: float | None = None, seed: int 
         ],
         "distill_loss_first_last": [losses[0], losses[-1]],
     }
-
-
-def machine_info() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__}
 
 
 def write_results(results: list[dict], name: str = "distill_digits") -> Path:

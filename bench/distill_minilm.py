@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import time
 from importlib import resources
@@ -31,6 +30,8 @@ from tabulate import tabulate  # noqa: E402
 
 import fxcompress  # noqa: E402
 from fxcompress.distill import distill  # noqa: E402
+
+from common import machine_info
 
 RESULTS_DIR = Path(__file__).parent / "results"
 COMPRESSION = {  # --method -> (pass name, pass options)
@@ -119,12 +120,6 @@ def run_experiment(method: str, ratio: float, loss: str, steps: int, lr: float, 
         "distill_seconds": round(time.perf_counter() - started, 1),
         "distill_loss_first_last": [history.loss[0], history.loss[-1]],
     }
-
-
-def machine_info() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__}
 
 
 def write_results(result: dict) -> Path:
