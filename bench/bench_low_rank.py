@@ -27,6 +27,7 @@ from tabulate import tabulate
 
 from fxcompress.capture import capture
 from fxcompress.manager import PassManager
+from fxcompress.models import BasicBlock
 from fxcompress.pass_base import PassContext
 from fxcompress.passes.low_rank import LowRank
 from fxcompress.report import count_flops
@@ -48,23 +49,6 @@ def bert_encoder(layers: int) -> tuple[nn.Module, PassContext]:
     torch.manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (8, 128))
     return BertModel(config, add_pooling_layer=False).eval(), PassContext((), {"input_ids": ids})
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = (
-            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-            if stride != 1 or cin != cout else nn.Identity()
-        )
-
-    def forward(self, x):
-        y = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(y)) + self.downsample(x))
 
 
 class ResNet18Style(nn.Module):

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch._dispatch.python import enable_python_dispatcher
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensor
 
 
 def get_attr(gm: torch.nn.Module, target: str) -> torch.Tensor:
@@ -142,3 +145,27 @@ def set_call_argument(node: fx.Node, name: str, value) -> None:
         args.append(schema[i].default_value if schema[i].has_default_value() else None)
     args[index] = value
     node.args = tuple(args)
+
+
+def fake_value(target, args: tuple):
+    """The fake tensor ``target(*args)`` yields in the graph's fake mode (symbolic batch kept).
+
+    ``args`` may hold fx nodes; a node without a fake value (a new constant) is faked from its
+    real tensor. ``None`` when no input carries a fake value.
+    """
+    inputs: list[fx.Node] = []
+    fx.node.map_arg(args, inputs.append)
+    mode = detect_fake_mode([n.meta.get("val") for n in inputs])
+    if mode is None:
+        return None
+
+    def fake(node: fx.Node):
+        value = node.meta.get("val")
+        if value is None and node.op == "get_attr":
+            value = get_attr(node.graph.owning_module, node.target)
+        if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
+            return mode.from_tensor(value, static_shapes=True)
+        return value
+
+    with mode, enable_python_dispatcher():  # symbolic (dynamic-batch) shapes need the Python meta kernels
+        return target(*fx.node.map_arg(args, fake))

@@ -36,25 +36,8 @@ def op_name(node: fx.Node) -> str:
 
 
 def arg(node: fx.Node, name: str, default=None):
-    """Value of argument ``name`` of an ATen op node, positional or keyword."""
-    for i, schema_arg in enumerate(node.target._schema.arguments):
-        if schema_arg.name == name:
-            if i < len(node.args):
-                return node.args[i]
-            return node.kwargs.get(name, schema_arg.default_value if schema_arg.has_default_value() else default)
-    return default
-
-
-def set_arg(node: fx.Node, name: str, value) -> None:
-    for i, schema_arg in enumerate(node.target._schema.arguments):
-        if schema_arg.name == name:
-            if i < len(node.args):
-                node.args = node.args[:i] + (value,) + node.args[i + 1 :]
-            else:
-                node.kwargs = {**node.kwargs, name: value}
-            return
-    raise KeyError(name)
-
+    """Value of argument ``name`` of an ATen op node (schema default if omitted, ``default`` if no such argument)."""
+    return ir.call_arguments(node).get(name, default)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fxcompress import ir
 from fxcompress.passes._prune_graph import ChannelGraph, tensor_shape
-from fxcompress.passes._prune_graph import arg, op_name, set_arg
+from fxcompress.passes._prune_graph import arg, op_name
 from fxcompress.passes._prune_rules import _split_sizes
 
 
@@ -103,7 +103,7 @@ def _shape_list(node: fx.Node, name: str, sizes: PrunedSizes, first_dim: int = 0
     for i, entry in enumerate(entries):
         if isinstance(entry, int) and entry != -1 and len(sizes.removed_at(out, first_dim + i)):
             entries[i] = int(new_shape[first_dim + i])
-    set_arg(node, name, entries)
+    ir.set_call_argument(node, name, entries)
 
 
 def _view(node, sizes):
@@ -120,19 +120,19 @@ def _names(node) -> list[str]:
 
 def _layer_norm(node, sizes):
     k = len(arg(node, "normalized_shape"))
-    set_arg(node, "normalized_shape", [int(s) for s in sizes.new_shape(node)[-k:]])
+    ir.set_call_argument(node, "normalized_shape", [int(s) for s in sizes.new_shape(node)[-k:]])
 
 
 def _group_norm(node, sizes):
     channels, groups = tensor_shape(sizes.gm, node.args[0])[1], arg(node, "num_groups")
-    set_arg(node, "num_groups", int(sizes.new_shape(node)[1]) // (channels // groups))
+    ir.set_call_argument(node, "num_groups", int(sizes.new_shape(node)[1]) // (channels // groups))
 
 
 def _conv_groups(node, sizes):
     groups = arg(node, "groups", 1)
     if groups > 1:
         channels = tensor_shape(sizes.gm, node)[1]
-        set_arg(node, "groups", int(sizes.new_shape(node)[1]) // (channels // groups))
+        ir.set_call_argument(node, "groups", int(sizes.new_shape(node)[1]) // (channels // groups))
 
 
 def _split(node, sizes):
@@ -155,8 +155,8 @@ def _slice(node, sizes):
     if not len(drop):
         return
     start, end, _ = slice(arg(node, "start"), arg(node, "end")).indices(tensor_shape(sizes.gm, x)[dim])
-    set_arg(node, "start", int(start - np.count_nonzero(drop < start)))
-    set_arg(node, "end", int(end - np.count_nonzero(drop < end)))
+    ir.set_call_argument(node, "start", int(start - np.count_nonzero(drop < start)))
+    ir.set_call_argument(node, "end", int(end - np.count_nonzero(drop < end)))
 
 
 SIZE_REWRITES = {

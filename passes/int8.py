@@ -23,9 +23,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch._dispatch.python import enable_python_dispatcher
-from torch._guards import detect_fake_mode
-from torch._subclasses.fake_tensor import FakeTensor
 
 import fxcompress.int8_ops  # noqa: F401  (registers torch.ops.fxcompress.*)
 from fxcompress import ir
@@ -296,20 +293,5 @@ def _call(gm: fx.GraphModule, target, args: tuple, origin: fx.Node) -> fx.Node:
     """Insert ``target(*args)`` with ``origin``'s module stack and a fake value computed from its inputs."""
     new = gm.graph.call_function(target, args)
     new.meta["nn_module_stack"] = origin.meta.get("nn_module_stack", {})
-    new.meta["val"] = _fake_value(new)
+    new.meta["val"] = ir.fake_value(target, args)
     return new
-
-
-def _fake_value(node: fx.Node):
-    mode = detect_fake_mode([a.meta.get("val") for a in node.all_input_nodes])
-    if mode is None:
-        return None
-
-    def fake(arg):
-        value = arg.meta.get("val")
-        if value is None and arg.op == "get_attr":
-            value = ir.get_attr(arg.graph.owning_module, arg.target)
-        return value if isinstance(value, FakeTensor) or not isinstance(value, torch.Tensor) else mode.from_tensor(value)
-
-    with mode, enable_python_dispatcher():  # symbolic (dynamic-batch) shapes need the Python meta kernels
-        return node.target(*fx.node.map_arg(node.args, fake))

@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
-from torch.fx._pytree import tree_flatten_spec
 
-from fxcompress.ir import add_constant, attr_use_count, finalize, get_attr, module_path
+from fxcompress.ir import add_constant, attr_use_count, call_arguments, fake_value, finalize, get_attr, module_path
 from fxcompress.pass_base import Pass, PassContext, PassResult, register_pass
+from fxcompress.verify import node_values
 from fxcompress.passes import _rank_selection as rs
 
 _LINEAR = torch.ops.aten.linear.default
@@ -147,7 +146,7 @@ class LowRank(Pass):
         shapes = _record_shapes(gm, ctx, found)
         layers = []
         for node in found:
-            args, name = _bound_args(node), _layer_name(node)
+            args, name = call_arguments(node), _layer_name(node)
             if node not in shapes:
                 result.skip(name, "not executed on the example inputs, so its MACs are unknown")
                 continue
@@ -166,7 +165,7 @@ class LowRank(Pass):
         matched = [p for p in self.ignore if rs.module_glob_match(name, p)]
         if matched:
             return f"matched ignore pattern {matched[0]!r}"
-        args = _bound_args(node)
+        args = call_arguments(node)
         weight = args["weight"]
         if not isinstance(weight, fx.Node) or weight.op != "get_attr":
             return "weight is computed in the graph, not a stored parameter; cannot factorize it"
@@ -230,18 +229,7 @@ class LowRank(Pass):
 
 def _layer_name(node: fx.Node) -> str:
     """The user's module name, or for a top-level layer the weight's attribute name."""
-    return module_path(node) or str(getattr(_bound_args(node)["weight"], "target", node.name))
-
-
-def _bound_args(node: fx.Node) -> dict[str, Any]:
-    """The op's arguments by schema name, with schema defaults for omitted trailing ones."""
-    values = {}
-    for i, arg in enumerate(node.target._schema.arguments):
-        if i < len(node.args):
-            values[arg.name] = node.args[i]
-        else:
-            values[arg.name] = node.kwargs.get(arg.name, arg.default_value)
-    return values
+    return module_path(node) or str(getattr(call_arguments(node)["weight"], "target", node.name))
 
 
 def _expand(value: int | list[int], dims: int) -> list[int]:
@@ -364,7 +352,7 @@ def _stage_call(stage: Stage) -> tuple[Callable, tuple]:
 
 def _emit(gm: fx.GraphModule, layer: _Layer, stages: list[Stage]) -> None:
     node, graph = layer.node, gm.graph
-    args = _bound_args(node)
+    args = call_arguments(node)
     value = args["input"]
     for i, stage in enumerate(stages):
         weight = add_constant(gm, f"{layer.name or node.name}_lowrank{i}", stage.weight, before=node)
@@ -373,45 +361,20 @@ def _emit(gm: fx.GraphModule, layer: _Layer, stages: list[Stage]) -> None:
         with graph.inserting_before(node):
             value = graph.call_function(op, (value, weight, bias, *tail))
         value.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
-        fake = _infer_val(op, value.args)
+        fake = fake_value(op, value.args)
         if fake is not None:
             value.meta["val"] = fake
     node.replace_all_uses_with(value)
     graph.erase_node(node)
 
 
-def _infer_val(op: Callable, args: tuple) -> Any:
-    """The output fake tensor, computed in the graph's fake mode (symbolic batch kept)."""
-    vals = [a.meta.get("val") if isinstance(a, fx.Node) else a for a in args]
-    fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
-    if fake_mode is None:
-        return None
-    with fake_mode:
-        fake_args = [
-            fake_mode.from_tensor(v, static_shapes=True)
-            if isinstance(v, torch.Tensor) and not fake_mode.is_our_fake(v) else v
-            for v in vals
-        ]
-        return op(*fake_args)
-
-
 def _record_shapes(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node]) -> dict[fx.Node, tuple]:
     """Concrete (input shape, output shape) of ``nodes`` on the example inputs."""
-    wanted, shapes = set(nodes), {}
-    if not wanted:
-        return shapes
-
-    class Recorder(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            out = super().run_node(n)
-            if n in wanted:
-                shapes[n] = (tuple(self.env[_bound_args(n)["input"]].shape), tuple(out.shape))
-            return out
-
-    flat = tree_flatten_spec((ctx.args, ctx.kwargs), gm._in_spec) if getattr(gm, "_in_spec", None) else list(ctx.args)
-    with torch.no_grad():
-        Recorder(gm).run(*flat)
-    return shapes
+    if not nodes:
+        return {}
+    inputs = {n: call_arguments(n)["input"].name for n in nodes}
+    values = node_values(gm, ctx.args, ctx.kwargs, {n.name for n in nodes} | set(inputs.values()))
+    return {n: (tuple(values[inputs[n]].shape), tuple(values[n.name].shape)) for n in nodes}
 
 
 def _measured_speedup(layer: _Layer, stages: list[Stage]) -> float:
