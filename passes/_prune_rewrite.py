@@ -135,10 +135,15 @@ def _conv_groups(node, sizes):
         ir.set_call_argument(node, "groups", int(sizes.new_shape(node)[1]) // (channels // groups))
 
 
-def _split(node, sizes):
+def _removed_along_dim(node, sizes):
+    """(input, dim, removed input indices along the op's ``dim``) for split/slice."""
     x = node.args[0]
     dim = arg(node, "dim", 0) % len(tensor_shape(sizes.gm, x))
-    drop = sizes.removed_at(x, dim)
+    return x, dim, sizes.removed_at(x, dim)
+
+
+def _split(node, sizes):
+    x, dim, drop = _removed_along_dim(node, sizes)
     if not len(drop):
         return
     old = _split_sizes(node, tensor_shape(sizes.gm, x)[dim])
@@ -149,9 +154,7 @@ def _split(node, sizes):
 
 
 def _slice(node, sizes):
-    x = node.args[0]
-    dim = arg(node, "dim", 0) % len(tensor_shape(sizes.gm, x))
-    drop = sizes.removed_at(x, dim)
+    x, dim, drop = _removed_along_dim(node, sizes)
     if not len(drop):
         return
     start, end, _ = slice(arg(node, "start"), arg(node, "end")).indices(tensor_shape(sizes.gm, x)[dim])
