@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 from typing import Any, Sequence
@@ -10,17 +9,19 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from .capture import ExampleInputs, capture, check_model_and_inputs, run_eagerly
+from .capture import ExampleInputs, capture, check_model_and_inputs, eval_copy, run_eagerly
 from .errors import InvalidInputError
 from .instrument import Instrumentation, dumper_from_env_or
 from .manager import PassManager
 from .pass_base import Pass, PassContext, make_pass
+from .quiet import quiet
 from .report import Report, ReportBuilder, ReportConfig
 
 DEFAULT_PASSES: tuple[str, ...] = ("eliminate_identity", "fold_bn")
 """Lossless passes that are always safe: drop eval-mode dropout/identity ops, fold BN into convs."""
 
 
+@quiet
 def optimize(
     model: torch.nn.Module,
     example_inputs: Any,
@@ -44,6 +45,7 @@ def optimize(
     pipeline = [make_pass(p) for p in (DEFAULT_PASSES if passes is None else _as_sequence(passes))]
     inputs = ExampleInputs.of(example_inputs)
     check_model_and_inputs(model, inputs)
+    model = eval_copy(model)
     reference = run_eagerly(model, inputs)
     gm = capture(model, inputs)
     ctx = PassContext(inputs.args, inputs.kwargs)
@@ -78,7 +80,7 @@ def _recover(student: fx.GraphModule, teacher: torch.nn.Module, options: dict) -
 
     if "data" not in options:
         raise InvalidInputError("recover= needs at least `data` (an iterable of batches), e.g. recover=dict(data=loader, steps=100)")
-    result = distill(student=student, teacher=copy.deepcopy(teacher), **options)
+    result = distill(student=student, teacher=teacher, **options)
     return result[0] if isinstance(result, tuple) else result
 
 

@@ -19,28 +19,54 @@ import torch.fx as fx
 
 from .capture import ExampleInputs, capture
 from .errors import InvalidInputError
+from .quiet import progress_bar, quiet
 
 METHODS = ("minmax", "percentile")
 MAX_PERCENTILE_SAMPLES = 1 << 22
 
 
+@quiet
 def calibrate(
-    model: torch.nn.Module, batches: Iterable[Any], method: str = "minmax", percentile: float = 99.99
+    model: torch.nn.Module, batches: Iterable[Any], method: str = "minmax", percentile: float = 99.99,
+    *, progress: bool | None = None,
 ) -> tuple[tuple[str, float], ...]:
-    """Run ``batches`` (each what ``optimize`` accepts as example inputs) and return per-layer input scales."""
+    """Run ``batches`` and return per-layer input scales; ``model`` is not changed.
+
+    A batch follows the convention of :mod:`fxcompress.training` (what ``distill`` reads): a tensor,
+    a dict of keyword inputs (Hugging Face style; a ``"labels"`` entry is dropped), or
+    ``(inputs, labels)`` as a ``DataLoader`` yields it (labels are dropped).
+    """
+    from .training import Batch
+
     if method not in METHODS:
         raise InvalidInputError(f"calibrate: method must be one of {METHODS}, not {method!r}")
     if not 0 < percentile <= 100:
         raise InvalidInputError(f"calibrate: percentile must be in (0, 100], not {percentile}")
-    batches = [ExampleInputs.of(b) for b in batches]
+    if isinstance(batches, torch.Tensor | dict):
+        raise InvalidInputError("calibrate: batches is one batch; pass a list of batches or a DataLoader, e.g. [x]")
+    batches = [Batch.of(b) for b in batches]
     if not batches:
         raise InvalidInputError("calibrate: batches is empty; pass at least one batch of representative inputs")
-    gm = model if isinstance(model, fx.GraphModule) else capture(model, batches[0])
+    first = ExampleInputs(batches[0].args, batches[0].kwargs)
+    gm = model if isinstance(model, fx.GraphModule) else capture(model, first)
     observer = _RangeObserver(gm, method, percentile)
-    with torch.no_grad():
+    with torch.no_grad(), progress_bar(progress, total=len(batches), desc="calibrate", unit="batch") as bar:
         for batch in batches:
-            observer.run(*batch.args, **batch.kwargs)
+            observer.run(*_positional(gm, batch))
+            bar.update(1)
     return tuple((layer, max(r, 1e-8) / 127.0) for layer, r in sorted(observer.ranges().items()))
+
+
+def _positional(gm: fx.GraphModule, batch: Any) -> list:
+    """``fx.Interpreter.run`` takes the graph's flat inputs: flatten ``(args, kwargs)`` as the module's call does."""
+    spec = getattr(gm, "_in_spec", None)
+    if spec is None:
+        if batch.kwargs:
+            raise InvalidInputError("calibrate: keyword inputs need a captured model (pass the nn.Module, not a graph)")
+        return list(batch.args)
+    from torch.fx._pytree import tree_flatten_spec
+
+    return list(tree_flatten_spec((batch.args, batch.kwargs), spec))
 
 
 class _RangeObserver(fx.Interpreter):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import types
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +21,8 @@ import torch.fx as fx
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
-from .errors import CaptureError, InvalidInputError
+from .errors import CaptureError, FxCompressWarning, InferenceOnlyError, InvalidInputError
+from .quiet import quiet, stderr_kept_on_success, third_party_quiet
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -86,6 +89,46 @@ def check_model_and_inputs(model: torch.nn.Module, inputs: ExampleInputs) -> Non
         raise InvalidInputError(f"device {device} is not supported; use a CPU or CUDA device")
 
 
+def eval_copy(model: torch.nn.Module, *, warn: bool = True) -> torch.nn.Module:
+    """A deep copy of ``model`` in eval mode; the user's model (weights, buffers, flags, hooks) is untouched.
+
+    A model in training mode is captured in eval mode — BatchNorm uses its running statistics,
+    dropout is off — with one :class:`FxCompressWarning` (``model.eval()`` first silences it).
+    """
+    if warn and any(m.training for m in model.modules()):
+        warnings.warn(
+            "fxcompress: the model is in training mode; it is captured in eval mode (BatchNorm running "
+            "statistics, no dropout). Call model.eval() first to silence this.",
+            FxCompressWarning, stacklevel=4,  # the user's call (through the @quiet wrapper)
+        )
+    return copy.deepcopy(model).eval()
+
+
+def inference_only(gm: torch.nn.Module) -> torch.nn.Module:
+    """Make ``eval()``/``train(False)`` no-ops returning ``gm`` on a captured graph, ``train(True)`` a clear error.
+
+    ``torch.export``'s module raises ``NotImplementedError`` for both; the captured graph has eval
+    semantics baked in (BatchNorm statistics, dropout removed), so only eval mode is meaningful.
+    """
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise InferenceOnlyError(
+                "this model is a captured inference graph (BatchNorm uses running statistics, dropout is "
+                "removed), so train() cannot switch it to training behaviour. To fine-tune its weights use "
+                "fxcompress.distill(compressed, teacher, data, steps=...) — no train() call needed — or train "
+                "the original nn.Module and optimize it again."
+            )
+        return self
+
+    def eval(self):
+        return self
+
+    gm.train = types.MethodType(train, gm)
+    gm.eval = types.MethodType(eval, gm)
+    return gm
+
+
 def run_eagerly(model: torch.nn.Module, inputs: ExampleInputs) -> Any:
     """Run the model once on the example inputs; a failure means the inputs are wrong for it."""
     try:
@@ -127,8 +170,12 @@ class _ModuleTracker:
             handle.remove()
 
 
+@quiet
 def capture(model: torch.nn.Module, example_inputs: Any, *, dynamic_batch: bool = True) -> fx.GraphModule:
     """Capture ``model`` as the canonical ATen-level ``GraphModule``; ``model`` is never mutated.
+
+    The capture runs on an eval-mode copy (see :func:`eval_copy`); the result is inference-only
+    (see :func:`inference_only`).
 
     With ``dynamic_batch`` the batch dimension stays symbolic where the model allows it, so the
     captured graph runs at other batch sizes too; a model that needs a fixed batch falls back to
@@ -136,7 +183,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, *, dynamic_batch: bool 
     """
     inputs = ExampleInputs.of(example_inputs)
     check_model_and_inputs(model, inputs)
-    model = copy.deepcopy(model)
+    model = eval_copy(model)
     run_eagerly(model, inputs)
     attempts = [inputs.batch_dynamic_shapes(model), None] if dynamic_batch else [None]
     for i, dynamic_shapes in enumerate(attempts):
@@ -154,7 +201,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, *, dynamic_batch: bool 
             raise CaptureError(_capture_message(failed_in, exc)) from exc
         finally:
             tracker.remove()
-    gm = program.module()
+    gm = inference_only(program.module())
     gm.meta["fxcompress_dynamic_batch"] = dynamic_shapes is not None
     gm.meta["fxcompress_example_inputs"] = inputs
     return gm
@@ -162,15 +209,8 @@ def capture(model: torch.nn.Module, example_inputs: Any, *, dynamic_batch: bool 
 
 @contextlib.contextmanager
 def _quiet_export():
-    import logging
-
-    logger = logging.getLogger("torch._export")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
+    with third_party_quiet(), stderr_kept_on_success():
         yield
-    finally:
-        logger.setLevel(level)
 
 
 def _capture_message(failed_in: str, exc: Exception) -> str:

@@ -24,6 +24,18 @@ class PassConfigError(FxCompressError, TypeError):
     """A pass was given an option it does not have, or a bad value."""
 
 
+class InferenceOnlyError(FxCompressError, NotImplementedError):
+    """``train(True)`` on a captured graph, whose eval-mode semantics are fixed."""
+
+
+class ArchiveError(FxCompressError, ValueError):
+    """A file that :func:`fxcompress.load` cannot read: not an fxcompress ``.pt2`` archive, or truncated."""
+
+
+class FxCompressWarning(UserWarning):
+    """Something fxcompress did differently from what was asked, and how to silence it."""
+
+
 class VerificationError(FxCompressError):
     """A pass produced a graph that fails the pass manager's checks."""
 

@@ -18,6 +18,7 @@ import torch.fx as fx
 from .errors import VerificationError
 from .instrument import Instrumentation
 from .pass_base import Pass, PassContext, PassResult, make_pass
+from .quiet import quiet
 from .verify import default_rtol, first_diverging_node, fidelity, output_signature
 
 
@@ -62,6 +63,7 @@ class PassManager:
         self.rtol = rtol
         self.instrumentations = list(instrumentations)
 
+    @quiet
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> list[PassRecord]:
         outputs = self._run_model(gm, ctx)
         for inst in self.instrumentations:

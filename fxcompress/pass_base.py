@@ -8,7 +8,12 @@ class attributes, and ``run`` rewrites a captured ``GraphModule`` in place and r
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import difflib
+import functools
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -48,8 +53,21 @@ class PassResult:
         return f"{len(self.rewritten)} rewritten, {len(self.skipped)} skipped"
 
 
+class _PassType(type):
+    """Checks a pass's options before the dataclass is built (so before the subclass's ``__post_init__``).
+
+    Unknown keywords, too many positional arguments and values of the wrong type (read from the
+    field annotations) raise :class:`PassConfigError` listing every option with its type and default.
+    Ranges and combinations are the subclass's ``__post_init__``'s job.
+    """
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        check_options(cls, args, kwargs)
+        return super().__call__(*args, **kwargs)
+
+
 @dataclass(frozen=True)
-class Pass:
+class Pass(metaclass=_PassType):
     """Base class. Subclasses are frozen dataclasses registered with :func:`register_pass`."""
 
     name: ClassVar[str] = ""
@@ -60,6 +78,80 @@ class Pass:
 
     def config(self) -> dict:
         return {"pass": self.name, **dataclasses.asdict(self)}
+
+    @classmethod
+    def options_help(cls) -> str:
+        """One line per option, ``name: type = default`` (``fxcompress passes`` prints the same)."""
+        hints = _type_hints(cls)
+        return "\n".join(f"  {f.name}: {type_name(hints.get(f.name, Any))} = {f.default!r}" for f in _options(cls))
+
+
+def _options(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.init]
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # an annotation that does not evaluate: leave its values unchecked
+        return {}
+
+
+def check_options(cls: type, args: tuple, kwargs: dict) -> None:
+    """Raise :class:`PassConfigError` for unknown options or values that do not match the annotations."""
+    fields = _options(cls)
+    names = [f.name for f in fields]
+    where = f"{cls.__name__} ({getattr(cls, 'name', '') or 'pass'})"
+    if len(args) > len(names):
+        raise PassConfigError(f"{where} takes at most {len(names)} options, {len(args)} given; valid options:\n{cls.options_help()}")
+    for key in kwargs:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise PassConfigError(f"{where} has no option {key!r}{hint}; valid options:\n{cls.options_help()}")
+    hints = _type_hints(cls)
+    for key, value in {**dict(zip(names, args)), **kwargs}.items():
+        hint = hints.get(key, Any)
+        if not conforms(value, hint):
+            raise PassConfigError(
+                f"{where}: {key}={value!r} is a {type(value).__name__}, expected {type_name(hint)}; "
+                f"valid options:\n{cls.options_help()}"
+            )
+
+
+def conforms(value: Any, hint: Any) -> bool:
+    """Whether ``value`` fits annotation ``hint``; containers are checked element-wise by the pass itself."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if hint is None or hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(conforms(value, h) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if origin is collections.abc.Callable or hint is collections.abc.Callable:
+        return callable(value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if origin is not None or not isinstance(hint, type):
+        return True
+    return isinstance(value, hint)
+
+
+def type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " | ".join(type_name(h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    if isinstance(hint, type) and typing.get_origin(hint) is None:
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace("collections.abc.", "")
 
 
 _REGISTRY: dict[str, type[Pass]] = {}
@@ -92,13 +184,9 @@ def make_pass(spec: str | Pass, **options: Any) -> Pass:
     if spec not in passes:
         raise UnknownPassError(f"unknown pass {spec!r}; registered passes: {', '.join(passes)}")
     cls = passes[spec]
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise PassConfigError(
-            f"pass {spec!r} has no option(s) {unknown}; valid options: {', '.join(valid) or '(none)'}"
-        )
     try:
         return cls(**options)
+    except PassConfigError:
+        raise
     except (TypeError, ValueError) as exc:
-        raise PassConfigError(f"bad options for pass {spec!r}: {exc}") from exc
+        raise PassConfigError(f"bad options for pass {spec!r}: {exc}; valid options:\n{cls.options_help()}") from exc

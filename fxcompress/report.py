@@ -106,6 +106,17 @@ class Report:
             },
         }
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "Report":
+        """The inverse of :meth:`to_dict` (what :func:`fxcompress.load` gives back as ``.report``)."""
+        from .pass_base import PassResult
+
+        results = {
+            stage: PassResult(bool(r["rewritten"]), list(r["rewritten"]), [tuple(s) for s in r["skipped"]], list(r["details"]))
+            for stage, r in data.get("passes", {}).items()
+        }
+        return cls(rows=list(data.get("rows", [])), results=results)
+
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), default=str, **kwargs)
 

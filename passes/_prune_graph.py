@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from fxcompress import ir
+from fxcompress import ir, selectors
 
 
 def op_name(node: fx.Node) -> str:
@@ -174,13 +174,7 @@ def _tensor_nodes(args) -> list[fx.Node]:
 
 
 def _is_ignored(target: str, ignore: tuple[str, ...]) -> bool:
-    import fnmatch
-
-    module = target.rsplit(".", 1)[0] if "." in target else ""
-    return any(
-        module == pat or module.startswith(pat + ".") or fnmatch.fnmatchcase(module, pat) or target == pat
-        for pat in ignore
-    )
+    return selectors.first_match(ignore, target) is not None
 
 
 def _link_tied_attrs(gm: fx.GraphModule, builder: Builder) -> None:

@@ -106,7 +106,7 @@ def choose_units(
 ) -> list[np.ndarray]:
     """Indices (into ``group.units``) of the units to remove from each group."""
     if scope == "local":
-        counts = [min(math.floor(ratio * _total(g)), len(g.units)) for g in graph.groups]
+        counts = [min(math.floor(min(ratio, max_ratio) * _total(g)), len(g.units)) for g in graph.groups]
     else:
         counts = _global_counts(graph, scores, ratio, max_ratio)
     chosen = []

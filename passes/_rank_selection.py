@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import heapq
 import math
-import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -66,17 +65,6 @@ def _check_fraction(field_name: str, value: Any, closed_top: bool) -> None:
 
 
 @functools.lru_cache(maxsize=256)
-def _glob_regex(pattern: str) -> re.Pattern:
-    parts = re.split(r"(\*\*|\*|\?)", pattern)
-    wildcards = {"**": ".*", "*": "[^.]*", "?": "[^.]"}
-    return re.compile("".join(wildcards.get(p, re.escape(p)) for p in parts))
-
-
-def module_glob_match(name: str, pattern: str) -> bool:
-    """Glob on dotted module names: ``*`` and ``?`` stay within one name segment, ``**`` spans dots."""
-    return _glob_regex(pattern).fullmatch(name) is not None
-
-
 def round_rank(rank: int, round_to: int, full_rank: int) -> int:
     """``rank`` rounded up to a multiple of ``round_to``, never above ``full_rank``, at least 1."""
     return max(1, min(full_rank, math.ceil(rank / round_to) * round_to))

@@ -16,7 +16,6 @@ A 1×1 convolution is the same GEMM over channels:
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import operator
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ import torch
 import torch.fx as fx
 
 import fxcompress.int8_ops  # noqa: F401  (registers torch.ops.fxcompress.*)
-from fxcompress import ir
+from fxcompress import ir, selectors
 from fxcompress.errors import PassConfigError
 from fxcompress.pass_base import Pass, PassContext, PassResult, register_pass
 from fxcompress.verify import node_values
@@ -91,9 +90,9 @@ def _conv_problem(node: fx.Node, args: dict, weight: torch.Tensor) -> str:
 class Int8(Pass):
     """Int8 linear layers and 1×1 convs (see the module docstring for the rewrite equations).
 
-    ``skip``: module names or globs (``"encoder.layer.0.*"``) kept in float. ``min_weight_numel``:
-    smaller weights stay float (per-token quantization and dequantization cost more than the
-    int8 GEMM saves). ``activation_scales``: ``(layer, s_x)`` pairs from :func:`fxcompress.calibrate`,
+    ``skip``: module selectors (:mod:`fxcompress.selectors`; ``"pooler"`` also covers ``pooler.dense``)
+    kept in float. ``min_weight_numel``: smaller weights stay float (per-token quantization and
+    dequantization cost more than the int8 GEMM saves). ``activation_scales``: ``(layer, s_x)`` pairs from :func:`fxcompress.calibrate`,
     required by ``mode="static"``. ``fuse_activation``: fold a following relu/gelu into the epilogue.
     ``fuse_siblings``: linears that read the same input run as one GEMM. ``allow_slower``: also
     rewrite layers whose int8 form is known to be slower than float on their device (fp32
@@ -170,7 +169,7 @@ class Int8(Pass):
         return result
 
     def _problem(self, gm: fx.GraphModule, node: fx.Node, layer: str, scales: dict) -> str:
-        if any(layer == pattern or fnmatch.fnmatchcase(layer, pattern) for pattern in self.skip):
+        if selectors.first_match(self.skip, layer):
             return "kept in float by skip="
         problem = gemm_problem(gm, node)
         if problem:

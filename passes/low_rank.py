@@ -31,6 +31,7 @@ import torch.fx as fx
 
 from fxcompress.ir import add_constant, attr_use_count, call_arguments, fake_value, finalize, get_attr, module_path
 from fxcompress.pass_base import Pass, PassContext, PassResult, register_pass
+from fxcompress.selectors import first_match
 from fxcompress.verify import node_values
 from fxcompress.passes import _rank_selection as rs
 
@@ -98,8 +99,9 @@ class LowRank(Pass):
     ``round_to``: ranks are rounded up to a multiple of it (capped at full rank).
     ``min_speedup``: if set, a layer is rewritten only when its measured CPU/GPU latency improves
     by at least this factor.
-    ``include``/``ignore``: globs on module names; ``*`` matches within one dotted segment, ``**``
-    across segments (``"encoder.layer.*.output.dense"`` does not match ``...attention.output.dense``).
+    ``include``/``ignore``: module selectors (:mod:`fxcompress.selectors`); ``*`` matches within one
+    dotted segment, ``**`` across segments (``"encoder.layer.*.output.dense"`` does not match
+    ``...attention.output.dense``); a selector covers the module and everything under it.
     """
 
     name = "low_rank"
@@ -160,11 +162,11 @@ class LowRank(Pass):
         return layers
 
     def _unsupported(self, gm: fx.GraphModule, node: fx.Node, name: str) -> str | None:
-        if not any(rs.module_glob_match(name, p) for p in self.include):
+        if first_match(self.include, name) is None:
             return f"not matched by include={self.include}"
-        matched = [p for p in self.ignore if rs.module_glob_match(name, p)]
+        matched = first_match(self.ignore, name)
         if matched:
-            return f"matched ignore pattern {matched[0]!r}"
+            return f"matched ignore pattern {matched!r}"
         args = call_arguments(node)
         weight = args["weight"]
         if not isinstance(weight, fx.Node) or weight.op != "get_attr":

@@ -13,6 +13,7 @@ channels).
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -21,7 +22,7 @@ import torch
 import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
-from fxcompress.errors import PassConfigError
+from fxcompress.errors import FxCompressWarning, PassConfigError
 from fxcompress.pass_base import Pass, PassContext, PassResult, register_pass
 from fxcompress.passes._prune_graph import ChannelGraph, analyze
 from fxcompress.passes._prune_importance import IMPORTANCE, choose_units, group_scores
@@ -29,6 +30,8 @@ from fxcompress.passes._prune_rewrite import apply_pruning
 
 SCOPES = ("local", "global")
 MACS_SEARCH_STEPS = 8
+DEFAULT_RATIO = 0.5
+EXTREME_RATIO = 0.9
 
 
 @register_pass
@@ -36,11 +39,13 @@ MACS_SEARCH_STEPS = 8
 class PruneChannels(Pass):
     """Remove channels, attention heads and hidden features; keep output shapes.
 
-    Give exactly one target: ``ratio`` (fraction of each group's channels to remove; with
-    ``scope="global"`` the fraction of all channels) or ``target_macs`` (fraction of the
-    original multiply-accumulates to keep, found by bisection on the ratio). ``ignore`` holds
-    module names or ``fnmatch`` globs (``"classifier"``, ``"layer4.*"``) whose parameters stay
-    untouched (node predicates are not plain data, so they are not accepted). ``taylor_loss``
+    Give at most one target: ``ratio`` (fraction of each group's channels to remove; with
+    ``scope="global"`` the fraction of all channels; default 0.5 when no target is given) or
+    ``target_macs`` (fraction of the original multiply-accumulates to keep, found by bisection on
+    the ratio). In both scopes no group loses more than ``max_ratio_per_group`` of its channels.
+    A ratio of 0.9 or more warns with what is left. ``ignore`` holds module selectors
+    (:mod:`fxcompress.selectors`: ``"classifier"`` also covers ``classifier.*``; ``"layer4.*.conv1"``)
+    whose parameters stay untouched (node predicates are not plain data, so they are not accepted). ``taylor_loss``
     maps the model's outputs to a scalar for ``importance="taylor"`` (default: sum of squares).
     """
 
@@ -61,9 +66,11 @@ class PruneChannels(Pass):
     def __post_init__(self) -> None:
         if isinstance(self.ignore, str) or isinstance(self.ignore, list):
             object.__setattr__(self, "ignore", (self.ignore,) if isinstance(self.ignore, str) else tuple(self.ignore))
-        if (self.ratio is None) == (self.target_macs is None):
+        if self.ratio is None and self.target_macs is None:
+            object.__setattr__(self, "ratio", DEFAULT_RATIO)
+        if self.ratio is not None and self.target_macs is not None:
             raise PassConfigError(
-                "prune_channels needs exactly one target: ratio= (fraction of channels to remove, e.g. 0.5) "
+                "prune_channels takes one target, not both: ratio= (fraction of channels to remove, e.g. 0.5) "
                 "or target_macs= (fraction of the original MACs to keep, e.g. 0.5)"
             )
         if self.ratio is not None and not 0 <= self.ratio < 1:
@@ -99,12 +106,14 @@ class PruneChannels(Pass):
         if removed:
             result.rewritten = apply_pruning(gm, graph, removed)
             result.changed = True
+        if ratio >= EXTREME_RATIO:
+            _warn_extreme(ratio, result.details[1:], gm)
         return result
 
     def _search_ratio(self, gm, graph: ChannelGraph, scores, ctx: PassContext) -> tuple[float, int, int]:
         """Smallest ratio whose pruned model has at most ``target_macs`` of the original MACs."""
         before = count_macs(gm, ctx)
-        low, high = 0.0, self.max_ratio_per_group if self.scope == "global" else 0.99
+        low, high = 0.0, self.max_ratio_per_group
         best, best_macs = high, None
         for _ in range(MACS_SEARCH_STEPS):
             mid = (low + high) / 2
@@ -142,6 +151,16 @@ def count_macs(module: torch.nn.Module, ctx: PassContext) -> int:
     with torch.no_grad(), counter:
         ctx.run(module)
     return counter.get_total_flops() // 2
+
+
+def _warn_extreme(ratio: float, groups: list[dict], gm: fx.GraphModule) -> None:
+    fewest = min(groups, key=lambda d: d["kept_channels"], default=None)
+    where = f"; fewest in a group: {fewest['kept_channels']} channels ({fewest['group']})" if fewest else ""
+    warnings.warn(
+        f"prune_channels: ratio={ratio:.3g} removes nearly everything: {sum(p.numel() for p in gm.parameters())} "
+        f"parameters are left{where}. Use a ratio below {EXTREME_RATIO} and recover with fxcompress.distill.",
+        FxCompressWarning, stacklevel=2,
+    )
 
 
 def _group_details(graph: ChannelGraph, chosen: list[np.ndarray]) -> list[dict]:

@@ -357,13 +357,17 @@ def test_pruned_model_saves_loads_and_compiles(tmp_path):
 
 
 @pytest.mark.parametrize("options", [
-    {}, {"ratio": 0.5, "target_macs": 0.5}, {"ratio": 1.0}, {"target_macs": 0.0}, {"ratio": 0.5, "importance": "l3"},
+    {"ratio": "half"}, {"ratoi": 0.5}, {"ratio": 0.5, "target_macs": 0.5}, {"ratio": 1.0}, {"target_macs": 0.0}, {"ratio": 0.5, "importance": "l3"},
     {"ratio": 0.5, "scope": "layer"}, {"ratio": 0.5, "round_to": 0}, {"ratio": 0.5, "max_ratio_per_group": 0},
     {"ratio": 0.5, "ignore": (lambda n: True,)},
 ])
 def test_bad_options_raise(options):
     with pytest.raises(PassConfigError):
         PruneChannels(**options)
+
+
+def test_no_target_means_the_documented_default_ratio():
+    assert PruneChannels().ratio == 0.5
 
 
 def test_runs_under_the_pass_manager_with_verification():

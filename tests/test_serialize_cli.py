@@ -23,7 +23,7 @@ def test_save_load_round_trip_keeps_outputs_and_dynamic_batch(tmp_path):
             bigger = tuple(torch.cat([t, t]) for t in x)
             assert fidelity(model(*bigger), loaded(*bigger)).max_rel_err <= 1e-5
         assert loaded.pipeline == out.pipeline
-        assert [r["stage"] for r in loaded.saved_report["rows"]] == ["input", "eliminate_identity", "fold_bn"]
+        assert [r["stage"] for r in loaded.report.rows] == ["input", "eliminate_identity", "fold_bn"]
         with zipfile.ZipFile(path) as archive:
             assert not any(n.endswith(".pkl") for n in archive.namelist())
 
