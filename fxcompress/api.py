@@ -16,6 +16,7 @@ from .instrument import Instrumentation, dumper_from_env_or
 from .manager import PassManager
 from .pass_base import Pass, PassContext, make_pass
 from .report import Report, ReportBuilder, ReportConfig
+from .statistics import check_calibration
 
 DEFAULT_PASSES: tuple[str, ...] = ("eliminate_identity", "fold_bn")
 """Lossless passes that are always safe: drop eval-mode dropout/identity ops, fold BN into convs."""
@@ -31,6 +32,7 @@ def optimize(
     dump_dir: str | os.PathLike | None = None,
     instrumentations: Sequence[Instrumentation] = (),
     recover: dict | None = None,
+    calibration: Any = None,
 ) -> fx.GraphModule:
     """Capture ``model``, run ``passes`` (default :data:`DEFAULT_PASSES`), return a new ``GraphModule``.
 
@@ -39,14 +41,17 @@ def optimize(
     ``.pipeline`` (the pass configurations as plain dicts). ``dump_dir`` (or the environment variable
     ``FXCOMPRESS_DUMP_DIR``) writes the graph code before and after each pass. ``recover`` runs
     :func:`fxcompress.distill` with the original model as teacher after the pipeline, e.g.
-    ``recover=dict(data=loader, steps=200)``.
+    ``recover=dict(data=loader, steps=200)``. ``calibration`` (a DataLoader or list of batches: tensors,
+    tuples, dicts; labels are ignored) is what data-aware passes (``LowRank(whiten=...)``,
+    ``PruneChannels(importance="activation", compensate=...)``, ``Int8(gptq=True)``) measure their input
+    statistics on, in one streaming pass per analysis; without it they use the example inputs.
     """
     pipeline = [make_pass(p) for p in (DEFAULT_PASSES if passes is None else _as_sequence(passes))]
     inputs = ExampleInputs.of(example_inputs)
     check_model_and_inputs(model, inputs)
     reference = run_eagerly(model, inputs)
     gm = capture(model, inputs)
-    ctx = PassContext(inputs.args, inputs.kwargs)
+    ctx = PassContext(inputs.args, inputs.kwargs, calibration=check_calibration(calibration))
     report_config = report if isinstance(report, ReportConfig) else ReportConfig(latency=bool(report))
     builder = ReportBuilder(reference, report_config)
     hooks = [builder, *instrumentations]
