@@ -16,6 +16,7 @@ from .manager import PassManager
 from .pass_base import Pass, PassContext, make_pass
 from .quiet import quiet
 from .report import Report, ReportBuilder, ReportConfig
+from .statistics import check_calibration
 
 DEFAULT_PASSES: tuple[str, ...] = ("eliminate_identity", "fold_bn")
 """Lossless passes that are always safe: drop eval-mode dropout/identity ops, fold BN into convs."""
@@ -32,6 +33,7 @@ def optimize(
     dump_dir: str | os.PathLike | None = None,
     instrumentations: Sequence[Instrumentation] = (),
     recover: dict | None = None,
+    calibration: Any = None,
 ) -> fx.GraphModule:
     """Capture ``model``, run ``passes`` (default :data:`DEFAULT_PASSES`), return a new ``GraphModule``.
 
@@ -40,7 +42,10 @@ def optimize(
     ``.pipeline`` (the pass configurations as plain dicts). ``dump_dir`` (or the environment variable
     ``FXCOMPRESS_DUMP_DIR``) writes the graph code before and after each pass. ``recover`` runs
     :func:`fxcompress.distill` with the original model as teacher after the pipeline, e.g.
-    ``recover=dict(data=loader, steps=200)``.
+    ``recover=dict(data=loader, steps=200)``. ``calibration`` (a DataLoader or list of batches: tensors,
+    tuples, dicts; labels are ignored) is what data-aware passes (``LowRank(whiten=...)``,
+    ``PruneChannels(importance="activation", compensate=...)``, ``Int8(gptq=True)``) measure their input
+    statistics on, in one streaming pass per analysis; without it they use the example inputs.
     """
     pipeline = [make_pass(p) for p in (DEFAULT_PASSES if passes is None else _as_sequence(passes))]
     inputs = ExampleInputs.of(example_inputs)
@@ -48,7 +53,7 @@ def optimize(
     model = eval_copy(model)
     reference = run_eagerly(model, inputs)
     gm = capture(model, inputs)
-    ctx = PassContext(inputs.args, inputs.kwargs)
+    ctx = PassContext(inputs.args, inputs.kwargs, calibration=check_calibration(calibration))
     report_config = report if isinstance(report, ReportConfig) else ReportConfig(latency=bool(report))
     builder = ReportBuilder(reference, report_config)
     hooks = [builder, *instrumentations]

@@ -21,7 +21,7 @@ import torch
 from fxcompress.errors import PassConfigError
 
 
-def validate_options(config: Any, methods: Sequence[str]) -> None:
+def validate_options(config: Any, methods: Sequence[str], whitening: Sequence[str] = ()) -> None:
     """Check a ``LowRank`` configuration; normalise ``include``/``ignore`` to tuples of strings."""
     chosen = [n for n in ("rank", "energy", "target_macs") if getattr(config, n) is not None]
     if len(chosen) != 1:
@@ -40,6 +40,8 @@ def validate_options(config: Any, methods: Sequence[str]) -> None:
     _check_fraction("target_macs", config.target_macs, closed_top=False)
     if config.method not in methods:
         raise PassConfigError(f"low_rank method={config.method!r} is unknown; use one of {tuple(methods)}")
+    if getattr(config, "whiten", None) is not None and config.whiten not in whitening:
+        raise PassConfigError(f"low_rank whiten={config.whiten!r} is unknown; use None or one of {tuple(whitening)}")
     if isinstance(config.round_to, bool) or not isinstance(config.round_to, int) or config.round_to < 1:
         raise PassConfigError(f"low_rank round_to={config.round_to!r} must be an int >= 1, e.g. 8 (1: no rounding)")
     speedup = config.min_speedup
