@@ -11,10 +11,10 @@ import torch.fx as fx
 
 from .capture import ExampleInputs, capture, check_model_and_inputs, eval_copy, run_eagerly
 from .errors import InvalidInputError
-from .instrument import Instrumentation, dumper_from_env_or
+from .instrument import Instrumentation, PassProgress, dumper_from_env_or
 from .manager import PassManager
 from .pass_base import Pass, PassContext, make_pass
-from .quiet import quiet
+from .quiet import progress_bar, quiet
 from .report import Report, ReportBuilder, ReportConfig
 
 DEFAULT_PASSES: tuple[str, ...] = ("eliminate_identity", "fold_bn")
@@ -32,6 +32,7 @@ def optimize(
     dump_dir: str | os.PathLike | None = None,
     instrumentations: Sequence[Instrumentation] = (),
     recover: dict | None = None,
+    progress: bool | None = None,
 ) -> fx.GraphModule:
     """Capture ``model``, run ``passes`` (default :data:`DEFAULT_PASSES`), return a new ``GraphModule``.
 
@@ -40,28 +41,38 @@ def optimize(
     ``.pipeline`` (the pass configurations as plain dicts). ``dump_dir`` (or the environment variable
     ``FXCOMPRESS_DUMP_DIR``) writes the graph code before and after each pass. ``recover`` runs
     :func:`fxcompress.distill` with the original model as teacher after the pipeline, e.g.
-    ``recover=dict(data=loader, steps=200)``.
+    ``recover=dict(data=loader, steps=200)``. A model in training mode is captured in eval mode
+    with one :class:`FxCompressWarning`. ``progress`` (default: on when stderr is a terminal, see
+    :mod:`fxcompress.quiet`) shows a bar over capture, the passes and recovery.
+
+    The result is an inference graph: ``eval()`` is a no-op, ``train()`` raises
+    :class:`InferenceOnlyError` (fine-tune with :func:`fxcompress.distill`).
     """
     pipeline = [make_pass(p) for p in (DEFAULT_PASSES if passes is None else _as_sequence(passes))]
     inputs = ExampleInputs.of(example_inputs)
     check_model_and_inputs(model, inputs)
     model = eval_copy(model)
-    reference = run_eagerly(model, inputs)
-    gm = capture(model, inputs)
-    ctx = PassContext(inputs.args, inputs.kwargs)
-    report_config = report if isinstance(report, ReportConfig) else ReportConfig(latency=bool(report))
-    builder = ReportBuilder(reference, report_config)
-    hooks = [builder, *instrumentations]
-    dumper = dumper_from_env_or(dump_dir)
-    if dumper is not None:
-        hooks.append(dumper)
-    PassManager(pipeline, verify=verify, instrumentations=hooks).run(gm, ctx)
-    if recover:
-        start = time.perf_counter()
-        gm = _recover(gm, model, recover)
-        with torch.no_grad():
-            outputs = ctx.run(gm)
-        builder.add_stage("recover", gm, outputs, time.perf_counter() - start, "distilled from the input model")
+    with progress_bar(progress, total=len(pipeline) + 1 + bool(recover), desc="fxcompress", unit="step") as bar:
+        bar.set_postfix_str("capture")
+        reference = run_eagerly(model, inputs)
+        gm = capture(model, inputs)
+        bar.update(1)
+        ctx = PassContext(inputs.args, inputs.kwargs)
+        report_config = report if isinstance(report, ReportConfig) else ReportConfig(latency=bool(report))
+        builder = ReportBuilder(reference, report_config)
+        hooks = [builder, *instrumentations, PassProgress(bar)]
+        dumper = dumper_from_env_or(dump_dir)
+        if dumper is not None:
+            hooks.append(dumper)
+        PassManager(pipeline, verify=verify, instrumentations=hooks).run(gm, ctx)
+        if recover:
+            bar.set_postfix_str("recover")
+            start = time.perf_counter()
+            gm = _recover(gm, model, {"progress": progress, **recover})
+            with torch.no_grad():
+                outputs = ctx.run(gm)
+            builder.add_stage("recover", gm, outputs, time.perf_counter() - start, "distilled from the input model")
+            bar.update(1)
     gm.report = builder.report
     gm.pipeline = [p.config() for p in pipeline]
     return gm
