@@ -13,13 +13,6 @@ import torch  # noqa: E402
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "slow: a test that takes more than a few seconds; still runs by default "
-        '(deselect with -m "not slow" in an edit-test loop)',
-    )
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
