@@ -4,8 +4,7 @@
 runs verified rewrite passes on it and returns a smaller/faster ``GraphModule`` with a per-pass report.
 
 Heavy parts load on first use (``import fxcompress`` stays cheap): the passes and their custom
-operators (``fxcompress.passes``), distillation (``distill``) and the ``torch.compile`` backend
-(``backend``).
+operators (``fxcompress.passes``) and the ``torch.compile`` backend (``backend``).
 """
 
 import importlib
@@ -13,6 +12,7 @@ import importlib
 from .api import DEFAULT_PASSES, optimize
 from .calibrate import calibrate
 from .capture import capture
+from .distill import distill
 from .errors import (
     ArchiveError,
     CaptureError,
@@ -30,8 +30,8 @@ from .pass_base import Pass, PassContext, PassResult, make_pass, register_pass, 
 from .report import Report, ReportConfig
 from .serialize import load, save
 
-_LAZY = {"distill": ("distill", "distill"), "backend": ("dynamo_backend", "backend")}
-_LAZY_MODULES = ("passes", "int8_ops", "distill", "dynamo_backend", "training", "models", "cli")
+_LAZY = {"backend": ("dynamo_backend", "backend")}
+_LAZY_MODULES = ("passes", "int8_ops", "dynamo_backend", "models", "cli")
 
 
 def __getattr__(name: str):
