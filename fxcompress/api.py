@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from typing import Any, Sequence
@@ -82,15 +83,22 @@ def _as_sequence(passes: Any) -> Sequence:
     if isinstance(passes, str | Pass):
         return [passes]
     if not isinstance(passes, list | tuple):
-        raise InvalidInputError(f"passes must be a list of pass names or Pass objects, not {type(passes).__name__}")
+        raise InvalidInputError(
+            f"passes must be a list of pass names or Pass objects, not {type(passes).__name__}; "
+            f"e.g. passes=['fold_bn', fxcompress.passes.PruneChannels(ratio=0.5)] (`fxcompress passes` lists them)"
+        )
     return passes
 
 
 def _recover(student: fx.GraphModule, teacher: torch.nn.Module, options: dict) -> fx.GraphModule:
     from .distill import distill
 
-    if "data" not in options:
+    if not isinstance(options, dict) or "data" not in options:
         raise InvalidInputError("recover= needs at least `data` (an iterable of batches), e.g. recover=dict(data=loader, steps=100)")
+    valid = [name for name in inspect.signature(distill).parameters if name not in ("student", "teacher")]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise InvalidInputError(f"recover= has no option(s) {unknown}; it takes fxcompress.distill's: {', '.join(valid)}")
     result = distill(student=student, teacher=teacher, **options)
     return result[0] if isinstance(result, tuple) else result
 

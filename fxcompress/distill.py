@@ -332,6 +332,9 @@ def _check_options(steps, epochs, loss, temperature, alpha, optimizer, lr, sched
     for name, value, valid in choices:
         if value not in valid:
             raise InvalidInputError(f"unknown {name} {value!r}; valid values: {', '.join(map(repr, valid))}")
+    for name, value in (("temperature", temperature), ("lr", lr), ("alpha", alpha)):
+        if not (isinstance(value, int | float) and not isinstance(value, bool)) and not (name == "alpha" and value is None):
+            raise InvalidInputError(f"{name} must be a number, not {type(value).__name__} {value!r}")
     if not temperature > 0:
         raise InvalidInputError(f"temperature must be > 0, not {temperature!r}")
     if alpha is not None and not 0 <= alpha <= 1:
