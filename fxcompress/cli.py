@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import importlib
 import json
 import sys
@@ -15,6 +14,7 @@ import torch
 from . import api, models, serialize
 from .errors import FxCompressError, InvalidInputError
 from .pass_base import make_pass, registered_passes
+from .quiet import progress_enabled
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "long": torch.long, "int64": torch.long}
 
@@ -81,10 +81,12 @@ def cmd_optimize(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     names = list(models.EXAMPLES) if args.model == "all" else [args.model]
     results = {}
-    for name in names:
+    for number, name in enumerate(names, 1):
         factory, inputs = models.EXAMPLES[name]
+        if progress_enabled(None):
+            print(f"[{number}/{len(names)}] optimizing {name} ...", file=sys.stderr, flush=True)
         compressed = api.optimize(factory(), inputs(), build_passes(args.passes, args.option))
-        print(f"\n## {name}\n{compressed.report}")
+        print(f"\n## {name}\n{compressed.report}", flush=True)
         results[name] = compressed.report.to_dict()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
@@ -92,9 +94,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_passes(args: argparse.Namespace) -> None:
     for name, cls in registered_passes().items():
-        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING)
         kind = "lossless" if cls.lossless else "lossy"
-        print(f"{name:20s} {kind:9s} {fields}")
+        options = cls.options_help()
+        print(f"{name} ({kind})" + (f"\n{options}" if options else ""))
 
 
 def parser() -> argparse.ArgumentParser:

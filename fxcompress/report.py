@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -10,7 +11,6 @@ from typing import Any
 
 import torch
 from tabulate import tabulate
-from torch.utils.flop_counter import FlopCounterMode
 
 from .instrument import Instrumentation, PassTimer
 from .verify import fidelity
@@ -26,6 +26,8 @@ class ReportConfig:
 
 
 def count_flops(model: torch.nn.Module, ctx: Any) -> int:
+    from torch.utils.flop_counter import FlopCounterMode  # imports triton: only when measuring
+
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         ctx.run(model)
     return int(counter.get_total_flops())
@@ -90,11 +92,28 @@ class Report:
     def skipped(self) -> list[tuple[str, str, str]]:
         return [(stage, target, reason) for stage, r in self.results.items() for target, reason in r.skipped]
 
+    def skipped_summary(self) -> list[str]:
+        """One line per (stage, reason): a reason repeated over layers (up to its numbers) is printed once,
+        with the count and the first layers."""
+        grouped: dict[tuple[str, str], list[tuple[str, str]]] = {}
+        for stage, target, reason in self.skipped():
+            grouped.setdefault((stage, re.sub(r"\d+", "#", reason)), []).append((target, reason))
+        lines = []
+        for (stage, _), items in grouped.items():
+            targets = [t for t, _ in items]
+            if len(items) == 1:
+                lines.append(f"  [{stage}] {targets[0]}: {items[0][1]}")
+                continue
+            example = "" if len({r for _, r in items}) == 1 else "e.g. "
+            shown = ", ".join(targets[:3]) + (", ..." if len(targets) > 3 else "")
+            lines.append(f"  [{stage}] {len(items)} × {example}{items[0][1]} ({shown})")
+        return lines
+
     def __str__(self) -> str:
         text = self.table() + self.details_tables()
-        skipped = self.skipped()
+        skipped = self.skipped_summary()
         if skipped:
-            text += "\n\nskipped:\n" + "\n".join(f"  [{s}] {t}: {r}" for s, t, r in skipped)
+            text += "\n\nskipped:\n" + "\n".join(skipped)
         return text
 
     def to_dict(self) -> dict:
