@@ -15,7 +15,7 @@ from .errors import InvalidInputError
 from .instrument import Instrumentation, dumper_from_env_or
 from .manager import PassManager
 from .pass_base import Pass, PassContext, make_pass
-from .report import Report, ReportBuilder, ReportConfig
+from .report import Report, ReportBuilder, ReportConfig, latency_guard
 
 DEFAULT_PASSES: tuple[str, ...] = ("eliminate_identity", "fold_bn")
 """Lossless passes that are always safe: drop eval-mode dropout/identity ops, fold BN into convs."""
@@ -39,7 +39,9 @@ def optimize(
     ``.pipeline`` (the pass configurations as plain dicts). ``dump_dir`` (or the environment variable
     ``FXCOMPRESS_DUMP_DIR``) writes the graph code before and after each pass. ``recover`` runs
     :func:`fxcompress.distill` with the original model as teacher after the pipeline, e.g.
-    ``recover=dict(data=loader, steps=200)``.
+    ``recover=dict(data=loader, steps=200)``. When the report measures latency, a result measurably
+    slower than the input is said in one warning line naming the passes responsible (passes asked
+    only for size, ``allow_slower=True``, are reported, not warned about).
     """
     pipeline = [make_pass(p) for p in (DEFAULT_PASSES if passes is None else _as_sequence(passes))]
     inputs = ExampleInputs.of(example_inputs)
@@ -60,6 +62,8 @@ def optimize(
         with torch.no_grad():
             outputs = ctx.run(gm)
         builder.add_stage("recover", gm, outputs, time.perf_counter() - start, "distilled from the input model")
+    if report_config.latency and report_config.guard:
+        latency_guard(builder.report, size_only=tuple(p.name for p in pipeline if getattr(p, "allow_slower", False)))
     gm.report = builder.report
     gm.pipeline = [p.config() for p in pipeline]
     return gm
