@@ -257,3 +257,12 @@ def test_noise_larger_than_the_difference_is_no_measurable_change():
     assert set(same) == {"a", "b"} and all(t.min_ms <= t.median_ms for t in same.values())
     noisy = tuning.Timing(1.0, 0.5, 0.8)
     assert not tuning.speedup_is_measurable(noisy, tuning.Timing(1.2, 0.1, 1.1))
+
+
+def test_cli_no_tune_switches_int8_to_the_static_table():
+    from fxcompress.cli import build_passes, parser
+
+    fold_bn, int8 = build_passes("fold_bn,int8", ["int8.min_weight_numel=0"], tune=False)
+    assert int8.tune is False and int8.min_weight_numel == 0 and not hasattr(fold_bn, "tune")
+    assert build_passes("int8", [])[0].tune is True
+    assert parser().parse_args(["optimize", "pkg.mod:factory", "--input-shape", "1,8", "--no-tune"]).no_tune
