@@ -16,7 +16,7 @@ from .instrument import Instrumentation, PassProgress, dumper_from_env_or
 from .manager import PassManager
 from .pass_base import Pass, PassContext, make_pass
 from .quiet import progress_bar, quiet
-from .report import Report, ReportBuilder, ReportConfig
+from .report import Report, ReportBuilder, ReportConfig, latency_guard
 from .statistics import check_calibration
 
 DEFAULT_PASSES: tuple[str, ...] = ("eliminate_identity", "fold_bn")
@@ -53,6 +53,9 @@ def optimize(
 
     The result is an inference graph: ``eval()`` is a no-op, ``train()`` raises
     :class:`InferenceOnlyError` (fine-tune with :func:`fxcompress.distill`).
+    When the report measures latency, a result measurably slower than the input is said in one
+    warning line naming the passes responsible (passes asked only for size, ``allow_slower=True``, are
+    reported, not warned about).
     """
     pipeline = [make_pass(p) for p in (DEFAULT_PASSES if passes is None else _as_sequence(passes))]
     inputs = ExampleInputs.of(example_inputs)
@@ -79,6 +82,8 @@ def optimize(
                 outputs = ctx.run(gm)
             builder.add_stage("recover", gm, outputs, time.perf_counter() - start, "distilled from the input model")
             bar.update(1)
+    if report_config.latency and report_config.guard:
+        latency_guard(builder.report, size_only=tuple(p.name for p in pipeline if getattr(p, "allow_slower", False)))
     gm.report = builder.report
     gm.pipeline = [p.config() for p in pipeline]
     return gm
