@@ -29,6 +29,7 @@ from fxcompress import ir
 from fxcompress.errors import PassConfigError
 from fxcompress.pass_base import Pass, PassContext, PassResult, register_pass
 from fxcompress.verify import node_values
+from fxcompress.passes._gptq import gptq_quantize, layer_hessians, smoothed_hessian
 
 aten = torch.ops.aten
 fxops = torch.ops.fxcompress
@@ -101,6 +102,8 @@ class Int8(Pass):
     (dynamic W8A8 linears): SmoothQuant — migrate activation outliers into the weights with per-input-channel
     ``σ_j = max|X_j|^α / max|W_j|^(1−α)`` measured on the example inputs:
     ``x Wᵀ = (x / σ)(W · σ)ᵀ``, so ``x / σ`` quantizes per token with less error.
+    ``gptq``: round weights with GPTQ on the calibration inputs' Hessian ``XᵀX`` (``passes/_gptq.py``)
+    instead of to nearest; layers without a Hessian (too many input features) round to nearest.
     """
 
     name = "int8"
@@ -114,6 +117,7 @@ class Int8(Pass):
     fuse_siblings: bool = True
     allow_slower: bool = False
     smooth_alpha: float | None = None
+    gptq: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -161,8 +165,9 @@ class Int8(Pass):
         groups = self._sibling_groups(gm, eligible, scales)
         activation_absmax = self._activation_absmax(gm, ctx, groups)
         smoothing = [activation_absmax.get(g[0].args[0].name) for g in groups]  # before rewrites rename inputs
+        hessians = layer_hessians(gm, ctx, [g[0] for g in groups]) if self.gptq else {}
         for group, absmax in zip(groups, smoothing):
-            result.details.extend(self._rewrite(gm, group, scales.get(layer_name(group[0])), absmax))
+            result.details.extend(self._rewrite(gm, group, scales.get(layer_name(group[0])), absmax, hessians.get(group[0].name)))
             result.rewritten.extend(layer_name(n) for n in group)
         result.changed = bool(result.rewritten)
         if result.changed:
@@ -216,14 +221,15 @@ class Int8(Pass):
         sigma = activation_absmax.pow(self.smooth_alpha) / weight_absmax.pow(1 - self.smooth_alpha)
         return torch.where((activation_absmax > 0) & (weight_absmax > 0), sigma, torch.ones_like(sigma)).clamp(1e-5, 1e5)
 
-    def _rewrite(self, gm: fx.GraphModule, group: list[fx.Node], input_scale: float | None, activation_absmax=None) -> list[dict]:
+    def _rewrite(self, gm: fx.GraphModule, group: list[fx.Node], input_scale: float | None, activation_absmax=None, hessian=None) -> list[dict]:
         first = group[0]
         args = [ir.call_arguments(node) for node in group]
         weights = [ir.get_attr(gm, a["weight"].target) for a in args]
         sigma = self._smoothing(weights, activation_absmax) if activation_absmax is not None else None
         if sigma is not None:
             weights = [w * sigma.to(w.dtype) for w in weights]
-        quantized = [quantize_weight_per_channel(w.reshape(w.shape[0], -1)) for w in weights]
+        quantized = [quantize_weight_per_channel(w.reshape(w.shape[0], -1)) if hessian is None
+                     else gptq_quantize(w.reshape(w.shape[0], -1), smoothed_hessian(hessian, sigma)) for w in weights]
         weight_q = torch.cat([q for q, _ in quantized])
         weight_scale = torch.cat([s for _, s in quantized])
         base = args[0]["weight"].target
@@ -260,6 +266,7 @@ class Int8(Pass):
                 "weight_shape": tuple(w.shape), "fused_activation": activation, "gemm_group": len(group),
                 "weight_rel_error": relative_error(w.reshape(w.shape[0], -1), q, sc),
                 "smoothed": sigma is not None,
+                **({"rounding": "gptq" if hessian is not None else "nearest (no input Hessian)"} if self.gptq else {}),
                 **({"input_scale": input_scale} if input_scale is not None else {}),
             }
             for node, w, (q, sc) in zip(group, weights, quantized)
