@@ -66,10 +66,6 @@ class InputStatistics:
     def channel_mean(self) -> torch.Tensor:
         return self.channel_sum / max(self.positions, 1)
 
-    @property
-    def channel_rms(self) -> torch.Tensor:
-        return (self.channel_sq / max(self.positions, 1)).sqrt()
-
     def centered_channel_norm(self) -> torch.Tensor:
         """``‖x_c − mean_c‖₂`` over all positions: the fluctuation a removed channel leaves after bias compensation."""
         return (self.channel_sq - self.channel_sum.square() / max(self.positions, 1)).clamp(min=0).sqrt()
@@ -118,7 +114,10 @@ class _Accumulator:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach()
-        channel_dim = -1 if self.node.target is torch.ops.aten.linear.default else 1
+        spatial_dims = LAYER_OPS[self.node.target]
+        if spatial_dims and x.dim() == spatial_dims + 1:  # an unbatched conv input
+            x = x.unsqueeze(0)
+        channel_dim = 1 if spatial_dims else -1
         channels = x.shape[channel_dim]
         if self.stats is None:
             self.stats = self._empty(channels, x)
