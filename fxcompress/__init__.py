@@ -13,6 +13,7 @@ from .dynamo_backend import backend
 from .errors import (
     CaptureError,
     FxCompressError,
+    InputShapeError,
     InvalidInputError,
     PassConfigError,
     UnknownPassError,
@@ -26,7 +27,7 @@ from .serialize import load, save
 from . import passes  # noqa: E402,F401  (registers the built-in passes; fxcompress.passes.FoldBN() etc.)
 
 __all__ = [
-    "DEFAULT_PASSES", "CaptureError", "FxCompressError", "InvalidInputError", "IRDumper", "Instrumentation",
+    "DEFAULT_PASSES", "CaptureError", "FxCompressError", "InputShapeError", "InvalidInputError", "IRDumper", "Instrumentation",
     "Pass", "PassConfigError", "PassContext", "PassManager", "PassResult", "PassTimer", "Report",
     "ReportConfig", "UnknownPassError", "VerificationError", "backend", "calibrate", "capture", "distill", "load", "make_pass", "optimize",
     "register_pass", "registered_passes", "save",

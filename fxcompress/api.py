@@ -31,6 +31,8 @@ def optimize(
     dump_dir: str | os.PathLike | None = None,
     instrumentations: Sequence[Instrumentation] = (),
     recover: dict | None = None,
+    dynamic: bool = True,
+    dynamic_shapes: Any = None,
 ) -> fx.GraphModule:
     """Capture ``model``, run ``passes`` (default :data:`DEFAULT_PASSES`), return a new ``GraphModule``.
 
@@ -40,12 +42,16 @@ def optimize(
     ``FXCOMPRESS_DUMP_DIR``) writes the graph code before and after each pass. ``recover`` runs
     :func:`fxcompress.distill` with the original model as teacher after the pipeline, e.g.
     ``recover=dict(data=loader, steps=200)``.
+
+    Every input dim stays dynamic unless the model's code fixes it (``dynamic=False`` pins all,
+    ``dynamic_shapes=`` is passed to ``torch.export``); ``report.shapes`` lists the dynamic dims, why
+    each static dim is static, and the second shape every pass was also verified at.
     """
     pipeline = [make_pass(p) for p in (DEFAULT_PASSES if passes is None else _as_sequence(passes))]
     inputs = ExampleInputs.of(example_inputs)
     check_model_and_inputs(model, inputs)
     reference = run_eagerly(model, inputs)
-    gm = capture(model, inputs)
+    gm = capture(model, inputs, dynamic=dynamic, dynamic_shapes=dynamic_shapes)
     ctx = PassContext(inputs.args, inputs.kwargs)
     report_config = report if isinstance(report, ReportConfig) else ReportConfig(latency=bool(report))
     builder = ReportBuilder(reference, report_config)
@@ -53,13 +59,17 @@ def optimize(
     dumper = dumper_from_env_or(dump_dir)
     if dumper is not None:
         hooks.append(dumper)
-    PassManager(pipeline, verify=verify, instrumentations=hooks).run(gm, ctx)
+    manager = PassManager(pipeline, verify=verify, instrumentations=hooks)
+    manager.run(gm, ctx)
+    shapes = gm.meta["fxcompress_shapes"]
+    shapes.second_shape = manager.probe.description if manager.probe is not None else None
     if recover:
         start = time.perf_counter()
         gm = _recover(gm, model, recover)
         with torch.no_grad():
             outputs = ctx.run(gm)
         builder.add_stage("recover", gm, outputs, time.perf_counter() - start, "distilled from the input model")
+    builder.report.shapes = shapes
     gm.report = builder.report
     gm.pipeline = [p.config() for p in pipeline]
     return gm

@@ -69,6 +69,7 @@ class Report:
 
     rows: list[dict] = field(default_factory=list)
     results: dict[str, Any] = field(default_factory=dict)
+    shapes: Any = None  # fxcompress.shapes.ShapeSummary: dynamic dims, why the others are static
 
     COLUMNS = (
         ("stage", "stage"), ("pass_time_s", "pass s"), ("params", "params"), ("macs", "MACs"),
@@ -95,6 +96,8 @@ class Report:
         skipped = self.skipped()
         if skipped:
             text += "\n\nskipped:\n" + "\n".join(f"  [{s}] {t}: {r}" for s, t, r in skipped)
+        if self.shapes is not None:
+            text += "\n\ninput shapes:\n" + "\n".join(f"  {line}" for line in self.shapes.lines())
         return text
 
     def to_dict(self) -> dict:
@@ -104,6 +107,7 @@ class Report:
                 stage: {"rewritten": r.rewritten, "skipped": [list(s) for s in r.skipped], "details": r.details}
                 for stage, r in self.results.items()
             },
+            "shapes": self.shapes.to_dict() if self.shapes is not None else None,
         }
 
     def to_json(self, **kwargs: Any) -> str:
