@@ -69,8 +69,7 @@ class PassManager:
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> list[PassRecord]:
         outputs = self._run_model(gm, ctx)
-        if self.verify:
-            self.probe = second_shape(gm, ctx.args, ctx.kwargs, lambda args, kwargs: _run_at(gm, args, kwargs))
+        self.probe = second_shape(gm, ctx.args, ctx.kwargs, lambda a, k: _run_at(gm, a, k)) if self.verify else None
         for inst in self.instrumentations:
             inst.on_start(gm, ctx, outputs)
         records = []

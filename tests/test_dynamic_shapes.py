@@ -83,13 +83,20 @@ def test_vit_image_size_is_reported_static_with_the_reason_and_rejected_clearly(
     assert "'pixel_values' dim 2 has size 20" in message and "fixed at 16" in message and "modeling_vit.py" in message
 
 
+def test_length_beyond_the_position_table_is_rejected_with_the_range(captured):
+    _, _, gm = captured("bert")
+    assert "input_ids dim 1: [2, 512]" in gm.meta["fxcompress_shapes"].dynamic()
+    with pytest.raises(fxcompress.InputShapeError, match=r"'input_ids' dim 1 has size 600, outside the range \[2, 512\]"):
+        run(gm, zoo.tokens(2, 600))
+
+
 @pytest.mark.parametrize("family, small, big", [("cnn", (1, None), (4, 20)), ("encoder", (1, 1), (4, 9))])
 def test_size_one_example_gives_a_model_that_runs_at_other_sizes(family, small, big):
     make_model, make_inputs = zoo.FAMILIES[family]
     model = make_model()
     compressed = fxcompress.optimize(model, make_inputs(*small), report=False)
     widened = compressed.report.shapes.widened
-    assert widened and all("dim" in w for w in widened)
+    assert widened and all("dim" in w for w in widened) and compressed.report.shapes.second_shape
     for shape in (small, big):
         inputs = make_inputs(*shape)
         assert fidelity(run(model, inputs), run(compressed, inputs)).max_rel_err <= 1e-5
@@ -111,6 +118,7 @@ def test_pinned_shapes_and_their_guard_errors_survive_save_load(tmp_path):
     model, example = make_model(), make_inputs(2, None)
     static = fxcompress.optimize(model, example, dynamic=False, report=False)
     assert static.report.shapes.dynamic() == [] and static.report.shapes.second_shape is None
+    assert "static: x dim 2 = 16 (pinned by dynamic=False)" in str(static.report)
     fxcompress.save(static, tmp_path / "static.pt2")
     for candidate in (static, fxcompress.load(tmp_path / "static.pt2")):
         with pytest.raises(fxcompress.InputShapeError, match=r"'x' dim 0 has size 3.*pinned by dynamic=False.*dynamic=True"):
