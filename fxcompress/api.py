@@ -36,6 +36,8 @@ def optimize(
     recover: dict | None = None,
     calibration: Any = None,
     progress: bool | None = None,
+    dynamic: bool = True,
+    dynamic_shapes: Any = None,
 ) -> fx.GraphModule:
     """Capture ``model``, run ``passes`` (default :data:`DEFAULT_PASSES`), return a new ``GraphModule``.
 
@@ -56,6 +58,10 @@ def optimize(
     When the report measures latency, a result measurably slower than the input is said in one
     warning line naming the passes responsible (passes asked only for size, ``allow_slower=True``, are
     reported, not warned about).
+
+    Every input dim stays dynamic unless the model's code fixes it (``dynamic=False`` pins all,
+    ``dynamic_shapes=`` is passed to ``torch.export``); ``report.shapes`` lists the dynamic dims, why
+    each static dim is static, and the second shape every pass was also verified at.
     """
     pipeline = [make_pass(p) for p in (DEFAULT_PASSES if passes is None else _as_sequence(passes))]
     inputs = ExampleInputs.of(example_inputs)
@@ -64,7 +70,7 @@ def optimize(
     with progress_bar(progress, total=len(pipeline) + 1 + bool(recover), desc="fxcompress", unit="step") as bar:
         bar.set_postfix_str("capture")
         reference = run_eagerly(model, inputs)
-        gm = capture(model, inputs)
+        gm = capture(model, inputs, dynamic=dynamic, dynamic_shapes=dynamic_shapes)
         bar.update(1)
         ctx = PassContext(inputs.args, inputs.kwargs, calibration=check_calibration(calibration))
         report_config = report if isinstance(report, ReportConfig) else ReportConfig(latency=bool(report))
@@ -73,7 +79,10 @@ def optimize(
         dumper = dumper_from_env_or(dump_dir)
         if dumper is not None:
             hooks.append(dumper)
-        PassManager(pipeline, verify=verify, instrumentations=hooks).run(gm, ctx)
+        manager = PassManager(pipeline, verify=verify, instrumentations=hooks)
+        manager.run(gm, ctx)
+        shapes = gm.meta["fxcompress_shapes"]
+        shapes.second_shape = manager.probe.description if manager.probe is not None else None
         if recover:
             bar.set_postfix_str("recover")
             start = time.perf_counter()
@@ -82,6 +91,7 @@ def optimize(
                 outputs = ctx.run(gm)
             builder.add_stage("recover", gm, outputs, time.perf_counter() - start, "distilled from the input model")
             bar.update(1)
+    builder.report.shapes = shapes
     if report_config.latency and report_config.guard:
         latency_guard(builder.report, size_only=tuple(p.name for p in pipeline if getattr(p, "allow_slower", False)))
     gm.report = builder.report

@@ -76,7 +76,7 @@ def build_passes(names: str | None, options: list[str], tune: bool = True) -> li
 def cmd_optimize(args: argparse.Namespace) -> None:
     model = load_factory(args.model)()
     inputs = (example_input(parse_shape(args.input_shape), args.input_dtype, args.vocab_size),)
-    compressed = api.optimize(model.eval(), inputs, build_passes(args.passes, args.option, tune=not args.no_tune))
+    compressed = api.optimize(model.eval(), inputs, build_passes(args.passes, args.option, tune=not args.no_tune), dynamic=not args.static)
     print(compressed.report)
     if args.json:
         Path(args.json).write_text(compressed.report.to_json(indent=2))
@@ -123,6 +123,7 @@ def parser() -> argparse.ArgumentParser:
     opt.add_argument("--input-dtype", default="float32", help=f"one of {', '.join(DTYPES)} (long: token ids)")
     opt.add_argument("--vocab-size", type=int, default=1000, help="upper bound of random token ids for integer inputs")
     opt.add_argument("--out", help="save the optimized model (.pt2)")
+    opt.add_argument("--static", action="store_true", help="pin every input dim to the example's size (default: dynamic where the model allows)")
     pipeline_args(opt)
     opt.set_defaults(func=cmd_optimize)
 

@@ -14,6 +14,7 @@ from tabulate import tabulate
 
 from . import tuning
 from .instrument import Instrumentation, PassTimer
+from .shapes import ShapeSummary
 from .verify import fidelity
 
 
@@ -72,6 +73,7 @@ class Report:
     results: dict[str, Any] = field(default_factory=dict)
     machine: str = ""
     latency_verdict: str = ""
+    shapes: Any = None  # fxcompress.shapes.ShapeSummary: dynamic dims, why the others are static
 
     COLUMNS = (
         ("stage", "stage"), ("pass_time_s", "pass s"), ("params", "params"), ("macs", "MACs"),
@@ -117,6 +119,8 @@ class Report:
         skipped = self.skipped_summary()
         if skipped:
             text += "\n\nskipped:\n" + "\n".join(skipped)
+        if self.shapes is not None:
+            text += "\n\ninput shapes:\n" + "\n".join(f"  {line}" for line in self.shapes.lines())
         return text
 
     def to_dict(self) -> dict:
@@ -128,6 +132,7 @@ class Report:
                 stage: {"rewritten": r.rewritten, "skipped": [list(s) for s in r.skipped], "details": r.details}
                 for stage, r in self.results.items()
             },
+            "shapes": self.shapes.to_dict() if self.shapes is not None else None,
         }
 
     @classmethod
@@ -139,7 +144,8 @@ class Report:
             stage: PassResult(bool(r["rewritten"]), list(r["rewritten"]), [tuple(s) for s in r["skipped"]], list(r["details"]))
             for stage, r in data.get("passes", {}).items()
         }
-        return cls(rows=list(data.get("rows", [])), results=results)
+        shapes = ShapeSummary.from_dict(data["shapes"]) if data.get("shapes") else None
+        return cls(rows=list(data.get("rows", [])), results=results, shapes=shapes)
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), default=str, **kwargs)
