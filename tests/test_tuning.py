@@ -266,3 +266,13 @@ def test_cli_no_tune_switches_int8_to_the_static_table():
     assert int8.tune is False and int8.min_weight_numel == 0 and not hasattr(fold_bn, "tune")
     assert build_passes("int8", [])[0].tune is True
     assert parser().parse_args(["optimize", "pkg.mod:factory", "--input-shape", "1,8", "--no-tune"]).no_tune
+
+
+@pytest.mark.parametrize("int_mm_ms, chosen", [(0.8, "float"), (0.3, "int_mm")])
+def test_a_gain_within_the_noise_keeps_the_float_original(monkeypatch, cache_dir, int_mm_ms, chosen):
+    timings = {"float": tuning.Timing(1.0, 0.4, 0.9), "int_mm": tuning.Timing(int_mm_ms, 0.05, int_mm_ms)}
+    monkeypatch.setattr(tuning, "compare", lambda fns, *a, **k: {n: timings[n] for n in fns})
+    problem = type("Problem", (), {"device": torch.device("cpu")})()
+    choice = tuning.choose(DYNAMIC, problem, ["float", "int_mm"], {"shape": [int_mm_ms]})
+    assert choice.impl == chosen
+    assert choice.reason.startswith("no measurable gain over float" if chosen == "float" else "measured fastest")
