@@ -34,6 +34,7 @@ def apply_rule(node: fx.Node, b: Builder) -> None:
         for n in inputs + outputs:
             b.freeze_node(n, f"unsupported op {name} (node {node.name})", unknown=True)
         return
+    b.touched = set()  # a dim this op's rule does not link is not a channel dim here, whatever other ops say
     rule(node, b, inputs, outputs)
     b.freeze_untouched(inputs + outputs, name)
 
