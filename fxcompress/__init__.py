@@ -19,6 +19,7 @@ from .errors import (
     FxCompressError,
     FxCompressWarning,
     InferenceOnlyError,
+    InputShapeError,
     InvalidInputError,
     PassConfigError,
     UnknownPassError,
@@ -48,7 +49,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "DEFAULT_PASSES", "ArchiveError", "CaptureError", "FxCompressError", "FxCompressWarning", "InferenceOnlyError",
-    "InvalidInputError", "IRDumper", "Instrumentation", "Pass", "PassConfigError", "PassContext", "PassManager",
-    "PassResult", "PassTimer", "Report", "ReportConfig", "UnknownPassError", "VerificationError", "backend",
-    "calibrate", "capture", "distill", "load", "make_pass", "optimize", "register_pass", "registered_passes", "save",
+    "InputShapeError", "InvalidInputError", "IRDumper", "Instrumentation", "Pass", "PassConfigError", "PassContext",
+    "PassManager", "PassResult", "PassTimer", "Report", "ReportConfig", "UnknownPassError", "VerificationError",
+    "backend", "calibrate", "capture", "distill", "load", "make_pass", "optimize", "register_pass", "registered_passes",
+    "save",
 ]

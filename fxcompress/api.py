@@ -16,7 +16,8 @@ from .instrument import Instrumentation, PassProgress, dumper_from_env_or
 from .manager import PassManager
 from .pass_base import Pass, PassContext, make_pass
 from .quiet import progress_bar, quiet
-from .report import Report, ReportBuilder, ReportConfig
+from .report import Report, ReportBuilder, ReportConfig, latency_guard
+from .statistics import check_calibration
 
 DEFAULT_PASSES: tuple[str, ...] = ("eliminate_identity", "fold_bn")
 """Lossless passes that are always safe: drop eval-mode dropout/identity ops, fold BN into convs."""
@@ -33,7 +34,10 @@ def optimize(
     dump_dir: str | os.PathLike | None = None,
     instrumentations: Sequence[Instrumentation] = (),
     recover: dict | None = None,
+    calibration: Any = None,
     progress: bool | None = None,
+    dynamic: bool = True,
+    dynamic_shapes: Any = None,
 ) -> fx.GraphModule:
     """Capture ``model``, run ``passes`` (default :data:`DEFAULT_PASSES`), return a new ``GraphModule``.
 
@@ -42,12 +46,22 @@ def optimize(
     ``.pipeline`` (the pass configurations as plain dicts). ``dump_dir`` (or the environment variable
     ``FXCOMPRESS_DUMP_DIR``) writes the graph code before and after each pass. ``recover`` runs
     :func:`fxcompress.distill` with the original model as teacher after the pipeline, e.g.
-    ``recover=dict(data=loader, steps=200)``. A model in training mode is captured in eval mode
-    with one :class:`FxCompressWarning`. ``progress`` (default: on when stderr is a terminal, see
+    ``recover=dict(data=loader, steps=200)``. ``calibration`` (a DataLoader or list of batches: tensors,
+    tuples, dicts; labels are ignored) is what data-aware passes (``LowRank(whiten=...)``,
+    ``PruneChannels(importance="activation", compensate=...)``, ``Int8(gptq=True)``) measure their input
+    statistics on, in one streaming pass per analysis; without it they use the example inputs.
+    A model in training mode is captured in eval mode with one :class:`FxCompressWarning`. ``progress`` (default: on when stderr is a terminal, see
     :mod:`fxcompress.quiet`) shows a bar over capture, the passes and recovery.
 
     The result is an inference graph: ``eval()`` is a no-op, ``train()`` raises
     :class:`InferenceOnlyError` (fine-tune with :func:`fxcompress.distill`).
+    When the report measures latency, a result measurably slower than the input is said in one
+    warning line naming the passes responsible (passes asked only for size, ``allow_slower=True``, are
+    reported, not warned about).
+
+    Every input dim stays dynamic unless the model's code fixes it (``dynamic=False`` pins all,
+    ``dynamic_shapes=`` is passed to ``torch.export``); ``report.shapes`` lists the dynamic dims, why
+    each static dim is static, and the second shape every pass was also verified at.
     """
     pipeline = [make_pass(p) for p in (DEFAULT_PASSES if passes is None else _as_sequence(passes))]
     inputs = ExampleInputs.of(example_inputs)
@@ -56,16 +70,19 @@ def optimize(
     with progress_bar(progress, total=len(pipeline) + 1 + bool(recover), desc="fxcompress", unit="step") as bar:
         bar.set_postfix_str("capture")
         reference = run_eagerly(model, inputs)
-        gm = capture(model, inputs)
+        gm = capture(model, inputs, dynamic=dynamic, dynamic_shapes=dynamic_shapes)
         bar.update(1)
-        ctx = PassContext(inputs.args, inputs.kwargs)
+        ctx = PassContext(inputs.args, inputs.kwargs, calibration=check_calibration(calibration))
         report_config = report if isinstance(report, ReportConfig) else ReportConfig(latency=bool(report))
         builder = ReportBuilder(reference, report_config)
         hooks = [builder, *instrumentations, PassProgress(bar)]
         dumper = dumper_from_env_or(dump_dir)
         if dumper is not None:
             hooks.append(dumper)
-        PassManager(pipeline, verify=verify, instrumentations=hooks).run(gm, ctx)
+        manager = PassManager(pipeline, verify=verify, instrumentations=hooks)
+        manager.run(gm, ctx)
+        shapes = gm.meta["fxcompress_shapes"]
+        shapes.second_shape = manager.probe.description if manager.probe is not None else None
         if recover:
             bar.set_postfix_str("recover")
             start = time.perf_counter()
@@ -74,6 +91,9 @@ def optimize(
                 outputs = ctx.run(gm)
             builder.add_stage("recover", gm, outputs, time.perf_counter() - start, "distilled from the input model")
             bar.update(1)
+    builder.report.shapes = shapes
+    if report_config.latency and report_config.guard:
+        latency_guard(builder.report, size_only=tuple(p.name for p in pipeline if getattr(p, "allow_slower", False)))
     gm.report = builder.report
     gm.pipeline = [p.config() for p in pipeline]
     return gm

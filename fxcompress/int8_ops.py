@@ -1,14 +1,22 @@
 """The int8 custom operators that the ``int8`` pass rewrites linear layers into.
 
-Registered with ``torch.library.triton_op`` under the ``fxcompress`` namespace when this module is
-imported (``import fxcompress`` does it), so ``torch.export`` keeps them as single nodes (save/load
-round-trips them) and ``torch.compile`` traces into them without graph breaks. Each op has
+Registered under the ``fxcompress`` namespace when this module is imported (``import fxcompress``
+does it), so ``torch.export`` keeps them as single nodes (save/load round-trips them) and
+``torch.compile`` traces them without graph breaks. Where CUDA and Triton exist they are
+``torch.library.triton_op`` s (Inductor sees the Triton kernels and can fuse around them); elsewhere
+plain ``torch.library.custom_op`` s with the same schemas, because ``triton_op`` scans its body with
+Inductor's utilities when it is defined (importing Inductor costs ~2 s that a CPU-only user would
+pay for nothing). The Triton kernels are imported on first CUDA use. Each op has
 
 * a CUDA implementation: Triton kernels from ``fxcompress.triton_kernels`` launched through
-  ``torch.library.wrap_triton`` (Inductor sees and can fuse around them);
-* a CPU implementation through ATen (``torch._int_mm`` for the int8 GEMM);
-* a fake implementation (``triton_op`` traces the same Python function on fake tensors);
+  ``torch.library.wrap_triton``;
+* CPU implementations through ATen (``torch._int_mm`` for the int8 GEMM) and, as the separate op
+  ``int8_linear_qengine``, PyTorch's quantized engines (FBGEMM/x86/oneDNN/QNNPACK prepacked dynamic
+  linear; the prepacked weight is built lazily per weight tensor and cached, see :func:`prepacked`);
+* a fake implementation (shape only);
 * a FLOP formula for ``torch.utils.flop_counter`` (2·M·N·K, as for ``aten.linear``).
+
+Which implementation a node uses is chosen by measurement in the ``int8`` pass (``passes/_int8_lowering.py``).
 
 Shapes: ``x [..., K]``; ``weight_q [N, K]`` int8; ``weight_scale [N]`` fp32 (``W ≈ s_w ⊙ W_q``
 row-wise); ``bias [N]`` or None; the result is ``[..., N]`` in ``x.dtype``.
@@ -16,28 +24,65 @@ row-wise); ``bias [N]`` or None; the result is ``[..., N]`` in ``x.dtype``.
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+import importlib.util
+import threading
+import types
+import warnings
+import weakref
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import custom_op, triton_op, wrap_triton
 from torch.utils.flop_counter import register_flop_formula
-
-try:
-    from fxcompress.triton_kernels import int8_gemm, quantize, weight_only_gemm
-except ImportError:  # Triton is optional off Linux x86-64; the CPU path needs only ATen
-    int8_gemm = quantize = weight_only_gemm = None
 
 EPS = 1e-8
 ACTIVATIONS = ("none", "relu", "gelu")
+QUANTIZED_ENGINES = ("x86", "fbgemm", "onednn", "qnnpack")
+"""PyTorch quantized engines with a prepacked dynamic linear; which exist depends on the build."""
+
+
+@functools.cache
+def _kernels() -> types.SimpleNamespace:
+    try:
+        from fxcompress.triton_kernels import int8_gemm, quantize, weight_only_gemm
+    except ImportError as exc:  # Triton is optional off Linux x86-64; the CPU path needs only ATen
+        raise RuntimeError("fxcompress int8 ops on CUDA need Triton; install it with `pip install triton`") from exc
+    return types.SimpleNamespace(int8_gemm=int8_gemm, quantize=quantize, weight_only_gemm=weight_only_gemm)
 
 
 def _on_gpu(x: Tensor) -> bool:
-    if x.device.type != "cuda":
-        return False
-    if int8_gemm is None:
-        raise RuntimeError("fxcompress int8 ops on CUDA need Triton; install it with `pip install triton`")
-    return True
+    return x.device.type == "cuda"
+
+
+def _triton_ops() -> bool:
+    return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
+
+
+def _define(name: str, fake: Callable) -> Callable[[Callable], object]:
+    """``triton_op`` where CUDA + Triton exist (its fake traces the body), else ``custom_op`` + ``fake``."""
+
+    def register(fn: Callable):
+        if _triton_ops():
+            return triton_op(name, mutates_args=())(fn)
+        op = custom_op(name, mutates_args=())(fn)
+        op.register_fake(fake)
+        return op
+
+    return register
+
+
+def _linear_fake(x: Tensor, weight_q: Tensor, *args, **kwargs) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight_q.shape[0]))
+
+
+def _linear_static_fake(x: Tensor, input_scale: Tensor, weight_q: Tensor, *args, **kwargs) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight_q.shape[0]))
+
+
+def _quantize_fake(x: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
 def _as_rows(x: Tensor) -> Tensor:
@@ -73,6 +118,10 @@ def _dequantize_aten(acc: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Op
     y = acc.to(torch.float32).mul_(row_scale).mul_(col_scale)
     if bias is not None:
         y.add_(bias)
+    return _activate(y, activation)
+
+
+def _activate(y: Tensor, activation: str) -> Tensor:
     if activation == "relu":
         y = torch.relu_(y)
     elif activation == "gelu":
@@ -88,31 +137,31 @@ def _w8a8_aten(x2: Tensor, weight_q: Tensor, weight_scale: Tensor, bias, activat
 
 # --- the operators --------------------------------------------------------------------------------
 
-@triton_op("fxcompress::quantize_per_token", mutates_args=())
+@_define("fxcompress::quantize_per_token", _quantize_fake)
 def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     """``x [..., K] -> (q int8 [..., K], s fp32 [..., 1])`` with ``x ≈ s ⊙ q``, ``s = max_k |x| / 127``."""
     rows = _as_rows(x)
     if _on_gpu(x):
-        q, scale = quantize.quantize_rows(rows, launch=wrap_triton)
+        q, scale = _kernels().quantize.quantize_rows(rows, launch=wrap_triton)
     else:
         q, scale = quantize_rows_aten(rows)
     return q.reshape(x.shape), scale.reshape(*x.shape[:-1], 1)
 
 
-@triton_op("fxcompress::int8_linear", mutates_args=())
+@_define("fxcompress::int8_linear", _linear_fake)
 def int8_linear(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor], activation: str = "none") -> Tensor:
     """Dynamic W8A8: ``act(linear(x, W, b))`` with ``x`` quantized per token at run time."""
     _check_activation(activation)
     rows = _as_rows(x)
     if _on_gpu(x):
-        q, row_scale = quantize.quantize_rows(rows, launch=wrap_triton)
-        y = int8_gemm.int8_gemm_dequant(q, weight_q, row_scale, weight_scale, bias, activation, x.dtype, launch=wrap_triton)
+        q, row_scale = _kernels().quantize.quantize_rows(rows, launch=wrap_triton)
+        y = _kernels().int8_gemm.int8_gemm_dequant(q, weight_q, row_scale, weight_scale, bias, activation, x.dtype, launch=wrap_triton)
     else:
         y = _w8a8_aten(rows, weight_q, weight_scale, bias, activation).to(x.dtype)
     return y.reshape(*x.shape[:-1], weight_q.shape[0])
 
 
-@triton_op("fxcompress::int8_linear_static", mutates_args=())
+@_define("fxcompress::int8_linear_static", _linear_static_fake)
 def int8_linear_static(
     x: Tensor, input_scale: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor], activation: str = "none"
 ) -> Tensor:
@@ -120,28 +169,111 @@ def int8_linear_static(
     _check_activation(activation)
     rows = _as_rows(x)
     if _on_gpu(x):
-        q, _ = quantize.quantize_rows(rows, static_scale=input_scale, launch=wrap_triton)
-        y = int8_gemm.int8_gemm_dequant(q, weight_q, input_scale, weight_scale, bias, activation, x.dtype, launch=wrap_triton)
+        q, _ = _kernels().quantize.quantize_rows(rows, static_scale=input_scale, launch=wrap_triton)
+        y = _kernels().int8_gemm.int8_gemm_dequant(q, weight_q, input_scale, weight_scale, bias, activation, x.dtype, launch=wrap_triton)
     else:
         y = _w8a8_aten(rows, weight_q, weight_scale, bias, activation, static_scale=input_scale).to(x.dtype)
     return y.reshape(*x.shape[:-1], weight_q.shape[0])
 
 
-@triton_op("fxcompress::int8_weight_only_linear", mutates_args=())
+@_define("fxcompress::int8_weight_only_linear", _linear_fake)
 def int8_weight_only_linear(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     """W8A16: ``linear(x, s_w ⊙ W_q, b)`` with the weight dequantized inside the matmul, ``x`` kept float."""
     rows = _as_rows(x)
     if _on_gpu(x):
-        y = weight_only_gemm.weight_only_gemm(rows, weight_q, weight_scale, bias, launch=wrap_triton)
+        y = _kernels().weight_only_gemm.weight_only_gemm(rows, weight_q, weight_scale, bias, launch=wrap_triton)
     elif x.dtype in (torch.bfloat16, torch.float16):
         y = torch._weight_int8pack_mm(rows.contiguous(), weight_q, weight_scale.to(x.dtype))
         y = y.add_(bias) if bias is not None else y
     else:
-        # ATen's int8-weight GEMM is slow for fp32 activations: dequantize the weight, one float GEMM.
-        # The int8 pass keeps fp32 layers in float for this reason unless allow_slower=True.
+        # ATen's int8-weight GEMM is slow for fp32 activations (measured 30x an fp32 GEMM on AVX-512):
+        # dequantize the weight, one float GEMM. The int8 pass times this against float.
         weight = (weight_q.float() * weight_scale.float()[:, None]).to(x.dtype)
         y = torch.nn.functional.linear(rows, weight, bias)
     return y.reshape(*x.shape[:-1], weight_q.shape[0])
+
+
+def _reduce_range(engine: str) -> bool:
+    # FBGEMM's u8·s8 AVX2 kernels (VPMADDUBSW) can saturate int16 pairs: 7-bit activations avoid it.
+    return engine in ("x86", "fbgemm")
+
+
+class _PrepackCache:
+    """Prepacked weights of the quantized engines, built on first use and kept per ``weight_q`` tensor.
+
+    ``torch.export`` cannot save an engine's packed-parameter object, so the graph stores the int8
+    weight and its scales as tensors and the op packs them here; an entry dies with its weight tensor
+    (a finalizer on it) and is rebuilt when the weight, scales or bias change (version counters, data pointers).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._packs: dict[int, dict] = {}
+
+    def get(self, weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor], engine: str):
+        stamp = (engine, weight_q._version, weight_q.data_ptr(), weight_scale._version, weight_scale.data_ptr(),
+                 None if bias is None else (bias._version, bias.data_ptr()))
+        with self._lock:
+            entry = self._packs.get(id(weight_q))
+            if entry is None:
+                entry = self._packs[id(weight_q)] = {}
+                weakref.finalize(weight_q, self._packs.pop, id(weight_q), None)
+            packed = entry.get(stamp)
+            if packed is None:
+                packed = _prepack(weight_q, weight_scale, bias, engine)
+                for stale in [k for k in entry if k[0] == engine]:
+                    del entry[stale]
+                entry[stamp] = packed
+        return packed
+
+    def __len__(self) -> int:
+        return sum(len(entry) for entry in self._packs.values())
+
+
+def _prepack(weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor], engine: str):
+    previous = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = engine
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantized tensor creation is deprecated; it is this engine's input format
+            qweight = torch._make_per_channel_quantized_tensor(
+                weight_q.detach(), weight_scale.detach().double(), torch.zeros(weight_q.shape[0], dtype=torch.long), 0
+            )
+            return torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float())
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+prepacked = _PrepackCache()
+
+
+def engine_available(engine: str) -> bool:
+    return engine in torch.backends.quantized.supported_engines
+
+
+def _qengine_fake(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor], activation: str, engine: str) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight_q.shape[0]))
+
+
+@custom_op("fxcompress::int8_linear_qengine", mutates_args=())
+def int8_linear_qengine(
+    x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor], activation: str, engine: str
+) -> Tensor:
+    """Dynamic W8A8 through a PyTorch quantized engine (CPU): ``x`` is quantized per tensor (u8,
+    asymmetric) at run time, ``W`` per output channel (the same ``W_q, s_w`` as ``int8_linear``)."""
+    _check_activation(activation)
+    if x.device.type != "cpu" or not engine_available(engine):
+        raise RuntimeError(
+            f"fxcompress::int8_linear_qengine runs on the CPU with a quantized engine this PyTorch build has "
+            f"({torch.backends.quantized.supported_engines}); got {x.device} and {engine!r}: re-run the int8 pass here"
+        )
+    packed = prepacked.get(weight_q, weight_scale, bias, engine)
+    rows = _as_rows(x).float().contiguous()
+    y = _activate(torch.ops.quantized.linear_dynamic(rows, packed, _reduce_range(engine)), activation)
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight_q.shape[0])
+
+
+int8_linear_qengine.register_fake(_qengine_fake)
 
 
 # --- FLOP formulas (the report counts MACs through FlopCounterMode) -------------------------------
@@ -153,7 +285,9 @@ def _linear_flops(x_shape, weight_shape) -> int:
     return 2 * rows * weight_shape[0] * weight_shape[1]
 
 
-@register_flop_formula([torch.ops.fxcompress.int8_linear, torch.ops.fxcompress.int8_weight_only_linear])
+@register_flop_formula([
+    torch.ops.fxcompress.int8_linear, torch.ops.fxcompress.int8_weight_only_linear, torch.ops.fxcompress.int8_linear_qengine
+])
 def _int8_linear_flop(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
     return _linear_flops(x_shape, weight_shape)
 

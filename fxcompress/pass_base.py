@@ -25,10 +25,13 @@ from .errors import PassConfigError, UnknownPassError
 
 @dataclass
 class PassContext:
-    """What a pass may read besides the graph: the example inputs it is verified on."""
+    """What a pass may read besides the graph: the example inputs it is verified on, the calibration
+    data (an iterable of batches, ``None``: the example inputs) and cached analyses of the graph."""
 
     args: tuple
     kwargs: dict
+    calibration: Any = None
+    analyses: dict = field(default_factory=dict)
 
     def run(self, module: torch.nn.Module) -> Any:
         return module(*self.args, **self.kwargs)

@@ -3,7 +3,9 @@
 A unit's score sums a per-index statistic over every parameter index it would remove:
 ``l1 = sum |w|``, ``l2 = sum w^2``, ``taylor = sum |w * dL/dw|`` (L = the given loss, or the sum
 of squares of all outputs, on the example inputs), ``bn_scale = sum |gamma|`` over BatchNorm
-weights (``l1`` for groups without BatchNorm), ``random`` a seeded uniform draw.
+weights (``l1`` for groups without BatchNorm), ``random`` a seeded uniform draw,
+``activation = sum ‖W[:, c]‖ · ‖x_c‖`` over the input channels ``c`` the unit removes from consumer
+layers, on calibration inputs (see ``_prune_compensate``; ``l1`` for groups no consumer reads).
 """
 
 from __future__ import annotations
@@ -20,15 +22,21 @@ from fxcompress import ir
 from fxcompress.pass_base import PassContext
 from fxcompress.passes._prune_graph import ChannelGraph, Group
 from fxcompress.passes._prune_graph import op_name
+from fxcompress.passes._prune_compensate import channel_importance, consumers
 
-IMPORTANCE = ("l1", "l2", "bn_scale", "taylor", "random")
+IMPORTANCE = ("l1", "l2", "bn_scale", "taylor", "random", "activation")
 
 
 def group_scores(
-    gm: fx.GraphModule, graph: ChannelGraph, method: str, ctx: PassContext, loss: Callable | None, seed: int
+    gm: fx.GraphModule, graph: ChannelGraph, method: str, ctx: PassContext, loss: Callable | None, seed: int,
+    statistics: dict | None = None, centered: bool = False,
 ) -> list[np.ndarray]:
-    """One score per prunable unit of every group (higher = more important)."""
+    """One score per prunable unit of every group (higher = more important).
+
+    ``statistics``: consumer input statistics by node name (for ``activation``); ``centered``: score
+    the fluctuation around the mean (the removed mean is compensated)."""
     grads = _gradients(gm, ctx, loss) if method == "taylor" else {}
+    consumer_nodes = consumers(gm) if method == "activation" else {}
     bn_weights = _bn_weight_targets(gm) if method == "bn_scale" else set()
     generator = np.random.default_rng(seed)
     cache: dict[tuple[str, int, str], np.ndarray] = {}
@@ -37,6 +45,11 @@ def group_scores(
         key = (target, dim, stat)
         if key not in cache:
             w = ir.get_attr(gm, target).detach().float()
+            if stat == "activation":
+                node = consumer_nodes.get(target)
+                known = dim == 1 and node is not None and node.name in statistics
+                cache[key] = channel_importance(w, statistics[node.name], centered) if known else np.zeros(w.shape[dim])
+                return cache[key]
             value = {"l1": w.abs(), "l2": w.square(), "taylor": (w * grads.get(target, torch.zeros_like(w))).abs()}
             other = [d for d in range(w.ndim) if d != dim]
             cache[key] = value[stat].sum(dim=other).numpy() if other else value[stat].numpy()
@@ -51,8 +64,18 @@ def group_scores(
         if method == "bn_scale":  # sum |gamma| = l1 restricted to BatchNorm weights
             targets = {t for s, (t, _) in graph.param_spaces.items() if s in group.spaces and t in bn_weights}
             stat = "l1"
+        if method == "activation" and not _read_by_consumer(group, graph, consumer_nodes, statistics):
+            stat = "l1"
         scores.append(np.array([_unit_score(unit, graph, per_index, stat, targets) for unit in group.units]))
     return scores
+
+
+def _read_by_consumer(group: Group, graph: ChannelGraph, consumer_nodes: dict, statistics: dict) -> bool:
+    for sid in group.spaces:
+        target, dim = graph.param_spaces.get(sid, (None, None))
+        if dim == 1 and target in consumer_nodes and consumer_nodes[target].name in statistics:
+            return True
+    return False
 
 
 def _unit_score(unit, graph: ChannelGraph, per_index, stat: str, only_targets: set | None) -> float:

@@ -11,17 +11,16 @@ from __future__ import annotations
 import functools
 import heapq
 import math
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
+from fxcompress import tuning
 from fxcompress.errors import PassConfigError
 
 
-def validate_options(config: Any, methods: Sequence[str]) -> None:
+def validate_options(config: Any, methods: Sequence[str], whitening: Sequence[str] = ()) -> None:
     """Check a ``LowRank`` configuration; normalise ``include``/``ignore`` to tuples of strings."""
     chosen = [n for n in ("rank", "energy", "target_macs") if getattr(config, n) is not None]
     if len(chosen) != 1:
@@ -40,6 +39,8 @@ def validate_options(config: Any, methods: Sequence[str]) -> None:
     _check_fraction("target_macs", config.target_macs, closed_top=False)
     if config.method not in methods:
         raise PassConfigError(f"low_rank method={config.method!r} is unknown; use one of {tuple(methods)}")
+    if getattr(config, "whiten", None) is not None and config.whiten not in whitening:
+        raise PassConfigError(f"low_rank whiten={config.whiten!r} is unknown; use None or one of {tuple(whitening)}")
     if isinstance(config.round_to, bool) or not isinstance(config.round_to, int) or config.round_to < 1:
         raise PassConfigError(f"low_rank round_to={config.round_to!r} must be an int >= 1, e.g. 8 (1: no rounding)")
     speedup = config.min_speedup
@@ -176,19 +177,8 @@ def _step_cost(hull: list[RankOption], at: int) -> float:
 
 
 def latency_ratio(
-    original: Callable[[], Any], factorized: Callable[[], Any], device: torch.device, warmup: int = 2, repeats: int = 9
+    original: Callable[[], Any], factorized: Callable[[], Any], device: torch.device, min_run_time: float = 0.05
 ) -> float:
-    """Median latency of ``original`` over that of ``factorized``, timed alternately so load hits both alike."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times: dict[Callable, list[float]] = {original: [], factorized: []}
-    with torch.no_grad():
-        for _ in range(warmup):
-            original(), factorized()
-        for _ in range(repeats):
-            for fn, samples in times.items():
-                sync()
-                start = time.perf_counter()
-                fn()
-                sync()
-                samples.append(time.perf_counter() - start)
-    return statistics.median(times[original]) / statistics.median(times[factorized])
+    """Median latency of ``original`` over that of ``factorized``, timed interleaved (``fxcompress.tuning.compare``)."""
+    timings = tuning.compare({"original": original, "factorized": factorized}, device, min_run_time)
+    return timings["original"].median_ms / timings["factorized"].median_ms

@@ -12,6 +12,11 @@ Weights become int8, symmetric per output channel: ``W ≈ s_w ⊙ W_q`` with
 A following ``relu``/``gelu`` is fused into the W8A8 epilogue: ``act(linear(...)) -> int8_linear(..., act)``.
 A 1×1 convolution is the same GEMM over channels:
 ``conv2d(x, W, b) -> permute(op(permute(x, NHWC), W_q, ...), NCHW)``.
+
+Which implementation each rewritten node runs (``torch._int_mm``, a quantized engine's prepacked
+linear, Triton, or the unrewritten float original) is measured on the machine at the node's real
+shapes and the fastest within the fidelity contract wins (``passes/_int8_lowering.py``); the
+candidates' timings are in the pass's ``details``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ from fxcompress import ir, selectors
 from fxcompress.errors import PassConfigError
 from fxcompress.pass_base import Pass, PassContext, PassResult, register_pass
 from fxcompress.verify import node_values
+from fxcompress.passes._gptq import gptq_quantize, layer_hessians, smoothed_hessian
+
+from ._int8_lowering import GemmProblem, Lowering, choose_lowering
 
 aten = torch.ops.aten
 fxops = torch.ops.fxcompress
@@ -94,12 +102,19 @@ class Int8(Pass):
     kept in float. ``min_weight_numel``: smaller weights stay float (per-token quantization and
     dequantization cost more than the int8 GEMM saves). ``activation_scales``: ``(layer, s_x)`` pairs from :func:`fxcompress.calibrate`,
     required by ``mode="static"``. ``fuse_activation``: fold a following relu/gelu into the epilogue.
-    ``fuse_siblings``: linears that read the same input run as one GEMM. ``allow_slower``: also
-    rewrite layers whose int8 form is known to be slower than float on their device (fp32
-    weight-only on the CPU); by default they stay float with the reason. ``smooth_alpha``
+    ``fuse_siblings``: linears that read the same input run as one GEMM. ``tune``: time every
+    candidate implementation of each node at its real shapes on this machine (cached per machine) and
+    use the fastest; ``tune=False`` uses the static table per CPU feature (``_int8_lowering``).
+    ``allow_slower``: the purpose is size — rewrite even where float measures faster (the fastest
+    int8 candidate is used; the report says if the model got slower). ``impl``: force one candidate
+    (``"int_mm"``, ``"qengine:fbgemm"``, ``"triton"``, ``"int8_weight_only"``, ...). ``error_factor``:
+    the fidelity contract — a candidate's output error may be at most this multiple of the mode's own
+    scheme (per-tensor engines vs per-token). ``tune_time_s``: timing per candidate. ``smooth_alpha``
     (dynamic W8A8 linears): SmoothQuant — migrate activation outliers into the weights with per-input-channel
     ``σ_j = max|X_j|^α / max|W_j|^(1−α)`` measured on the example inputs:
     ``x Wᵀ = (x / σ)(W · σ)ᵀ``, so ``x / σ`` quantizes per token with less error.
+    ``gptq``: round weights with GPTQ on the calibration inputs' Hessian ``XᵀX`` (``passes/_gptq.py``)
+    instead of to nearest; layers without a Hessian (too many input features) round to nearest.
     """
 
     name = "int8"
@@ -113,6 +128,11 @@ class Int8(Pass):
     fuse_siblings: bool = True
     allow_slower: bool = False
     smooth_alpha: float | None = None
+    tune: bool = True
+    impl: str | None = None
+    error_factor: float = 3.0
+    tune_time_s: float = 0.05
+    gptq: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -127,6 +147,10 @@ class Int8(Pass):
                 "int8: smooth_alpha needs mode='dynamic' (weight_only keeps activations float; static scales "
                 "are calibrated on unsmoothed activations)"
             )
+        if not (isinstance(self.error_factor, int | float) and self.error_factor >= 1.0):
+            raise PassConfigError(f"int8: error_factor must be a number >= 1 (1 = exactly the mode's scheme), not {self.error_factor!r}")
+        if not (isinstance(self.tune_time_s, int | float) and self.tune_time_s > 0):
+            raise PassConfigError(f"int8: tune_time_s must be > 0 seconds, not {self.tune_time_s!r}")
         if not isinstance(self.min_weight_numel, int) or self.min_weight_numel < 0:
             raise PassConfigError(f"int8: min_weight_numel must be an integer >= 0, not {self.min_weight_numel!r}")
         object.__setattr__(self, "activation_scales", self._checked_scales())
@@ -158,11 +182,18 @@ class Int8(Pass):
             else:
                 eligible.append(node)
         groups = self._sibling_groups(gm, eligible, scales)
-        activation_absmax = self._activation_absmax(gm, ctx, groups)
-        smoothing = [activation_absmax.get(g[0].args[0].name) for g in groups]  # before rewrites rename inputs
-        for group, absmax in zip(groups, smoothing):
-            result.details.extend(self._rewrite(gm, group, scales.get(layer_name(group[0])), absmax))
-            result.rewritten.extend(layer_name(n) for n in group)
+        values = self._input_values(gm, ctx, groups)
+        examples = [self._example(gm, group, values) for group in groups]  # before rewrites rename inputs
+        hessians = layer_hessians(gm, ctx, [g[0] for g in groups]) if self.gptq else {}
+        for group, example in zip(groups, examples):
+            hessian = hessians.get(group[0].name)
+            details, lowering = self._rewrite(gm, group, scales.get(layer_name(group[0])), example, hessian)
+            result.details.extend(details)
+            if lowering.candidate.op is None:
+                for node in group:
+                    result.skip(layer_name(node), f"kept float: {lowering.choice.reason} ({lowering.choice.timings_text() or 'not timed'})")
+            else:
+                result.rewritten.extend(layer_name(n) for n in group)
         result.changed = bool(result.rewritten)
         if result.changed:
             ir.finalize(gm)
@@ -178,9 +209,6 @@ class Int8(Pass):
         if weight.numel() < self.min_weight_numel:
             return (f"weight has {weight.numel()} elements < min_weight_numel={self.min_weight_numel}: "
                     "quantizing activations costs more than the int8 GEMM saves")
-        if self.mode == "weight_only" and weight.device.type == "cpu" and weight.dtype == torch.float32 and not self.allow_slower:
-            return ("weight_only on the CPU with fp32 activations would be slower than fp32 (ATen has no fast "
-                    "int8-weight x fp32 GEMM): use mode='dynamic', a bf16/fp16 model, or allow_slower=True")
         if self.mode == "static" and layer not in scales:
             return "no calibrated activation scale for this layer (calibrate on batches that reach it)"
         return ""
@@ -202,34 +230,79 @@ class Int8(Pass):
             groups.setdefault(key, []).append(node)
         return list(groups.values())
 
-    def _activation_absmax(self, gm: fx.GraphModule, ctx: PassContext, groups: list[list[fx.Node]]) -> dict[str, torch.Tensor]:
-        """Per-channel max|x| of each linear group's input on the example inputs (for ``smooth_alpha``)."""
-        if self.smooth_alpha is None:
-            return {}
-        inputs = {g[0].args[0].name for g in groups if g[0].target is LINEAR}
-        values = node_values(gm, ctx.args, ctx.kwargs, inputs)
-        return {name: v.abs().reshape(-1, v.shape[-1]).amax(0).float() for name, v in values.items()}
+    @staticmethod
+    def _input_values(gm: fx.GraphModule, ctx: PassContext, groups: list[list[fx.Node]]) -> dict[str, torch.Tensor]:
+        """The example values of every group's input and computed bias (the real shapes the lowering is timed at)."""
+        names = set()
+        for group in groups:
+            args = ir.call_arguments(group[0])
+            names.add(args["input"].name)
+            if isinstance(args["bias"], fx.Node) and args["bias"].op != "get_attr":
+                names.add(args["bias"].name)
+        return node_values(gm, ctx.args, ctx.kwargs, names)
 
     def _smoothing(self, weights: list[torch.Tensor], activation_absmax: torch.Tensor) -> torch.Tensor:
         weight_absmax = torch.stack([w.detach().abs().amax(0).float() for w in weights]).amax(0)
         sigma = activation_absmax.pow(self.smooth_alpha) / weight_absmax.pow(1 - self.smooth_alpha)
         return torch.where((activation_absmax > 0) & (weight_absmax > 0), sigma, torch.ones_like(sigma)).clamp(1e-5, 1e5)
 
-    def _rewrite(self, gm: fx.GraphModule, group: list[fx.Node], input_scale: float | None, activation_absmax=None) -> list[dict]:
+    def _example(self, gm: fx.GraphModule, group: list[fx.Node], values: dict) -> tuple:
+        """(input value, computed bias value or None, the ``float`` candidate) of a group on the example inputs."""
+        args = [ir.call_arguments(node) for node in group]
+        x_value = values[args[0]["input"].name]
+        bias = args[0]["bias"]
+        bias_value = values[bias.name] if len(group) == 1 and isinstance(bias, fx.Node) and bias.op != "get_attr" else None
+        return x_value, bias_value, self._float_run(gm, group, args, x_value, values)
+
+    def _rewrite(self, gm: fx.GraphModule, group: list[fx.Node], input_scale: float | None, example: tuple, hessian=None) -> tuple[list[dict], Lowering]:
         first = group[0]
         args = [ir.call_arguments(node) for node in group]
+        x_value, computed_bias, float_run = example
         weights = [ir.get_attr(gm, a["weight"].target) for a in args]
-        sigma = self._smoothing(weights, activation_absmax) if activation_absmax is not None else None
-        if sigma is not None:
+        sigma = None
+        if self.smooth_alpha is not None and first.target is LINEAR:
+            sigma = self._smoothing(weights, x_value.abs().reshape(-1, x_value.shape[-1]).amax(0).float())
             weights = [w * sigma.to(w.dtype) for w in weights]
-        quantized = [quantize_weight_per_channel(w.reshape(w.shape[0], -1)) for w in weights]
+        quantized = [quantize_weight_per_channel(w.reshape(w.shape[0], -1)) if hessian is None
+                     else gptq_quantize(w.reshape(w.shape[0], -1), smoothed_hessian(hessian, sigma)) for w in weights]
         weight_q = torch.cat([q for q, _ in quantized])
         weight_scale = torch.cat([s for _, s in quantized])
+        bias_value = computed_bias if computed_bias is not None else self._bias_value(gm, args, weights)
+        activation, output = self._fused_activation(first) if len(group) == 1 else ("none", first)
+        s_x = torch.tensor([input_scale]) if input_scale is not None else None
+        problem = GemmProblem(
+            device=x_value.device, x=x_value, op_args=self._op_args(s_x, weight_q, weight_scale, bias_value, activation),
+            float_run=float_run, prepare=self._prepare(first, sigma), finish=self._finish(first),
+            key={"op": "conv1x1" if first.target is CONV2D else "linear", "x": list(x_value.shape), "N": [w.shape[0] for w in weights],
+                 "dtype": str(x_value.dtype), "activation": activation, "bias": bias_value is not None, "smoothed": sigma is not None},
+        )
+        lowering = choose_lowering(self.mode, problem, tune=self.tune, allow_slower=self.allow_slower, impl=self.impl,
+                                   error_factor=self.error_factor, min_run_time=self.tune_time_s)
+        details = [
+            {
+                "layer": layer_name(node), "mode": self.mode, "op": "conv1x1" if node.target is CONV2D else "linear",
+                "weight_shape": tuple(w.shape), "fused_activation": activation, "gemm_group": len(group),
+                "weight_rel_error": relative_error(w.reshape(w.shape[0], -1), q, sc),
+                "smoothed": sigma is not None,
+                **({"rounding": "gptq" if hessian is not None else "nearest (no input Hessian)"} if self.gptq else {}),
+                **({"input_scale": input_scale} if input_scale is not None else {}),
+                **lowering.detail(),
+            }
+            for node, w, (q, sc) in zip(group, weights, quantized)
+        ]
+        if lowering.candidate.op is not None:
+            self._emit(gm, group, lowering, weights, (weight_q, weight_scale, s_x, sigma), activation, output)
+        return details, lowering
+
+    def _emit(self, gm, group, lowering, weights, tensors, activation, output) -> None:
+        first = group[0]
+        weight_q, weight_scale, s_x, sigma = tensors
+        args = [ir.call_arguments(node) for node in group]
         base = args[0]["weight"].target
         wq_node = ir.add_constant(gm, f"{base}_int8", weight_q, first)
         scale_node = ir.add_constant(gm, f"{base}_scale", weight_scale, first)
+        s_x_node = ir.add_constant(gm, f"{base}_input_scale", s_x, first) if s_x is not None else None
         bias = self._bias(gm, group, args, weights, first)
-        activation, output = self._fused_activation(first) if len(group) == 1 else ("none", first)
         x = args[0]["input"]
         with gm.graph.inserting_before(first):
             if first.target is CONV2D:
@@ -237,13 +310,8 @@ class Int8(Pass):
             if sigma is not None:
                 inverse = ir.add_constant(gm, f"{base}_smooth_inverse", sigma.reciprocal().to(weights[0].dtype), first)
                 x = _call(gm, aten.mul.Tensor, (x, inverse), first)
-            if self.mode == "dynamic":
-                gemm = _call(gm, fxops.int8_linear.default, (x, wq_node, scale_node, bias, activation), first)
-            elif self.mode == "static":
-                s_x = ir.add_constant(gm, f"{base}_input_scale", torch.tensor([input_scale]), first)
-                gemm = _call(gm, fxops.int8_linear_static.default, (x, s_x, wq_node, scale_node, bias, activation), first)
-            else:
-                gemm = _call(gm, fxops.int8_weight_only_linear.default, (x, wq_node, scale_node, bias), first)
+            op_args = self._op_args(s_x_node, wq_node, scale_node, bias, activation)
+            gemm = _call(gm, lowering.candidate.op, (x, *op_args, *lowering.candidate.extra_args), first)
             if first.target is CONV2D:
                 gemm = _call(gm, aten.permute.default, (gemm, [0, 3, 1, 2]), first)
             outputs = [gemm]
@@ -253,16 +321,50 @@ class Int8(Pass):
         (output if len(group) == 1 else first).replace_all_uses_with(outputs[0])
         for node, out in zip(group[1:], outputs[1:]):
             node.replace_all_uses_with(out)
-        return [
-            {
-                "layer": layer_name(node), "mode": self.mode, "op": "conv1x1" if node.target is CONV2D else "linear",
-                "weight_shape": tuple(w.shape), "fused_activation": activation, "gemm_group": len(group),
-                "weight_rel_error": relative_error(w.reshape(w.shape[0], -1), q, sc),
-                "smoothed": sigma is not None,
-                **({"input_scale": input_scale} if input_scale is not None else {}),
-            }
-            for node, w, (q, sc) in zip(group, weights, quantized)
-        ]
+
+    def _op_args(self, input_scale, weight_q, weight_scale, bias, activation) -> tuple:
+        """The op's arguments after ``x`` for this mode (graph nodes when emitting, tensors when timing)."""
+        if self.mode == "dynamic":
+            return weight_q, weight_scale, bias, activation
+        if self.mode == "static":
+            return input_scale, weight_q, weight_scale, bias, activation
+        return weight_q, weight_scale, bias
+
+    def _float_run(self, gm, group, args, x_value, values):
+        """The unrewritten nodes (and a fused activation) on the example input: the ``float`` candidate."""
+        def value(arg):
+            if isinstance(arg, fx.Node):
+                return ir.get_attr(gm, arg.target) if arg.op == "get_attr" else (x_value if arg is args[0]["input"] else values[arg.name])
+            return arg
+
+        calls = [(node.target, [value(a) for a in node.args], {k: value(v) for k, v in node.kwargs.items()}) for node in group]
+        activation, user = self._fused_activation(group[0]) if len(group) == 1 else ("none", group[0])
+        act = (lambda y: user.target(y, *user.args[1:], **user.kwargs)) if activation != "none" else (lambda y: y)
+        return lambda: tuple(act(target(*a, **k)) for target, a, k in calls)
+
+    @staticmethod
+    def _prepare(first: fx.Node, sigma):
+        permute = first.target is CONV2D
+        inverse = sigma.reciprocal() if sigma is not None else None
+
+        def prepare(x):
+            x = x.permute(0, 2, 3, 1) if permute else x
+            return x * inverse.to(x.dtype) if inverse is not None else x
+
+        return prepare
+
+    @staticmethod
+    def _finish(first: fx.Node):
+        return (lambda y: y.permute(0, 3, 1, 2)) if first.target is CONV2D else (lambda y: y)
+
+    @staticmethod
+    def _bias_value(gm, args: list[dict], weights: list):
+        if all(a["bias"] is None for a in args):
+            return None
+        return torch.cat([
+            ir.get_attr(gm, a["bias"].target).detach() if a["bias"] is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+            for a, w in zip(args, weights)
+        ])
 
     @staticmethod
     def _bias(gm: fx.GraphModule, group: list[fx.Node], args: list[dict], weights: list, before: fx.Node):

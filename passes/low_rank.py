@@ -14,6 +14,12 @@ For a layer with weight W and bias b:
   M[(c,i),(n,j)] = W[n,c,i,j] gives ``M ≈ (U_r S_r)(V_rᵀ)`` → k_h×1 conv C→r (U_r S_r) with the
   height stride/padding/dilation, then 1×k_w conv r→N (V_rᵀ, bias b) with the width ones.
 
+With ``whiten`` ("svd-llm" | "asvd") linear and pointwise layers are truncated where the
+calibration inputs need it least: the SVD is of ``W·S`` with ``S`` a root of the input statistics
+and ``Ŵ = U_r (U_rᵀ W)`` (see :mod:`fxcompress.passes._whitening`); the whitened spectrum is the
+layer's output error on the calibration data, so ranks and the ``target_macs`` budget follow it.
+k×k convs stay data-free (reported in ``details``).
+
 Ranks come from ``rank``, ``energy`` or a global ``target_macs`` budget (see
 :mod:`fxcompress.passes._rank_selection`). A layer is rewritten only when the factorized form has
 fewer MACs (and, with ``min_speedup``, is measured faster); every other layer is reported skipped.
@@ -34,6 +40,7 @@ from fxcompress.pass_base import Pass, PassContext, PassResult, register_pass
 from fxcompress.selectors import first_match
 from fxcompress.verify import node_values
 from fxcompress.passes import _rank_selection as rs
+from fxcompress.passes import _whitening
 
 _LINEAR = torch.ops.aten.linear.default
 _CONV_DIMS = {torch.ops.aten.conv1d.default: 1, torch.ops.aten.conv2d.default: 2}
@@ -58,7 +65,8 @@ class _Layer:
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     geometry: tuple[list[int], list[int], list[int]] | None
-    svds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    svds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None  # vh None: whitened basis
+    whitening: str = "none"
 
     @property
     def spectra(self) -> list[torch.Tensor]:
@@ -99,6 +107,8 @@ class LowRank(Pass):
     ``round_to``: ranks are rounded up to a multiple of it (capped at full rank).
     ``min_speedup``: if set, a layer is rewritten only when its measured CPU/GPU latency improves
     by at least this factor.
+    ``whiten``: None (spectrum of W alone), "svd-llm" (input Gram matrix, exact output error) or
+    "asvd" (activation-magnitude column scaling), on ``optimize(..., calibration=)`` data.
     ``include``/``ignore``: module selectors (:mod:`fxcompress.selectors`); ``*`` matches within one
     dotted segment, ``**`` across segments (``"encoder.layer.*.output.dense"`` does not match
     ``...attention.output.dense``); a selector covers the module and everything under it.
@@ -115,15 +125,18 @@ class LowRank(Pass):
     min_speedup: float | None = None
     include: tuple[str, ...] = ("**",)
     ignore: tuple[str, ...] = ()
+    whiten: str | None = None
 
     def __post_init__(self) -> None:
-        rs.validate_options(self, METHODS)
+        rs.validate_options(self, METHODS, _whitening.METHODS)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult(changed=False)
         layers = self._collect(gm, ctx, result)
         for layer in layers:
             layer.svds = _svds(layer.weight, layer.kind)
+        if self.whiten is not None:
+            _whitening.whiten_layers(gm, ctx, layers, self.whiten)
         for layer, ranks in zip(layers, self._choose_ranks(layers)):
             if ranks is None:
                 result.skip(layer.name, "target_macs budget met without it (other layers lose less energy per MAC)")
@@ -218,6 +231,10 @@ class LowRank(Pass):
             "macs_after": after,
             "rel_error": _relative_error(layer, stages),
         }
+        if self.whiten is not None:
+            row["whitening"] = layer.whitening
+            if layer.svds[0][2] is None:  # the discarded whitened energy: output error on the calibration data
+                row["output_rel_error"] = math.sqrt(max(rs.discarded_energy(layer.spectra[0], ranks[0]), 0.0))
         if self.min_speedup is not None:
             speedup = _measured_speedup(layer, stages)
             row["speedup"] = speedup
@@ -292,8 +309,12 @@ def factorize(
     pointwise = (ones, [0] * len(ones), ones)
     if kind in ("linear", "pointwise"):
         (u, s, vh), r = svds[0], ranks[0]
-        first = vh[:r].reshape(r, in_ch, *ones).to(dtype)
-        second = (u[:, :r] * s[:r]).reshape(out_ch, r, *ones).to(dtype)
+        if vh is None:  # a whitened output basis U: Ŵ = U_r (U_rᵀ W)
+            first, second = _whitening.basis_factors(weight.reshape(out_ch, in_ch), u, r)
+        else:
+            first, second = vh[:r], u[:, :r] * s[:r]
+        first = first.reshape(r, in_ch, *ones).to(dtype)
+        second = second.reshape(out_ch, r, *ones).to(dtype)
         if kind == "linear":
             return [Stage(first), Stage(second)]
         return [Stage(first, geometry), Stage(second, pointwise)]

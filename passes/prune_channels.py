@@ -27,6 +27,9 @@ from fxcompress.pass_base import Pass, PassContext, PassResult, register_pass
 from fxcompress.passes._prune_graph import ChannelGraph, analyze
 from fxcompress.passes._prune_importance import IMPORTANCE, choose_units, group_scores
 from fxcompress.passes._prune_rewrite import apply_pruning
+from fxcompress.passes import _prune_compensate as compensation
+from fxcompress.passes._prune_compensate import COMPENSATIONS
+from fxcompress.statistics import layer_statistics
 
 SCOPES = ("local", "global")
 MACS_SEARCH_STEPS = 8
@@ -47,6 +50,9 @@ class PruneChannels(Pass):
     (:mod:`fxcompress.selectors`: ``"classifier"`` also covers ``classifier.*``; ``"layer4.*.conv1"``)
     whose parameters stay untouched (node predicates are not plain data, so they are not accepted). ``taylor_loss``
     maps the model's outputs to a scalar for ``importance="taylor"`` (default: sum of squares).
+    ``importance="activation"`` scores channels by weight × input activation norm on the calibration
+    data; ``compensate`` ("bias" | "lstsq", ridge ``ridge``) rewrites the layers reading pruned channels
+    to reproduce their unpruned outputs on it (see ``_prune_compensate``).
     """
 
     name: ClassVar[str] = "prune_channels"
@@ -62,6 +68,8 @@ class PruneChannels(Pass):
     prune_outputs: bool = False
     taylor_loss: Callable[[Any], torch.Tensor] | None = None
     seed: int = 0
+    compensate: str | None = None
+    ridge: float = 1e-3
 
     def __post_init__(self) -> None:
         if isinstance(self.ignore, str) or isinstance(self.ignore, list):
@@ -87,13 +95,18 @@ class PruneChannels(Pass):
             raise PassConfigError(f"round_to={self.round_to!r} must be a positive int, e.g. 8")
         if not all(isinstance(p, str) for p in self.ignore):
             raise PassConfigError("ignore= takes module names or globs (strings), e.g. ('classifier', 'layer4.*')")
+        if self.compensate is not None and self.compensate not in COMPENSATIONS:
+            raise PassConfigError(f"compensate={self.compensate!r} is unknown; use None or one of {COMPENSATIONS}")
+        if isinstance(self.ridge, bool) or not isinstance(self.ridge, int | float) or not self.ridge >= 0:
+            raise PassConfigError(f"ridge={self.ridge!r} must be a number >= 0 (relative to the mean input energy), e.g. 1e-3")
         if self.taylor_loss is not None and not callable(self.taylor_loss):
             raise PassConfigError("taylor_loss must be a callable mapping the model outputs to a scalar tensor")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         graph = analyze(gm, self.ignore, self.prune_outputs)
         result = PassResult(changed=False, skipped=list(graph.blocked))
-        scores = group_scores(gm, graph, self.importance, ctx, self.taylor_loss, self.seed)
+        stats = self._statistics(gm, ctx)
+        scores = group_scores(gm, graph, self.importance, ctx, self.taylor_loss, self.seed, stats, self.compensate is not None)
         summary: dict[str, Any] = {"groups": len(graph.groups), "prunable_groups": sum(bool(g.units) for g in graph.groups)}
         if self.target_macs is None:
             ratio = self.ratio
@@ -103,12 +116,22 @@ class PruneChannels(Pass):
         chosen = choose_units(graph, scores, ratio, self.scope, self.max_ratio_per_group, self.round_to)
         removed = removed_indices(graph, chosen)
         result.details = [summary] + _group_details(graph, chosen)
+        compensations, rows = compensation.plan(gm, graph, removed, stats, self.compensate, self.ridge) if self.compensate else ([], [])
+        result.details += rows
         if removed:
             result.rewritten = apply_pruning(gm, graph, removed)
+            compensation.apply(gm, graph, removed, compensations)
             result.changed = True
         if ratio >= EXTREME_RATIO:
             _warn_extreme(ratio, result.details[1:], gm)
         return result
+
+    def _statistics(self, gm: fx.GraphModule, ctx: PassContext) -> dict:
+        """Input statistics of the layers reading prunable channels, if importance or compensation needs them."""
+        if self.importance != "activation" and self.compensate is None:
+            return {}
+        layers = list(compensation.consumers(gm).values())
+        return layer_statistics(gm, ctx, layers, gram=self.compensate == "lstsq")
 
     def _search_ratio(self, gm, graph: ChannelGraph, scores, ctx: PassContext) -> tuple[float, int, int]:
         """Smallest ratio whose pruned model has at most ``target_macs`` of the original MACs."""

@@ -97,7 +97,7 @@ def test_optimized_module_compiles_with_inductor_without_graph_breaks():
 def test_int8_pass_lowers_to_custom_op_in_compiled_graph():
     make_model, make_inputs = ZOO["transformer_encoder"]
     model, inputs = make_model(), make_inputs()
-    recorder = GraphRecorder(passes=[*fxcompress.DEFAULT_PASSES, fxcompress.passes.Int8(min_weight_numel=0)])
+    recorder = GraphRecorder(passes=[*fxcompress.DEFAULT_PASSES, fxcompress.passes.Int8(min_weight_numel=0, impl="int_mm")])
     compiled = torch.compile(model, backend=recorder)
     with torch.no_grad():
         assert fidelity(model(*inputs), compiled(*inputs)).cosine > 0.9999

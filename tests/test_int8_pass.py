@@ -18,7 +18,9 @@ INT8_OPS = {
     torch.ops.fxcompress.int8_linear.default,
     torch.ops.fxcompress.int8_linear_static.default,
     torch.ops.fxcompress.int8_weight_only_linear.default,
+    torch.ops.fxcompress.int8_linear_qengine.default,
 }
+SCHEME_IMPL = {"dynamic": "int_mm", "static": "int_mm", "weight_only": "int8_weight_only"}
 aten = torch.ops.aten
 
 
@@ -31,6 +33,8 @@ def _int8_nodes(gm) -> int:
 
 
 def _optimize(model, inputs, **options):
+    """The rewrite structure, independent of this machine's timings: the mode's own CPU kernel unless told."""
+    options.setdefault("impl", SCHEME_IMPL[options.get("mode", "dynamic")])
     return fxcompress.optimize(model, inputs, passes=[Int8(**options)], report=False)
 
 
@@ -158,7 +162,7 @@ def test_quantize_per_token_op_round_trips():
 
 def test_flop_counter_counts_int8_ops(encoder):
     model, inputs = encoder
-    gm = fxcompress.optimize(model, inputs, passes=[Int8(min_weight_numel=0)], report=fxcompress.ReportConfig(latency=False))
+    gm = fxcompress.optimize(model, inputs, passes=[Int8(min_weight_numel=0, impl="int_mm")], report=fxcompress.ReportConfig(latency=False))
     input_row, int8_row = gm.report.rows
     assert int8_row["macs"] == input_row["macs"] > 0
 
@@ -194,7 +198,7 @@ def test_transformers_bert_model():
     torch.manual_seed(0)
     model = transformers.BertModel(config).eval()
     inputs = {"input_ids": torch.randint(0, 500, (2, 24)), "attention_mask": torch.ones(2, 24, dtype=torch.long)}
-    gm = fxcompress.optimize(model, inputs, passes=[Int8(min_weight_numel=0, skip=["pooler.*"])], report=False)
+    gm = fxcompress.optimize(model, inputs, passes=[Int8(min_weight_numel=0, skip=["pooler.*"], impl="int_mm")], report=False)
     assert _int8_nodes(gm) == 8  # q/k/v share one GEMM per layer
     assert fidelity(model(**inputs).last_hidden_state, gm(**inputs).last_hidden_state).cosine > 0.9999
 
@@ -210,12 +214,15 @@ def test_sibling_linears_share_one_gemm(encoder):
     assert fidelity(model(*inputs), gm(*inputs)).cosine > 0.9999
 
 
-def test_fp32_weight_only_on_cpu_stays_float_unless_allowed(encoder):
+def test_fp32_weight_only_on_cpu_stays_float_by_the_static_table_unless_allowed(encoder):
     model, inputs = encoder
-    gm = _optimize(model, inputs, mode="weight_only", min_weight_numel=0)
+    gm = _optimize(model, inputs, mode="weight_only", min_weight_numel=0, impl=None, tune=False)
     skipped = gm.report.results["int8"].skipped
     assert _int8_nodes(gm) == 0 and len(skipped) == 13
-    assert all("slower than fp32" in reason for _, reason in skipped)
+    assert all(reason.startswith("kept float: static rule") for _, reason in skipped)
+    assert {d["impl"] for d in gm.report.results["int8"].details} == {"float"}
+    allowed = _optimize(model, inputs, mode="weight_only", min_weight_numel=0, impl=None, tune=False, allow_slower=True)
+    assert _int8_nodes(allowed) == 9
 
 
 def test_bf16_weight_only_uses_int8_weights():

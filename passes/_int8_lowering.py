@@ -1,0 +1,181 @@
+"""How an int8 GEMM node lowers: the candidate implementations, their fidelity contract, the static table.
+
+Families (``fxcompress.tuning``) and their candidates — each candidate is a custom op (or the float
+original) the pass can emit as one graph node:
+
+* ``int8_linear_dynamic`` (per-token W8A8): ``float`` (the unrewritten ``aten.linear``/``conv2d``),
+  ``int_mm`` (CPU: ``fxcompress::int8_linear`` = ``torch._int_mm`` + ATen quantize/dequantize),
+  ``triton`` (CUDA: the same op, Triton kernels), ``qengine:<engine>`` (CPU:
+  ``fxcompress::int8_linear_qengine``, PyTorch's FBGEMM/x86/oneDNN/QNNPACK prepacked dynamic linear,
+  activations quantized per tensor);
+* ``int8_linear_static`` (calibrated W8A8): ``float``, ``int_mm``, ``triton``;
+* ``int8_weight_only`` (W8A16): ``float``, ``int8_weight_only`` (``fxcompress::int8_weight_only_linear``).
+
+Fidelity contract: a candidate may be chosen when its output error on the node's real input
+(``‖y − y_float‖ / ‖y_float‖``) is at most ``error_factor`` × the error of the scheme the mode
+documents (per-token or calibrated W8A8 as ``int_mm``/``triton`` compute it), so a per-tensor engine
+cannot be picked where activation outliers make it much worse.
+
+Static table (``tune=False``; CPU features from ``/proc/cpuinfo``):
+
+| device / CPU feature | dynamic | static | weight_only |
+|---|---|---|---|
+| CUDA | triton | triton | int8_weight_only (Triton) |
+| AVX512_VNNI, AVX_VNNI or AMX-INT8 | int_mm (oneDNN VNNI s8·s8) | int_mm | float (ATen int8-weight GEMMs lose to fp32/bf16 GEMMs) |
+| AVX2 without VNNI | qengine:fbgemm (u8·s8 AVX2 kernels) | float (no fast s8·s8 path) | float |
+| no AVX2 (e.g. ARM) | qengine:qnnpack if built, else float | float | float |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from fxcompress import int8_ops, tuning
+
+fxops = torch.ops.fxcompress
+FAMILIES = {"dynamic": "int8_linear_dynamic", "static": "int8_linear_static", "weight_only": "int8_weight_only"}
+SCHEME = {"cpu": "int_mm", "cuda": "triton"}  # the candidate computing exactly what the mode documents
+
+
+@dataclass
+class GemmProblem:
+    """One int8 GEMM node at its real shapes: the op input ``x``, the op's tensor arguments, the float original.
+
+    ``op_args(extra)`` are the op's arguments after ``x`` (weights, scales, bias, activation);
+    ``prepare``/``finish`` map the node's input to the op's input and back (identity for linears,
+    NHWC permutes and SmoothQuant's ``x / σ`` otherwise); ``float_run`` computes the unrewritten nodes.
+    """
+
+    device: torch.device
+    x: torch.Tensor
+    op_args: tuple
+    float_run: Callable[[], Any]
+    prepare: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+    finish: Callable[[torch.Tensor], Any] = lambda y: y
+    key: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OpCandidate(tuning.Candidate):
+    """A candidate lowered to ``op(x, *problem.op_args, *extra_args)``; ``op=None`` keeps the float original."""
+
+    op: Any = None
+    extra_args: tuple = ()
+
+
+def _op_candidate(name: str, op, extra_args: tuple = (), available=lambda p: True) -> OpCandidate:
+    def run(problem: GemmProblem):
+        return problem.finish(op(problem.prepare(problem.x), *problem.op_args, *extra_args))
+
+    return OpCandidate(name=name, run=run, available=available, op=op, extra_args=extra_args)
+
+
+def _on(device_type: str) -> Callable[[GemmProblem], bool]:
+    return lambda problem: problem.device.type == device_type
+
+
+def _float_candidate() -> OpCandidate:
+    return OpCandidate(name="float", run=lambda problem: problem.float_run())
+
+
+def _engine_available(engine: str) -> Callable[[GemmProblem], bool]:
+    return lambda problem: problem.device.type == "cpu" and int8_ops.engine_available(engine)
+
+
+def _has(*flags: str) -> bool:
+    return bool(set(flags) & set(tuning.cpu_description()[1]))
+
+
+def _dynamic_rule(problem: GemmProblem, names: list[str]) -> str:
+    if problem.device.type == "cuda":
+        preferred = ["triton"]
+    elif _has("avx512_vnni", "avx_vnni", "amx_int8"):
+        preferred = ["int_mm"]
+    elif _has("avx2"):
+        preferred = ["qengine:fbgemm", "qengine:x86"]
+    else:
+        preferred = ["qengine:qnnpack"]
+    return next((n for n in preferred if n in names), "float")
+
+
+def _static_rule(problem: GemmProblem, names: list[str]) -> str:
+    fast = problem.device.type == "cuda" or _has("avx512_vnni", "avx_vnni", "amx_int8")
+    scheme = SCHEME.get(problem.device.type, "float")
+    return scheme if fast and scheme in names else "float"
+
+
+def _weight_only_rule(problem: GemmProblem, names: list[str]) -> str:
+    return "int8_weight_only" if problem.device.type == "cuda" and "int8_weight_only" in names else "float"
+
+
+def _register() -> None:
+    dynamic, static, weight_only = (tuning.family(FAMILIES[m], rule) for m, rule in
+                                    (("dynamic", _dynamic_rule), ("static", _static_rule), ("weight_only", _weight_only_rule)))
+    for fam in (dynamic, static, weight_only):
+        tuning.register_candidate(fam.name, _float_candidate())
+    for device, name in SCHEME.items():
+        tuning.register_candidate(dynamic.name, _op_candidate(name, fxops.int8_linear.default, available=_on(device)))
+        tuning.register_candidate(static.name, _op_candidate(name, fxops.int8_linear_static.default, available=_on(device)))
+    for engine in int8_ops.QUANTIZED_ENGINES:
+        tuning.register_candidate(dynamic.name, _op_candidate(
+            f"qengine:{engine}", fxops.int8_linear_qengine.default, (engine,), available=_engine_available(engine)))
+    tuning.register_candidate(weight_only.name, _op_candidate("int8_weight_only", fxops.int8_weight_only_linear.default))
+
+
+_register()
+
+
+def relative_error(output, reference) -> float:
+    """``‖y − y_ref‖ / ‖y_ref‖``; a tuple ``reference`` (sibling linears) is compared as one concatenated GEMM."""
+    if isinstance(reference, tuple):
+        reference = torch.cat(reference, -1) if len(reference) > 1 else reference[0]
+    output, reference = output.double(), reference.double()
+    return ((output - reference).norm() / reference.norm().clamp(min=1e-30)).item()
+
+
+@dataclass(frozen=True)
+class Lowering:
+    """The chosen candidate for one node, with everything the report shows about the choice."""
+
+    candidate: OpCandidate
+    choice: tuning.Choice
+    errors: dict[str, float]
+    rejected: dict[str, str]
+
+    def detail(self) -> dict:
+        return {
+            "impl": self.candidate.name,
+            "chosen_by": self.choice.reason + (" (cached)" if self.choice.cached else ""),
+            "timings": self.choice.timings_text() or "-",
+            "output_rel_error": self.errors.get(self.candidate.name),
+            **({"rejected": "; ".join(f"{n}: {why}" for n, why in self.rejected.items())} if self.rejected else {}),
+        }
+
+
+def choose_lowering(mode: str, problem: GemmProblem, *, tune: bool, allow_slower: bool, impl: str | None,
+                    error_factor: float, min_run_time: float) -> Lowering:
+    """Check every available candidate against the fidelity contract, then time (or look up) the rest."""
+    family = tuning.family(FAMILIES[mode])
+    available = [c for c in family.candidates.values() if c.available(problem)]
+    with torch.no_grad():
+        reference = problem.float_run()
+        errors = {c.name: relative_error(c.run(problem), reference) for c in available if c.name != "float"}
+    scheme = "int8_weight_only" if mode == "weight_only" else SCHEME.get(problem.device.type)
+    budget = max(error_factor * errors.get(scheme, min(errors.values(), default=0.0)), 1e-6)
+    errors["float"] = 0.0
+    rejected = {n: f"output error {e:.2g} > {error_factor:g}x the {mode} scheme's {budget / error_factor:.2g}"
+                for n, e in errors.items() if e > budget}
+    names = [c.name for c in available if c.name not in rejected]
+    if impl is not None:
+        names = [n for n in names if n == impl]
+    elif allow_slower:
+        names = [n for n in names if n != "float"] or names
+    if not names:
+        reason = rejected.get(impl) or f"{impl!r} is not available here ({[c.name for c in available]})"
+        return Lowering(family.candidates["float"], tuning.Choice("float", f"impl={impl!r}: {reason}"), errors, rejected)
+    key = {**problem.key, "mode": mode, "candidates": sorted(names)}
+    choice = tuning.choose(family.name, problem, names, key, tune=tune, min_run_time=min_run_time)
+    return Lowering(family.candidates[choice.impl], choice, errors, rejected)

@@ -1,0 +1,63 @@
+"""Data-aware truncation for ``low_rank``: SVD of the weight times a square root of the input statistics.
+
+With the calibration inputs as rows of ``X`` (tokens × K) and any ``S`` with ``S Sᵀ = XᵀX``, the
+output error of a replacement ``Ŵ`` is ``‖(W − Ŵ) Xᵀ‖_F² = tr((W−Ŵ) XᵀX (W−Ŵ)ᵀ) = ‖(W − Ŵ) S‖_F²``.
+So the best rank-r ``Ŵ`` on the data is the truncated SVD of ``W S = U Σ Vᵀ`` mapped back:
+``Ŵ = U_r Σ_r V_rᵀ S⁻¹`` (SVD-LLM), and the output error is exactly ``Σ_{i>r} σ_i²``.
+
+Because ``U_r Σ_r V_rᵀ = U_r U_rᵀ (W S)``, the same ``Ŵ`` is ``U_r (U_rᵀ W)``: the two factors are
+``U_rᵀ W`` (r × K) and ``U_r`` (N × r), with no inverse of ``S`` — so a singular ``XᵀX`` (inputs in a
+subspace) needs no damping. ``S`` comes from the eigendecomposition ``XᵀX = Q Λ Qᵀ``, ``S = Q Λ^½``.
+
+* ``svd-llm``: ``S`` from the full Gram matrix (exact); when the layer only has diagonal statistics
+  (too many input features) ``S = diag(‖x_j‖)``, exact only for uncorrelated input features.
+* ``asvd``: ``S = diag(mean|x_j|^α)``, α = ½ (ASVD's activation-aware column scaling).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fxcompress.statistics import InputStatistics, layer_statistics
+
+METHODS = ("svd-llm", "asvd")
+ASVD_ALPHA = 0.5
+
+
+def input_root(stats: InputStatistics, method: str) -> tuple[torch.Tensor, str]:
+    """``S`` (K×K, or a K-vector for a diagonal ``S``) and a description of the whitening used."""
+    if method == "asvd":
+        return (stats.channel_abs / max(stats.positions, 1)).pow(ASVD_ALPHA), "asvd"
+    if stats.gram is None:
+        return stats.channel_sq.sqrt(), f"diagonal ({stats.reason})"
+    eigenvalues, eigenvectors = torch.linalg.eigh(stats.gram)
+    return eigenvectors * eigenvalues.clamp(min=0).sqrt(), "svd-llm"
+
+
+def whitened_svd(weight: torch.Tensor, root: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, σ)`` of ``W S`` in float64; the rank-r replacement is ``U_r (U_rᵀ W)``."""
+    w = weight.double()
+    scaled = w * root.double() if root.dim() == 1 else w @ root.double()
+    u, sigma, _ = torch.linalg.svd(scaled, full_matrices=False)
+    return u, sigma
+
+
+def basis_factors(weight: torch.Tensor, basis: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U_rᵀ W, U_r)``: the first (r × K) and second (N × r) factor of ``Ŵ = U_r U_rᵀ W``."""
+    u_r = basis[:, :rank]
+    return u_r.T @ weight.double(), u_r
+
+
+def whiten_layers(gm, ctx, layers: list, method: str) -> None:
+    """Replace the spectra of ``low_rank``'s linear/pointwise layers by those of ``W·S``; note how each was treated."""
+    gemm_kinds = ("linear", "pointwise")
+    stats = layer_statistics(gm, ctx, [layer.node for layer in layers if layer.kind in gemm_kinds], gram=method == "svd-llm")
+    for layer in layers:
+        if layer.kind not in gemm_kinds:
+            layer.whitening = "none (k×k conv: factorized data-free)"
+        elif layer.node.name not in stats:
+            layer.whitening = "none (not executed on the calibration data)"
+        else:
+            root, layer.whitening = input_root(stats[layer.node.name], method)
+            u, sigma = whitened_svd(layer.weight.reshape(layer.weight.shape[0], -1), root)
+            layer.svds = [(u, sigma, None)]
