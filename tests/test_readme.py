@@ -27,7 +27,17 @@ pytestmark = pytest.mark.slow
 
 
 def blocks(language: str) -> list[str]:
-    return [code for lang, code in BLOCK.findall(README.read_text()) if lang == language]
+    """The README's code blocks in ``language``, except those marked ``<!-- README-... -->``, which
+    have a test of their own (e.g. tests/test_readme_data_aware.py)."""
+    text = README.read_text()
+    return [m.group(2) for m in BLOCK.finditer(text)
+            if m.group(1) == language and not text[:m.start()].rstrip().endswith("-->")]
+
+
+def namespaces(codes: list[str], base: dict) -> list[tuple[str, dict]]:
+    """Blocks continue the quickstart's namespace (its ``model``/``x``), except a later block that starts
+    with ``import torch``: a standalone example, run in a fresh namespace."""
+    return [(code, {} if i > 0 and code.lstrip().startswith("import torch") else base) for i, code in enumerate(codes)]
 
 
 def command_lines() -> list[str]:
@@ -52,8 +62,8 @@ def test_python_examples_run_as_written(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an example that warns is an example that surprises
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        for code in blocks("python"):
-            exec(compile(code, str(README), "exec"), namespace)  # noqa: S102
+        for code, scope in namespaces(blocks("python"), namespace):
+            exec(compile(code, str(README), "exec"), scope)  # noqa: S102
     assert (tmp_path / "model.pt2").exists()
     assert namespace["restored"].report.rows == namespace["compressed"].report.rows
     assert namespace["student"].report.rows[-1]["stage"] == "recover"
