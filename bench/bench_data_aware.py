@@ -95,7 +95,7 @@ def measured_rows() -> dict[tuple, dict]:
     return {(r["model"], r["family"], r["variant"]): r for r in rows}
 
 
-def run_minilm(resume: bool = False, timing: bool = True) -> tuple[list[dict], dict]:
+def run_minilm(resume: bool = False, timing: bool = True, measured_only: bool = False) -> tuple[list[dict], dict]:
     from distill_minilm import load_minilm
 
     teacher, tokenizer = load_minilm()
@@ -106,6 +106,8 @@ def run_minilm(resume: bool = False, timing: bool = True) -> tuple[list[dict], d
     for family, variant, compression in minilm_variants():
         if ("all-MiniLM-L6-v2", family, variant) in done:
             rows.append(done[("all-MiniLM-L6-v2", family, variant)])
+            continue
+        if measured_only:
             continue
         started = time.perf_counter()
         student = fxcompress.optimize(teacher, example, passes=[compression], calibration=calibration, report=False)
@@ -218,6 +220,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=["minilm", "digits", "calibration-time"])
     parser.add_argument("--resume", action="store_true", help=f"reuse the MiniLM rows already in {PARTIAL.name}")
+    parser.add_argument("--measured-only", action="store_true", help="with --resume: only tabulate rows already measured")
     parser.add_argument("--no-timing", action="store_true", help="skip the calibration timing (see --only calibration-time)")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -234,7 +237,7 @@ def main() -> None:
         return
     rows, extra = [], {}
     if args.only in (None, "minilm"):
-        minilm_rows, extra = run_minilm(args.resume, timing=not args.no_timing)
+        minilm_rows, extra = run_minilm(args.resume, timing=not args.no_timing, measured_only=args.measured_only)
         rows += minilm_rows
     if args.only in (None, "digits"):
         rows += run_digits()
