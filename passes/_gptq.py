@@ -32,20 +32,19 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, damp: float = DAM
     w[:, dead] = 0.0
     h.diagonal().add_(damp * h.diagonal().mean())
     inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    codes = torch.zeros_like(w)
-    columns = w.shape[1]
-    for start in range(0, columns, block):
-        end = min(start + block, columns)
-        w_block, errors = w[:, start:end].clone(), torch.zeros(w.shape[0], end - start, dtype=w.dtype)
-        h_block = inverse[start:end, start:end]
+    # rows of the transposed weight are the columns GPTQ walks: contiguous updates
+    columns_t, codes = w.T.contiguous(), torch.zeros(w.shape[1], w.shape[0], dtype=w.dtype)
+    for start in range(0, columns_t.shape[0], block):
+        end = min(start + block, columns_t.shape[0])
+        block_t, h_block = columns_t[start:end].clone(), inverse[start:end, start:end]
+        errors = torch.zeros_like(block_t)
         for i in range(end - start):
-            column = w_block[:, i]
-            code = torch.round(column / scale).clamp(-127, 127)
-            codes[:, start + i] = code
-            error = (column - code * scale) / h_block[i, i]
-            w_block[:, i:] -= error[:, None] * h_block[i, i:][None, :]
-            errors[:, i] = error
-        w[:, end:] -= errors @ inverse[start:end, end:]
+            code = torch.round(block_t[i] / scale).clamp_(-127, 127)
+            codes[start + i] = code
+            errors[i] = (block_t[i] - code * scale) / h_block[i, i]
+            block_t[i:].addr_(h_block[i, i:], errors[i], alpha=-1)
+        columns_t[end:] -= inverse[start:end, end:].T @ errors
+    codes = codes.T
     return codes.to(torch.int8), scale.float()
 
 

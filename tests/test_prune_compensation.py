@@ -20,9 +20,10 @@ from fxcompress.verify import node_values
 class ConvNet(nn.Module):
     """conv → BN → ReLU → 3×3 conv; the last conv's outputs are the model's, so only its inputs are pruned."""
 
-    def __init__(self):
+    def __init__(self, bias: bool = True):
         super().__init__()
-        self.conv1, self.bn, self.conv2 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Conv2d(16, 8, 3, padding=1)
+        self.conv1, self.bn = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 8, 3, padding=1, bias=bias)  # without a bias, compensation adds one
 
     def forward(self, x):
         return self.conv2(torch.relu(self.bn(self.conv1(x))))
@@ -40,10 +41,10 @@ def output_error(gm, model, batches) -> float:
         return sum((gm(x) - model(x)).square().sum().item() for x in batches)
 
 
-@pytest.fixture(scope="module")
-def conv_case():
+@pytest.fixture(scope="module", params=[True, False], ids=["bias", "no_bias"])
+def conv_case(request):
     torch.manual_seed(0)
-    model = init_batch_norm_statistics(ConvNet()).eval()
+    model = init_batch_norm_statistics(ConvNet(bias=request.param)).eval()
     return model, [torch.randn(4, 3, 10, 10) for _ in range(3)]
 
 
