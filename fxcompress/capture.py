@@ -22,6 +22,7 @@ from torch.export import Dim
 from torch.utils import _pytree as pytree
 
 from .errors import CaptureError, FxCompressWarning, InferenceOnlyError, InvalidInputError
+from .hf import cache_hint, without_kv_cache
 from .quiet import quiet, stderr_kept_on_success, third_party_quiet
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -101,7 +102,7 @@ def eval_copy(model: torch.nn.Module, *, warn: bool = True) -> torch.nn.Module:
             "statistics, no dropout). Call model.eval() first to silence this.",
             FxCompressWarning, stacklevel=4,  # the user's call (through the @quiet wrapper)
         )
-    return copy.deepcopy(model).eval()
+    return without_kv_cache(copy.deepcopy(model).eval(), warn=warn)
 
 
 def inference_only(gm: torch.nn.Module) -> torch.nn.Module:
@@ -217,7 +218,7 @@ def _capture_message(failed_in: str, exc: Exception) -> str:
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return (
         f"could not capture the model: torch.export failed inside module {failed_in}: "
-        f"{type(exc).__name__}: {first_line}\n"
+        f"{type(exc).__name__}: {first_line}{cache_hint(exc)}\n"
         "What you can do: make that module's forward traceable (no data-dependent Python control "
         "flow on tensor values — use torch.where/torch.cond; no .item()/.tolist() on traced tensors; "
         "no in-place assignment into inputs), or wrap it as a torch.library custom op so it is kept "

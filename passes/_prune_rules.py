@@ -34,6 +34,7 @@ def apply_rule(node: fx.Node, b: Builder) -> None:
         for n in inputs + outputs:
             b.freeze_node(n, f"unsupported op {name} (node {node.name})", unknown=True)
         return
+    b.begin_rule()
     rule(node, b, inputs, outputs)
     b.freeze_untouched(inputs + outputs, name)
 
@@ -79,11 +80,20 @@ def permute(node, b: Builder, inputs, outputs):
 
 
 def expand(node, b: Builder, inputs, outputs):
-    pointwise(node, b, [node.args[0]], outputs)
+    """Kept dims are channels; a dim broadcast from size 1 (``repeat_kv``'s query heads per key/value
+    head) holds copies, so it may lose indices with its consumers (the size constant follows)."""
+    x, out = node.args[0], outputs[0]
+    pointwise(node, b, [x], outputs)
+    offset = b.ndim(out) - b.ndim(x)
+    for d in range(b.ndim(out)):
+        if d < offset or b.size(x, d - offset) == 1:
+            b.release(out, d)
 
 
 def reduction(node, b: Builder, inputs, outputs):
-    """Reduced dims (mean, softmax, pooling windows) stay whole; the others are channels."""
+    """Kept dims are channels. Reduced dims stay whole, except for ``sum`` (zeroed channels add
+    nothing) and ``mean`` (the pruned model averages over the kept channels, as LayerNorm does:
+    RMSNorm's mean of squares)."""
     x, out = node.args[0], outputs[0]
     n = b.ndim(x)
     name = op_name(node)
@@ -100,9 +110,39 @@ def reduction(node, b: Builder, inputs, outputs):
     for d in range(n):
         if d in reduced:
             out_dim += keep_dims
+            if name in ("aten.sum", "aten.mean"):
+                b.release(x, d)
+            if name == "aten.mean" and b.space(x, d) is not None:
+                b.normalized.add(b.space(x, d))
             continue
         b.identity(x, d, out, out_dim)
         out_dim += 1
+
+
+def repeat_interleave(node, b: Builder, inputs, outputs):
+    """``out[.., j, ..] = x[.., j // r, ..]`` (key/value heads repeated for their query heads)."""
+    x, out, repeats = node.args[0], outputs[0], arg(node, "repeats")
+    dim = arg(node, "dim")
+    if not isinstance(repeats, int) or dim is None:
+        return
+    dim %= b.ndim(x)
+    for d in range(b.ndim(x)):
+        if d != dim:
+            b.identity(x, d, out, d)
+        elif isinstance(b.size(out, d), int):
+            b.map(out, d, x, d, np.arange(b.size(out, d)), np.arange(b.size(out, d)) // repeats)
+
+
+def repeat(node, b: Builder, inputs, outputs):
+    """``x.repeat(r_0, .., r_n)`` tiles: ``out[.., j, ..] = x[.., j % size, ..]``."""
+    x, out, repeats = node.args[0], outputs[0], list(node.args[1])
+    offset = len(repeats) - b.ndim(x)
+    for d in range(b.ndim(x)):
+        size, times = b.size(x, d), repeats[d + offset]
+        if times == 1:
+            b.identity(x, d, out, d + offset)
+        elif isinstance(size, int) and isinstance(times, int):
+            b.map(out, d + offset, x, d, np.arange(size * times), np.arange(size * times) % size)
 
 
 def cat(node, b: Builder, inputs, outputs):
@@ -298,8 +338,10 @@ def group_norm(node, b: Builder, inputs, outputs):
 
 
 def embedding(node, b: Builder, inputs, outputs):
+    """The vocabulary (dim 0) stays whole; a table tied to an output projection (LM head) stays whole."""
     w, indices, out = node.args[0], node.args[1], outputs[0]
-    b.identity(w, 1, out, -1)
+    if not b.shared_attr(w):
+        b.identity(w, 1, out, -1)
     for d in range(b.ndim(indices)):
         b.identity(indices, d, out, d)
 
@@ -315,6 +357,11 @@ def sdpa(node, b: Builder, inputs, outputs):
     for t in (q, k, v):
         for j in range(3, min(b.ndim(t), b.ndim(out)) + 1):
             b.identity(t, -j, out, -j)
+    heads, kv_heads = b.size(q, -3) if b.ndim(q) > 2 else None, b.size(k, -3) if b.ndim(k) > 2 else None
+    if arg(node, "enable_gqa", False) and isinstance(heads, int) and isinstance(kv_heads, int) and heads != kv_heads:
+        # grouped-query attention: query head h reads key/value head h // (heads / kv_heads)
+        b.identity(k, -3, v, -3)
+        b.map(q, -3, k, -3, np.arange(heads), np.arange(heads) // (heads // kv_heads))
     b.identity(q, -2, out, -2)
     b.identity(k, -2, v, -2)
     b.identity(v, -1, out, -1)
@@ -340,7 +387,7 @@ def creation(node, b: Builder, inputs, outputs):
             b.release(x, d)
 
 
-POINTWISE = """add sub rsub mul div true_divide neg abs pow sqrt rsqrt exp log log1p erf reciprocal square
+POINTWISE = """add sub rsub mul div true_divide neg abs pow sqrt rsqrt exp log log1p erf reciprocal square cos sin
 relu relu_ relu6 gelu gelu_ silu silu_ sigmoid sigmoid_ tanh tanh_ hardswish hardswish_ hardsigmoid
 hardsigmoid_ hardtanh hardtanh_ leaky_relu leaky_relu_ elu elu_ selu mish softplus clamp clamp_
 clamp_min clamp_max maximum minimum where masked_fill dropout feature_dropout alpha_dropout clone
@@ -366,6 +413,8 @@ RULES = {
     "aten.transpose": permute,
     "aten.t": permute,
     "aten.expand": expand,
+    "aten.repeat_interleave": repeat_interleave,
+    "aten.repeat": repeat,
     "aten.cat": cat,
     "aten.stack": stack,
     "aten.split": split,

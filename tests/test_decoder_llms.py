@@ -1,0 +1,180 @@
+"""Decoder-only LMs (Llama, MQA-Llama, Qwen2, Mistral, Phi-3, GPT-2; tiny random configs) through
+capture with their default config and every registered pass; attention-aware pruning (KV groups,
+fused projections) proven by mask equivalence and by the head structure of the pruned weights."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from fxcompress import ir
+from fxcompress.capture import capture
+from fxcompress.errors import FxCompressWarning
+from fxcompress.manager import PassManager
+from fxcompress.pass_base import PassContext, make_pass, registered_passes
+from fxcompress.passes.low_rank import LowRank
+from fxcompress.passes.prune_channels import PruneChannels
+from tests import llm_zoo
+from tests.test_prune_channels import graph_mask_equivalence
+
+FAMILIES = sorted(llm_zoo.FAMILIES)
+PASS_OPTIONS = {  # options that make each pass rewrite something on a tiny model
+    "prune_channels": dict(ratio=0.5),
+    "low_rank": dict(rank=0.25),
+    "int8": dict(min_weight_numel=0, tune=False, allow_slower=True),
+}
+
+
+@pytest.fixture(scope="module")
+def captured():
+    """family -> (model, example inputs, captured graph); each family is captured once."""
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            model, inputs = llm_zoo.build(family), llm_zoo.tokens()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FxCompressWarning)
+                cache[family] = (model, inputs, capture(model, inputs))
+        return cache[family]
+
+    return get
+
+
+def logits(module, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return module(**inputs).logits
+
+
+def test_default_config_with_kv_cache_is_captured_without_it():
+    model = llm_zoo.build("llama")
+    assert model.config.use_cache
+    inputs = llm_zoo.tokens()
+    with pytest.warns(FxCompressWarning, match="use_cache=False"):
+        gm = capture(model, inputs)
+    assert model.config.use_cache, "the user's model is not mutated"
+    out = gm(**inputs)
+    assert out.past_key_values is None
+    torch.testing.assert_close(out.logits, logits(model, inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_explicit_use_cache_true_names_the_fix():
+    from fxcompress.errors import CaptureError
+
+    model = llm_zoo.build("gpt2")
+    with pytest.raises(CaptureError, match="pass use_cache=False"):
+        capture(model, {**llm_zoo.tokens(), "use_cache": True})
+
+
+@pytest.mark.parametrize("pass_name", sorted(registered_passes()))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_pass_on_every_family(captured, family, pass_name):
+    model, inputs, graph = captured(family)
+    gm = copy.deepcopy(graph)
+    the_pass = make_pass(pass_name, **PASS_OPTIONS.get(pass_name, {}))
+    records = PassManager([the_pass]).run(gm, PassContext((), inputs))  # verified: structure, shapes, lossless error
+    if pass_name in PASS_OPTIONS:
+        assert records[0].result.changed, records[0].result.summary()
+    assert logits(gm, inputs).shape == logits(model, inputs).shape
+    shapes = [llm_zoo.tokens(batch=3, seed=1)]
+    if not isinstance(next(n for n in gm.graph.nodes if n.op == "placeholder").meta["val"].shape[1], int):
+        shapes.append(llm_zoo.tokens(batch=1, length=5, seed=2))  # the sequence length is dynamic
+    for other in shapes:
+        got, expected = logits(gm, other), logits(model, other)
+        assert got.shape == expected.shape and torch.isfinite(got).all()
+        if the_pass.lossless:
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruning_is_mask_equivalent(captured, family):
+    _, inputs, graph = captured(family)
+    error, n_removed = graph_mask_equivalence(graph, PassContext((), inputs), ratio=0.5)
+    assert n_removed > 0
+    assert error < 1e-4
+
+
+def kept_rows(original: torch.Tensor, pruned: torch.Tensor) -> list[int]:
+    """Indices of ``original``'s rows that survive in ``pruned`` (random weights: rows are unique)."""
+    distance = torch.cdist(pruned.float(), original.float())
+    return [int(i) for i in distance.argmin(1)]
+
+
+def kept_heads(rows: list[int], head_dim: int, first_row: int = 0) -> list[int]:
+    """Head indices of kept rows; fails on a split head."""
+    heads = sorted({(r - first_row) // head_dim for r in rows})
+    assert sorted(r - first_row for r in rows) == [h * head_dim + d for h in heads for d in range(head_dim)], "split head"
+    return heads
+
+
+ATTENTION = {  # family -> (q rows, k rows, v rows) of layer 0's projections as (attribute, first row)
+    "llama": ("model.layers.0.self_attn.{}_proj.weight", None),
+    "mqa": ("model.layers.0.self_attn.{}_proj.weight", None),
+    "qwen2": ("model.layers.0.self_attn.{}_proj.weight", None),
+    "mistral": ("model.layers.0.self_attn.{}_proj.weight", None),
+    "phi3": (None, "model.layers.0.self_attn.qkv_proj.weight"),
+}
+
+
+def attention_heads(model, gm, family) -> tuple[list[int], list[int], list[int]]:
+    """Kept query, key and value heads of layer 0."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    separate, fused = ATTENTION[family]
+    if separate:
+        names = {p: separate.format(p) for p in "qkv"}
+        rows = {p: kept_rows(ir.get_attr(model, names[p]), ir.get_attr(gm, names[p])) for p in "qkv"}
+        return tuple(kept_heads(rows[p], head_dim) for p in "qkv")
+    rows = kept_rows(ir.get_attr(model, fused), ir.get_attr(gm, fused))
+    bounds = [0, heads * head_dim, (heads + kv_heads) * head_dim, (heads + 2 * kv_heads) * head_dim]
+    parts = [[r for r in rows if lo <= r < hi] for lo, hi in zip(bounds, bounds[1:])]
+    return tuple(kept_heads(part, head_dim, lo) for part, lo in zip(parts, bounds))
+
+
+@pytest.mark.parametrize("family", sorted(ATTENTION))
+def test_gqa_pruning_keeps_whole_kv_groups(captured, family):
+    model, inputs, graph = captured(family)
+    gm = copy.deepcopy(graph)
+    keep_hidden = PruneChannels(ratio=0.5, ignore=("model.embed_tokens",))  # whole rows stay comparable
+    PassManager([keep_hidden]).run(gm, PassContext((), inputs))
+    q, k, v = attention_heads(model, gm, family)
+    heads, kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
+    group = heads // kv_heads
+    assert len(q) < heads, "query heads were pruned"
+    assert k == v, "a key head and its value head go together"
+    assert len(q) % len(k) == 0, "num_key_value_groups stays an integer"
+    if kv_heads > 1:  # whole groups: a kept KV head keeps all its query heads
+        assert q == [kv * group + r for kv in k for r in range(group)]
+    else:  # one shared KV head: query heads are pruned, the KV head stays
+        assert k == [0]
+    assert logits(gm, llm_zoo.tokens(batch=3, seed=1)).shape == (3, 8, llm_zoo.VOCAB)
+
+
+def test_gpt2_heads_are_pruned_alike_in_q_k_v_and_the_vocabulary_is_kept(captured):
+    model, inputs, graph = captured("gpt2")
+    gm = copy.deepcopy(graph)
+    PassManager([PruneChannels(ratio=0.5)]).run(gm, PassContext((), inputs))
+    weight = "transformer.h.0.attn.c_attn.weight"  # Conv1D: [in, 3 * hidden] columns q | k | v
+    columns = kept_rows(ir.get_attr(model, weight).T, ir.get_attr(gm, weight).T)
+    parts = [kept_heads([c for c in columns if lo <= c < lo + 32], 8, lo) for lo in (0, 32, 64)]
+    assert parts[0] == parts[1] == parts[2] and len(parts[0]) == 2
+    assert ir.get_attr(gm, "lm_head.weight").shape == (llm_zoo.VOCAB, 32), "tied embedding / LM head kept whole"
+
+
+def test_low_rank_and_int8_rewrite_conv1d_projections(captured):
+    model, inputs, graph = captured("gpt2")
+    conv1d = {f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    gm = copy.deepcopy(graph)
+    result = PassManager([LowRank(rank=0.25)]).run(gm, PassContext((), inputs))[0].result
+    assert conv1d <= set(result.rewritten)
+    assert not any(n.target is torch.ops.aten.addmm.default for n in gm.graph.nodes)
+    row = next(d for d in result.details if d["layer"] == "transformer.h.0.mlp.c_fc")
+    assert (row["full_rank"], row["rank"]) == (32, 8)
+    gm = copy.deepcopy(graph)
+    result = PassManager([make_pass("int8", **PASS_OPTIONS["int8"])]).run(gm, PassContext((), inputs))[0].result
+    assert conv1d <= set(result.rewritten)
+    torch.testing.assert_close(logits(gm, inputs), logits(model, inputs), rtol=0.05, atol=0.05)
