@@ -178,3 +178,63 @@ def test_low_rank_and_int8_rewrite_conv1d_projections(captured):
     result = PassManager([make_pass("int8", **PASS_OPTIONS["int8"])]).run(gm, PassContext((), inputs))[0].result
     assert conv1d <= set(result.rewritten)
     torch.testing.assert_close(logits(gm, inputs), logits(model, inputs), rtol=0.05, atol=0.05)
+
+
+class GroupedQueryAttention(torch.nn.Module):
+    """GQA written three ways: repeat_kv (expand + reshape), repeat_interleave, sdpa(enable_gqa=True)."""
+
+    def __init__(self, form: str, dim=32, heads=4, kv_heads=2, head_dim=12):
+        super().__init__()
+        self.form, self.heads, self.kv_heads, self.head_dim = form, heads, kv_heads, head_dim
+        self.q = torch.nn.Linear(dim, heads * head_dim)
+        self.k, self.v = (torch.nn.Linear(dim, kv_heads * head_dim) for _ in range(2))
+        self.o = torch.nn.Linear(heads * head_dim, dim)
+        self.out = torch.nn.Linear(dim, 3)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, -1, self.head_dim).transpose(1, 2)
+        k, v = (m(x).view(b, n, -1, self.head_dim).transpose(1, 2) for m in (self.k, self.v))
+        group = self.heads // self.kv_heads
+        if self.form == "repeat_kv":
+            k, v = (t[:, :, None].expand(b, self.kv_heads, group, n, self.head_dim).reshape(b, -1, n, self.head_dim) for t in (k, v))
+        elif self.form == "repeat_interleave":
+            k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3, enable_gqa=self.form == "enable_gqa")
+        return self.out(self.o(y.transpose(1, 2).reshape(b, n, -1)))
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+@pytest.mark.parametrize("form", ["repeat_kv", "repeat_interleave", "enable_gqa"])
+def test_gqa_forms_prune_mask_equivalently(form, kv_heads):
+    model, x = GroupedQueryAttention(form, kv_heads=kv_heads).eval(), torch.randn(2, 5, 32)
+    gm = capture(model, (x,))
+    error, n_removed = graph_mask_equivalence(gm, PassContext((x,), {}), ratio=0.5)
+    assert n_removed > 0 and error < 1e-4
+    PassManager([PruneChannels(ratio=0.5)]).run(gm, PassContext((x,), {}))
+    q_rows, k_rows = ir.get_attr(gm, "q.weight").shape[0], ir.get_attr(gm, "k.weight").shape[0]
+    assert q_rows % 12 == 0 and k_rows % 12 == 0 and (q_rows // 12) % (k_rows // 12) == 0
+    assert gm(torch.randn(3, 5, 32)).shape == (3, 5, 3)
+
+
+class RMSNormMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)
+        self.weight = torch.nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(self.weight * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+def test_rmsnorm_over_pruned_channels_matches_narrow_model():
+    """A mean over pruned channels (RMSNorm's mean of squares) is the mean over the kept ones, as in LayerNorm."""
+    model, x = RMSNormMLP().eval(), torch.randn(4, 6)
+    gm = capture(model, (x,))
+    PassManager([PruneChannels(ratio=0.5)]).run(gm, PassContext((x,), {}))
+    keep = kept_rows(model.a.weight, ir.get_attr(gm, "a.weight"))
+    assert len(keep) == 4
+    h = torch.nn.functional.linear(x, model.a.weight[keep], model.a.bias[keep])
+    narrow = model.weight[keep] * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(gm(x), torch.nn.functional.linear(narrow, model.b.weight[:, keep], model.b.bias))
