@@ -6,6 +6,7 @@ runs verified rewrite passes on it and returns a smaller/faster ``GraphModule`` 
 
 from . import int8_ops  # noqa: F401  (registers the fxcompress:: custom ops)
 from .api import DEFAULT_PASSES, optimize
+from .apply import apply_to_model
 from .calibrate import calibrate
 from .capture import capture
 from .distill import distill
@@ -28,6 +29,6 @@ from . import passes  # noqa: E402,F401  (registers the built-in passes; fxcompr
 __all__ = [
     "DEFAULT_PASSES", "CaptureError", "FxCompressError", "InvalidInputError", "IRDumper", "Instrumentation",
     "Pass", "PassConfigError", "PassContext", "PassManager", "PassResult", "PassTimer", "Report",
-    "ReportConfig", "UnknownPassError", "VerificationError", "backend", "calibrate", "capture", "distill", "load", "make_pass", "optimize",
+    "ReportConfig", "UnknownPassError", "VerificationError", "apply_to_model", "backend", "calibrate", "capture", "distill", "load", "make_pass", "optimize",
     "register_pass", "registered_passes", "save",
 ]

@@ -10,9 +10,9 @@ import warnings
 import pytest
 import torch
 
-from fxcompress import ir
+from fxcompress import apply_to_model, ir
 from fxcompress.capture import capture
-from fxcompress.errors import FxCompressWarning
+from fxcompress.errors import FxCompressWarning, InvalidInputError
 from fxcompress.manager import PassManager
 from fxcompress.pass_base import PassContext, make_pass, registered_passes
 from fxcompress.passes.low_rank import LowRank
@@ -238,3 +238,49 @@ def test_rmsnorm_over_pruned_channels_matches_narrow_model():
     h = torch.nn.functional.linear(x, model.a.weight[keep], model.a.bias[keep])
     narrow = model.weight[keep] * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
     torch.testing.assert_close(gm(x), torch.nn.functional.linear(narrow, model.b.weight[:, keep], model.b.bias))
+
+
+def greedy_without_cache(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    sequence = prompt
+    with torch.no_grad():
+        for _ in range(steps):
+            following = model(input_ids=sequence, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, following], 1)
+    return sequence
+
+
+def generate(model, prompt: torch.Tensor, steps: int = 20) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(prompt, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, use_cache=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_graph_applied_to_the_model_generates_with_its_kv_cache(captured, family):
+    model, inputs, graph = captured(family)
+    gm = copy.deepcopy(graph)
+    PassManager([PruneChannels(ratio=0.5)]).run(gm, PassContext((), inputs))
+    pruned = apply_to_model(gm, model)
+    assert type(pruned) is type(model) and ir.get_attr(model, "lm_head.weight").shape[1] == 32, "the user's model is untouched"
+    assert sum(p.numel() for p in pruned.parameters()) < 0.8 * sum(p.numel() for p in model.parameters())
+    torch.testing.assert_close(logits(pruned, inputs), logits(gm, inputs), rtol=1e-5, atol=1e-5)
+    prompt = inputs["input_ids"][:1, :4]
+    assert torch.equal(generate(pruned, prompt), greedy_without_cache(pruned, prompt, 20))
+
+
+def test_lossless_pipeline_generates_the_original_greedy_tokens():
+    import fxcompress
+
+    model, inputs = llm_zoo.build("llama"), llm_zoo.tokens()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FxCompressWarning)
+        gm = fxcompress.optimize(model, inputs, report=False)
+    prompt = inputs["input_ids"][:1, :4]
+    assert torch.equal(generate(apply_to_model(gm, model), prompt), generate(model, prompt))
+
+
+def test_apply_to_model_refuses_tensors_it_has_no_place_for(captured):
+    model, inputs, graph = captured("llama")
+    gm = copy.deepcopy(graph)
+    PassManager([LowRank(rank=0.25)]).run(gm, PassContext((), inputs))
+    with pytest.raises(InvalidInputError, match="low_rank/int8"):
+        apply_to_model(gm, model)
