@@ -34,6 +34,14 @@ def apply_to_model(gm: fx.GraphModule, model: torch.nn.Module) -> torch.nn.Modul
             f"{', ...' if len(foreign) > 4 else ''}): layers rewritten by low_rank/int8/fold_bn cannot be applied "
             "back to the module yet. Apply a pipeline of eliminate_identity/prune_channels, or use the graph itself."
         )
+    present = {id(aliases[name]) for name in graph_tensors}  # one holder list per tensor, shared by its aliases
+    dropped = sorted(name for name, _ in result.named_parameters() if id(aliases[name]) not in present)
+    if dropped:
+        raise InvalidInputError(
+            f"apply_to_model: the graph no longer reads the model's parameters {', '.join(dropped[:4])}"
+            f"{', ...' if len(dropped) > 4 else ''} (folded or removed by a pass); the module would still apply them. "
+            "Apply a pipeline of eliminate_identity/prune_channels, or use the graph itself."
+        )
     for name, value in graph_tensors.items():
         for owner, leaf in aliases[name]:
             old = getattr(owner, leaf)

@@ -284,3 +284,12 @@ def test_apply_to_model_refuses_tensors_it_has_no_place_for(captured):
     PassManager([LowRank(rank=0.25)]).run(gm, PassContext((), inputs))
     with pytest.raises(InvalidInputError, match="low_rank/int8"):
         apply_to_model(gm, model)
+
+
+def test_apply_to_model_refuses_a_graph_that_dropped_parameters():
+    import fxcompress
+
+    model, x = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval(), torch.randn(2, 3, 8, 8)
+    gm = fxcompress.optimize(model, (x,), ["fold_bn"], report=False)
+    with pytest.raises(InvalidInputError, match="1.weight"):
+        apply_to_model(gm, model)
