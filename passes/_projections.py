@@ -22,6 +22,8 @@ aten = torch.ops.aten
 LINEAR = aten.linear.default
 _MATMULS = (aten.addmm.default, aten.mm.default, aten.matmul.default)
 _TRANSPOSES = (aten.t.default, aten.transpose.int, aten.permute.default)
+_LAYOUT = {f"aten.{op}" for op in "t transpose permute view reshape contiguous to _to_copy clone".split()}
+_BATCHED_GEMMS = {"aten.bmm", "aten.matmul", "aten.einsum", "aten.baddbmm", "aten._grouped_mm"}
 
 
 def is_projection(node: fx.Node) -> bool:
@@ -78,3 +80,29 @@ def _swaps_2d(node: fx.Node) -> bool:
 def _shape(node: fx.Node) -> tuple:
     value = ir.get_attr(node.graph.owning_module, node.target)
     return tuple(value.shape) if isinstance(value, torch.Tensor) else ()
+
+
+def batched_weight_readers(gm: fx.GraphModule) -> list[tuple[str, str]]:
+    """(parameter, op) for stored weights of 3+ dims read by a batched GEMM (bmm/matmul/einsum/grouped_mm)
+    or a custom op: the expert GEMMs of mixture-of-experts layers (``[experts, N, K]``)."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        value = ir.get_attr(gm, node.target)
+        if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.ndim >= 3):
+            continue
+        for user in _through_layout(node):
+            name = str(getattr(user.target, "overloadpacket", user.target))
+            if user.op == "call_function" and (name in _BATCHED_GEMMS or not name.startswith("aten.")):
+                found.append((node.target, name))
+    return found
+
+
+def _through_layout(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node``, looking through transposes, views and casts."""
+    readers = []
+    for user in node.users:
+        name = str(getattr(user.target, "overloadpacket", ""))
+        readers += _through_layout(user) if name in _LAYOUT else [user]
+    return readers

@@ -35,7 +35,7 @@ from fxcompress.pass_base import Pass, PassContext, PassResult, register_pass
 from fxcompress.verify import node_values
 
 from ._int8_lowering import GemmProblem, Lowering, choose_lowering
-from ._projections import gemm_arguments, is_projection, weight_matrix
+from ._projections import batched_weight_readers, gemm_arguments, is_projection, weight_matrix
 
 aten = torch.ops.aten
 fxops = torch.ops.fxcompress
@@ -179,6 +179,8 @@ class Int8(Pass):
                 result.skip(layer_name(node), problem)
             else:
                 eligible.append(node)
+        for weight, op in batched_weight_readers(gm):
+            result.skip(weight, f"batched (mixture-of-experts) weights read by {op} stay float: only 2-D projections become int8 GEMMs")
         groups = self._sibling_groups(gm, eligible, scales)
         values = self._input_values(gm, ctx, groups)
         examples = [self._example(gm, group, values) for group in groups]  # before rewrites rename inputs

@@ -41,7 +41,7 @@ from fxcompress.selectors import first_match
 from fxcompress.verify import node_values
 from fxcompress.passes import _rank_selection as rs
 from fxcompress.passes import _whitening
-from fxcompress.passes._projections import gemm_arguments, is_projection, weight_matrix
+from fxcompress.passes._projections import batched_weight_readers, gemm_arguments, is_projection, weight_matrix
 from fxcompress.statistics import LAYER_OPS, layer_statistics
 
 _LINEAR = torch.ops.aten.linear.default
@@ -135,6 +135,8 @@ class LowRank(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult(changed=False)
         layers = self._collect(gm, ctx, result)
+        for weight, op in batched_weight_readers(gm):
+            result.skip(weight, f"batched (mixture-of-experts) weights read by {op} are not factorized")
         for layer in layers:
             layer.svds = _svds(layer.weight, layer.kind)
         if self.whiten is not None:

@@ -63,3 +63,11 @@ def build(family: str, seed: int = 0) -> torch.nn.Module:
 def tokens(batch: int = 2, length: int = 8, seed: int = 0) -> dict:
     generator = torch.Generator().manual_seed(seed)
     return {"input_ids": torch.randint(3, VOCAB, (batch, length), generator=generator)}
+
+
+def mixtral():
+    """Mixture of experts: a router picks 2 of 4 experts per token; expert weights are [E, N, K] tensors."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(**{**COMMON, "num_hidden_layers": 1}, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    return MixtralForCausalLM(config)

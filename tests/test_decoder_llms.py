@@ -293,3 +293,19 @@ def test_apply_to_model_refuses_a_graph_that_dropped_parameters():
     gm = fxcompress.optimize(model, (x,), ["fold_bn"], report=False)
     with pytest.raises(InvalidInputError, match="1.weight"):
         apply_to_model(gm, model)
+
+
+def test_mixture_of_experts_int8_and_low_rank_name_the_expert_weights_left_float():
+    model, inputs = llm_zoo.mixtral().eval(), llm_zoo.tokens()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = capture(model, inputs)
+    for the_pass in (make_pass("int8", **PASS_OPTIONS["int8"]), LowRank(rank=0.25)):
+        trial = copy.deepcopy(gm)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = PassManager([the_pass]).run(trial, PassContext((), inputs))[0].result
+        assert result.changed
+        assert logits(trial, inputs).shape == logits(model, inputs).shape
+        experts = [reason for target, reason in result.skipped if "experts" in target]
+        assert experts, f"{the_pass.name} says why the expert weights were left alone: {result.skipped}"
