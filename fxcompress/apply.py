@@ -15,11 +15,12 @@ weights, folded BatchNorm) is refused with the names, until those layers get mod
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 import torch.fx as fx
 
-from .errors import InvalidInputError
+from .errors import FxCompressWarning, InvalidInputError
 
 
 def apply_to_model(gm: fx.GraphModule, model: torch.nn.Module) -> torch.nn.Module:
@@ -107,21 +108,56 @@ def _fit_attention(module: torch.nn.Module) -> None:
 
 
 def _fit_config(model: torch.nn.Module) -> None:
-    """A Hugging Face config describes the model when every layer was pruned alike; otherwise refused."""
+    """The HF config follows the new sizes where every layer agrees (``scope='local'`` prunes equal groups
+    equally), so ``save_pretrained`` + ``from_pretrained`` rebuild the pruned model."""
     config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "num_attention_heads"):
+    if config is None or not hasattr(config, "to_dict"):
         return
-    layers = [m for m in model.modules() if hasattr(m, "qkv_proj") and hasattr(m, "head_dim")]
-    if not layers:
-        return
-    sizes = {m.qkv_proj.out_features // m.head_dim for m in layers}
-    heads_per_kv = config.num_attention_heads // config.num_key_value_heads
-    if len(sizes) != 1:
+    found: dict[str, set[int]] = {}
+    for module in model.modules():
+        for field, value in _config_sizes(module):
+            found.setdefault(field, set()).add(value)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(embeddings, torch.nn.Embedding):
+        found["hidden_size"] = {embeddings.embedding_dim}
+    differing = sorted(field for field, values in found.items() if len(values) > 1)
+    width = found.pop("attention_width", None)  # GPT-2 ties its attention width to hidden_size
+    hidden = found.get("hidden_size", {getattr(config, "hidden_size", None)})
+    if width is not None and width != hidden:
+        differing.append("attention width vs hidden_size")
+    if any(hasattr(m, "qkv_proj") for m in model.modules()) and {"num_attention_heads", "num_key_value_heads"} & set(differing):
         raise InvalidInputError(
-            f"apply_to_model: the layers' fused qkv projections were pruned to different sizes ({sorted(sizes)} heads); "
-            "the config describes one head count. Prune every layer alike (scope='local')."
+            "apply_to_model: the layers' fused qkv projections were pruned to different head counts; the model "
+            "slices them by its config's single head count. Prune every layer alike (scope='local')."
         )
-    kv_heads = sizes.pop() // (heads_per_kv + 2)
-    config.num_attention_heads, config.num_key_value_heads = kv_heads * heads_per_kv, kv_heads
-    for m in layers:
-        m.num_key_value_heads = kv_heads
+    for field, values in found.items():
+        if len(values) == 1 and (hasattr(config, field) or field == "head_dim"):  # HF reads head_dim if set
+            setattr(config, field, values.pop())
+    if differing:
+        warnings.warn(
+            f"fxcompress: layers differ in {', '.join(differing)}, which the config holds once; the returned model "
+            "runs, but save_pretrained/from_pretrained cannot rebuild it. Prune every layer alike (scope='local').",
+            FxCompressWarning, stacklevel=3,
+        )
+
+
+def _config_sizes(module: torch.nn.Module) -> list[tuple[str, int]]:
+    """(config field, size) pairs one attention or MLP module implies."""
+    head_dim, sizes = getattr(module, "head_dim", None), []
+    if isinstance(head_dim, int) and hasattr(module, "q_proj") and hasattr(module, "k_proj"):
+        sizes += [("num_attention_heads", module.q_proj.out_features // head_dim),
+                  ("num_key_value_heads", module.k_proj.out_features // head_dim), ("head_dim", head_dim)]
+    elif isinstance(head_dim, int) and hasattr(module, "qkv_proj"):
+        group = module.num_key_value_groups
+        kv_heads = module.qkv_proj.out_features // head_dim // (group + 2)
+        module.num_key_value_heads = kv_heads
+        sizes += [("num_attention_heads", kv_heads * group), ("num_key_value_heads", kv_heads), ("head_dim", head_dim)]
+    elif isinstance(head_dim, int) and hasattr(module, "c_attn"):
+        sizes += [("num_attention_heads", module.num_heads), ("attention_width", module.split_size)]
+    if hasattr(module, "gate_proj") and hasattr(module, "up_proj"):
+        sizes.append(("intermediate_size", module.up_proj.out_features))
+    elif hasattr(module, "gate_up_proj"):
+        sizes.append(("intermediate_size", module.gate_up_proj.out_features // 2))
+    elif hasattr(module, "c_fc") and hasattr(module.c_fc, "nf"):
+        sizes.append(("n_inner", module.c_fc.nf))
+    return sizes
