@@ -18,12 +18,14 @@ from .errors import FxCompressWarning
 
 
 def without_kv_cache(model: torch.nn.Module, *, warn: bool = True) -> torch.nn.Module:
-    """Set ``config.use_cache = False`` on ``model`` (a capture copy) if it is on; warn once saying so."""
+    """Set ``config.use_cache = False`` on ``model`` (a capture copy) if it is on; warn once for a model that
+    generates (a causal LM would have returned its cache)."""
     config = getattr(model, "config", None)
     if not _is_hf_config(config) or not getattr(config, "use_cache", False):
         return model
     config.use_cache = False
-    if warn:
+    generates = getattr(config, "is_decoder", False) or (hasattr(model, "can_generate") and model.can_generate())
+    if warn and generates:  # encoders (BERT) carry use_cache=True for decoder use only: nothing changes for them
         warnings.warn(
             f"fxcompress: {type(model).__name__} is captured with use_cache=False: the graph returns the same "
             "logits without a KV cache (past_key_values=None). Set model.config.use_cache = False first to "
