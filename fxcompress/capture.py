@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import types
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.export import Dim
 from torch.utils import _pytree as pytree
 
 from .errors import CaptureError, FxCompressWarning, InferenceOnlyError, InvalidInputError
 from .hf import cache_hint, without_kv_cache
 from .quiet import quiet, stderr_kept_on_success, third_party_quiet
+from .shapes import EXPORT, PINNED, auto_dynamic_shapes, install_guard_errors, summarize, widen_size_one
+from .verify import default_rtol, fidelity, output_signature
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -52,15 +52,6 @@ class ExampleInputs:
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in pytree.tree_leaves((self.args, self.kwargs)) if isinstance(t, torch.Tensor)]
-
-    def batch_dynamic_shapes(self, model: torch.nn.Module) -> dict:
-        """``dynamic_shapes`` (by forward-argument name) marking dim 0 of every input tensor dynamic."""
-
-        def spec(leaf: Any) -> Any:
-            return {0: Dim.AUTO} if isinstance(leaf, torch.Tensor) and leaf.ndim > 0 else None
-
-        bound = inspect.signature(model.forward).bind(*self.args, **self.kwargs)
-        return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
 
     def run(self, module: torch.nn.Module) -> Any:
         return module(*self.args, **self.kwargs)
@@ -171,41 +162,101 @@ class _ModuleTracker:
             handle.remove()
 
 
+@dataclass
+class _Attempt:
+    """One way to call export: on which inputs, with which ``dynamic_shapes``, and what a static dim then means."""
+
+    inputs: ExampleInputs
+    dynamic_shapes: Any
+    widened: list[str] = field(default_factory=list)
+    static_kind: str = ""
+    static_reason: str = ""
+
+
 @quiet
-def capture(model: torch.nn.Module, example_inputs: Any, *, dynamic_batch: bool = True) -> fx.GraphModule:
+def capture(model: torch.nn.Module, example_inputs: Any, *, dynamic: bool = True, dynamic_shapes: Any = None) -> fx.GraphModule:
     """Capture ``model`` as the canonical ATen-level ``GraphModule``; ``model`` is never mutated.
+
+    By default every dim of every input tensor is ``Dim.AUTO``: export keeps it symbolic unless the
+    model's code fixes it. Size-1 dims (which export would specialize) are widened to 2 for export
+    when the model accepts that, and the graph is then checked on the original example. A model that
+    cannot be captured dynamic falls back to static shapes. ``dynamic=False`` pins every dim;
+    ``dynamic_shapes=`` goes to ``torch.export.export`` as is. ``gm.meta["fxcompress_shapes"]`` (a
+    :class:`fxcompress.shapes.ShapeSummary`) lists the dynamic dims and why each static one is static;
+    a call whose shapes the graph does not accept raises :class:`InputShapeError` saying so.
 
     The capture runs on an eval-mode copy (see :func:`eval_copy`); the result is inference-only
     (see :func:`inference_only`).
-
-    With ``dynamic_batch`` the batch dimension stays symbolic where the model allows it, so the
-    captured graph runs at other batch sizes too; a model that needs a fixed batch falls back to
-    static shapes.
     """
     inputs = ExampleInputs.of(example_inputs)
     check_model_and_inputs(model, inputs)
+    if dynamic_shapes is not None and not dynamic:
+        raise InvalidInputError("pass either dynamic=False (all shapes static) or dynamic_shapes=..., not both")
     model = eval_copy(model)
-    run_eagerly(model, inputs)
-    attempts = [inputs.batch_dynamic_shapes(model), None] if dynamic_batch else [None]
-    for i, dynamic_shapes in enumerate(attempts):
+    reference = run_eagerly(model, inputs)
+    failure = None
+    for attempt in _attempts(model, inputs, dynamic, dynamic_shapes):
+        if attempt.static_kind == EXPORT and failure is not None:
+            attempt.static_reason = f"static: dynamic capture failed ({_first_line(failure[1])})"
         tracker = _ModuleTracker(model)
         try:
             with torch.no_grad(), _quiet_export():
                 program = torch.export.export(
-                    model, inputs.args, inputs.kwargs, strict=False, dynamic_shapes=dynamic_shapes
+                    model, attempt.inputs.args, attempt.inputs.kwargs, strict=False, dynamic_shapes=attempt.dynamic_shapes
                 )
-            break
         except Exception as exc:
-            failed_in = tracker.stack[-1] if tracker.stack else "<root>"
-            if i + 1 < len(attempts):
-                continue
-            raise CaptureError(_capture_message(failed_in, exc)) from exc
+            failure = (tracker.stack[-1] if tracker.stack else "<root>", exc)
+            continue
         finally:
             tracker.remove()
-    gm = inference_only(program.module())
-    gm.meta["fxcompress_dynamic_batch"] = dynamic_shapes is not None
+        gm = inference_only(program.module())
+        if not attempt.widened or _reproduces(gm, inputs, reference):
+            break
+    else:
+        raise CaptureError(_capture_message(*failure)) from failure[1]
+    summary = summarize(gm, inputs.args, inputs.kwargs, attempt.static_kind, attempt.static_reason, attempt.widened)
+    install_guard_errors(gm, summary)
+    gm.meta["fxcompress_shapes"] = summary
     gm.meta["fxcompress_example_inputs"] = inputs
+    gm.meta["fxcompress_export_inputs"] = attempt.inputs
     return gm
+
+
+def _attempts(model: torch.nn.Module, inputs: ExampleInputs, dynamic: bool, dynamic_shapes: Any):
+    """Export calls to try in order (lazily: widened examples are only built and run when reached)."""
+    if dynamic_shapes is not None:
+        yield _Attempt(inputs, dynamic_shapes, static_kind=PINNED, static_reason="static in the given dynamic_shapes")
+        return
+    if not dynamic:
+        yield _Attempt(inputs, None, static_kind=PINNED, static_reason="pinned by dynamic=False")
+        return
+    tried: set[tuple] = set()
+    for batch_only in (False, True):
+        args, kwargs, widened = widen_size_one(model, inputs.args, inputs.kwargs, batch_only)
+        if widened and tuple(widened) not in tried and _runs(model, args, kwargs):
+            tried.add(tuple(widened))
+            yield _Attempt(ExampleInputs(args, kwargs), auto_dynamic_shapes(model, args, kwargs), widened)
+    yield _Attempt(inputs, auto_dynamic_shapes(model, inputs.args, inputs.kwargs))
+    yield _Attempt(inputs, None, static_kind=EXPORT, static_reason="static: dynamic capture failed")
+
+
+def _runs(model: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+        return True
+    except Exception:  # the model does not accept the widened example: capture at the user's sizes
+        return False
+
+
+def _reproduces(gm: fx.GraphModule, inputs: ExampleInputs, reference: Any) -> bool:
+    """A graph captured on a widened example must give the model's outputs on the original one."""
+    try:
+        with torch.no_grad():
+            outputs = inputs.run(gm)
+    except Exception:  # e.g. a guard the widened example created: fall back to the original example
+        return False
+    return output_signature(outputs) == output_signature(reference) and fidelity(reference, outputs).max_rel_err <= default_rtol(reference)
 
 
 @contextlib.contextmanager
@@ -214,11 +265,13 @@ def _quiet_export():
         yield
 
 
+def _first_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}" if str(exc).strip() else type(exc).__name__
+
+
 def _capture_message(failed_in: str, exc: Exception) -> str:
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return (
-        f"could not capture the model: torch.export failed inside module {failed_in}: "
-        f"{type(exc).__name__}: {first_line}{cache_hint(exc)}\n"
+        f"could not capture the model: torch.export failed inside module {failed_in}: {_first_line(exc)}{cache_hint(exc)}\n"
         "What you can do: make that module's forward traceable (no data-dependent Python control "
         "flow on tensor values — use torch.where/torch.cond; no .item()/.tolist() on traced tensors; "
         "no in-place assignment into inputs), or wrap it as a torch.library custom op so it is kept "

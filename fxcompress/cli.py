@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import importlib
 import json
 import sys
@@ -15,6 +14,7 @@ import torch
 from . import api, models, serialize
 from .errors import FxCompressError, InvalidInputError
 from .pass_base import make_pass, registered_passes
+from .quiet import progress_enabled
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "long": torch.long, "int64": torch.long}
 
@@ -46,8 +46,10 @@ def example_input(shape: tuple[int, ...], dtype: str, high: int) -> torch.Tensor
     return torch.randint(0, high, shape, generator=generator)
 
 
-def build_passes(names: str | None, options: list[str]) -> list | None:
-    """``--passes a,b`` plus ``--option a.key=value`` (values are Python literals) -> pass objects."""
+def build_passes(names: str | None, options: list[str], tune: bool = True) -> list | None:
+    """``--passes a,b`` plus ``--option a.key=value`` (values are Python literals) -> pass objects.
+
+    ``tune=False`` (``--no-tune``) sets ``tune=False`` on every pass that measures its lowering."""
     if names is None and not options:
         return None
     pass_names = [n for n in (names or ",".join(api.DEFAULT_PASSES)).split(",") if n]
@@ -63,13 +65,18 @@ def build_passes(names: str | None, options: list[str]) -> list | None:
             per_pass[pass_name][option] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             per_pass[pass_name][option] = value
+    if not tune:
+        known = registered_passes()
+        for n in pass_names:
+            if n in known and "tune" in {f.name for f in dataclasses.fields(known[n])}:
+                per_pass[n].setdefault("tune", False)
     return [make_pass(n, **per_pass[n]) for n in pass_names]
 
 
 def cmd_optimize(args: argparse.Namespace) -> None:
     model = load_factory(args.model)()
     inputs = (example_input(parse_shape(args.input_shape), args.input_dtype, args.vocab_size),)
-    compressed = api.optimize(model.eval(), inputs, build_passes(args.passes, args.option))
+    compressed = api.optimize(model.eval(), inputs, build_passes(args.passes, args.option, tune=not args.no_tune), dynamic=not args.static)
     print(compressed.report)
     if args.json:
         Path(args.json).write_text(compressed.report.to_json(indent=2))
@@ -81,10 +88,12 @@ def cmd_optimize(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     names = list(models.EXAMPLES) if args.model == "all" else [args.model]
     results = {}
-    for name in names:
+    for number, name in enumerate(names, 1):
         factory, inputs = models.EXAMPLES[name]
-        compressed = api.optimize(factory(), inputs(), build_passes(args.passes, args.option))
-        print(f"\n## {name}\n{compressed.report}")
+        if progress_enabled(None):
+            print(f"[{number}/{len(names)}] optimizing {name} ...", file=sys.stderr, flush=True)
+        compressed = api.optimize(factory(), inputs(), build_passes(args.passes, args.option, tune=not args.no_tune))
+        print(f"\n## {name}\n{compressed.report}", flush=True)
         results[name] = compressed.report.to_dict()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
@@ -92,9 +101,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_passes(args: argparse.Namespace) -> None:
     for name, cls in registered_passes().items():
-        fields = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING)
         kind = "lossless" if cls.lossless else "lossy"
-        print(f"{name:20s} {kind:9s} {fields}")
+        options = cls.options_help()
+        print(f"{name} ({kind})" + (f"\n{options}" if options else ""))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -105,6 +114,8 @@ def parser() -> argparse.ArgumentParser:
         q.add_argument("--passes", help=f"comma-separated pass names (default: {','.join(api.DEFAULT_PASSES)})")
         q.add_argument("--option", action="append", default=[], help="PASS.OPTION=VALUE, e.g. prune_channels.ratio=0.5")
         q.add_argument("--json", help="also write the report as JSON to this file")
+        q.add_argument("--no-tune", action="store_true",
+                       help="do not time kernel candidates: lower with the static table per CPU feature (int8)")
 
     opt = sub.add_parser("optimize", help="optimize a model built by PKG.MODULE:FACTORY")
     opt.add_argument("model", help="PKG.MODULE:FACTORY, a callable returning the nn.Module")
@@ -112,6 +123,7 @@ def parser() -> argparse.ArgumentParser:
     opt.add_argument("--input-dtype", default="float32", help=f"one of {', '.join(DTYPES)} (long: token ids)")
     opt.add_argument("--vocab-size", type=int, default=1000, help="upper bound of random token ids for integer inputs")
     opt.add_argument("--out", help="save the optimized model (.pt2)")
+    opt.add_argument("--static", action="store_true", help="pin every input dim to the example's size (default: dynamic where the model allows)")
     pipeline_args(opt)
     opt.set_defaults(func=cmd_optimize)
 

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from .errors import InvalidInputError
+from .quiet import progress_enabled
 from .training import (
     OPTIMIZERS, SCHEDULES, Batch, DistributedContext, checkpoint_path, frozen, load_checkpoint, make_loader,
     make_optimizer, make_schedule, rng_state, save_checkpoint, seed_everything, set_rng_state, training_mode,
@@ -95,7 +96,7 @@ def distill(
     device: str | torch.device | None = None,
     output_key: OutputKey = None,
     seed: int | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 100,
     resume: bool | str | os.PathLike = False,
@@ -126,7 +127,7 @@ def distill(
     every ``checkpoint_every`` steps and at the end (student, optimiser, schedule, step, data
     position, RNG states); ``resume=True`` continues from it (``resume=path`` from a given file),
     giving the same result as an uninterrupted run. Each callback is called with a
-    :class:`StepInfo` after every step. Only rank 0 shows progress and writes checkpoints.
+    :class:`StepInfo` after every step. Only rank 0 shows progress (by default when stderr is a terminal) and writes checkpoints.
     """
     _check_options(steps, epochs, loss, temperature, alpha, optimizer, lr, schedule, warmup_steps, batch_size,
                    checkpoint_every)
@@ -186,7 +187,7 @@ class _Trainer:
     def run(self, optim, sched, checkpoint_dir, checkpoint_every: int, progress: bool) -> None:
         model = DistributedDataParallel(self.student) if self.ctx.enabled else self.student
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="distill",
-                   disable=not (progress and self.ctx.is_main), dynamic_ncols=True)
+                   disable=not (progress_enabled(progress) and self.ctx.is_main), dynamic_ncols=True)
         started = time.perf_counter() - self.history.seconds
         with bar:
             while self.step < self.total_steps:
@@ -331,6 +332,9 @@ def _check_options(steps, epochs, loss, temperature, alpha, optimizer, lr, sched
     for name, value, valid in choices:
         if value not in valid:
             raise InvalidInputError(f"unknown {name} {value!r}; valid values: {', '.join(map(repr, valid))}")
+    for name, value in (("temperature", temperature), ("lr", lr), ("alpha", alpha)):
+        if not (isinstance(value, int | float) and not isinstance(value, bool)) and not (name == "alpha" and value is None):
+            raise InvalidInputError(f"{name} must be a number, not {type(value).__name__} {value!r}")
     if not temperature > 0:
         raise InvalidInputError(f"temperature must be > 0, not {temperature!r}")
     if alpha is not None and not 0 <= alpha <= 1:

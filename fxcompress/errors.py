@@ -44,3 +44,7 @@ class VerificationError(FxCompressError):
         self.node = node
         where = f" (first diverging node: {node!r})" if node else ""
         super().__init__(f"pass {pass_name!r} failed verification{where}: {message}")
+
+
+class InputShapeError(InvalidInputError):
+    """A compressed model was called with an input shape its captured graph does not accept."""

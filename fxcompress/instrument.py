@@ -66,3 +66,22 @@ class IRDumper(Instrumentation):
 def dumper_from_env_or(dump_dir: str | os.PathLike | None) -> IRDumper | None:
     path = dump_dir or os.environ.get(DUMP_DIR_ENV)
     return IRDumper(path) if path else None
+
+
+class PassProgress(Instrumentation):
+    """Advances a progress bar (see :func:`fxcompress.quiet.progress_bar`) by one step per pass."""
+
+    def __init__(self, bar: Any):
+        self.bar = bar
+
+    def on_start(self, gm, ctx, outputs):
+        self.bar.set_postfix_str("measuring the input model")
+
+    def before_pass(self, index, pass_, gm):
+        self.bar.set_postfix_str(f"{pass_.name}: running")
+
+    def after_run(self, index, pass_, gm, result):
+        self.bar.set_postfix_str(f"{pass_.name}: verifying and measuring")
+
+    def after_pass(self, index, pass_, gm, result, outputs):
+        self.bar.update(1)

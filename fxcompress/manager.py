@@ -19,6 +19,7 @@ from .errors import VerificationError
 from .instrument import Instrumentation
 from .pass_base import Pass, PassContext, PassResult, make_pass
 from .quiet import quiet
+from .shapes import ShapeProbe, second_shape
 from .verify import default_rtol, first_diverging_node, fidelity, output_signature
 
 
@@ -44,7 +45,10 @@ class PassManager:
 
     Verification: the graph lints, recompiles and runs on the example inputs; the output
     structure, shapes and dtypes are unchanged; a lossless pass reproduces the pre-pass outputs
-    within ``rtol`` (default by dtype: 1e-5 for fp32) of max|output|; a pass that reports
+    within ``rtol`` (default by dtype: 1e-5 for fp32) of max|output|. The run, structure and lossless
+    checks are repeated at a second shape (``self.probe``: the example inputs resized along every
+    dynamic dim, within its captured range), so a pass that bakes an example size into the graph
+    fails where it is written; a pass that reports
     ``changed=False`` left the graph and its weights untouched. The first failure raises
     :class:`VerificationError` naming the pass (and, for numerical divergence, the first
     diverging node).
@@ -62,10 +66,12 @@ class PassManager:
         self.verify = verify
         self.rtol = rtol
         self.instrumentations = list(instrumentations)
+        self.probe: ShapeProbe | None = None
 
     @quiet
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> list[PassRecord]:
         outputs = self._run_model(gm, ctx)
+        self.probe = second_shape(gm, ctx.args, ctx.kwargs, lambda a, k: _run_at(gm, a, k)) if self.verify else None
         for inst in self.instrumentations:
             inst.on_start(gm, ctx, outputs)
         records = []
@@ -98,8 +104,7 @@ class PassManager:
 
     @staticmethod
     def _run_model(gm: torch.nn.Module, ctx: PassContext) -> Any:
-        with torch.no_grad():
-            return ctx.run(gm)
+        return _run_at(gm, ctx.args, ctx.kwargs)
 
     def _verify(self, pass_: Pass, gm: fx.GraphModule, ctx: PassContext, before: Any, snapshot: fx.GraphModule) -> Any:
         try:
@@ -125,4 +130,33 @@ class PassManager:
                     f"{error.max_rel_err:.3g} > {rtol:g}",
                     node=node,
                 )
+        if self.probe is not None:
+            self._verify_second_shape(pass_, gm, snapshot)
         return after
+
+    def _verify_second_shape(self, pass_: Pass, gm: fx.GraphModule, snapshot: fx.GraphModule) -> None:
+        probe = self.probe
+        where = f"at a second shape ({probe.description})"
+        hint = "; a size of the example inputs is probably baked into the graph instead of read from the input"
+        try:
+            after = _run_at(gm, probe.args, probe.kwargs)
+        except Exception as exc:
+            raise VerificationError(pass_.name, f"the rewritten graph fails to run {where}: {type(exc).__name__}: {exc}{hint}") from exc
+        old_sig, new_sig = output_signature(probe.outputs), output_signature(after)
+        if old_sig != new_sig:
+            raise VerificationError(pass_.name, f"output structure/shape/dtype {where} changed from {old_sig} to {new_sig}{hint}")
+        if pass_.lossless:
+            rtol = self.rtol if self.rtol is not None else default_rtol(probe.outputs)
+            error = fidelity(probe.outputs, after)
+            if not error.max_rel_err <= rtol:
+                node = first_diverging_node(snapshot, gm, probe.args, probe.kwargs, rtol)
+                raise VerificationError(
+                    pass_.name, f"the pass claims to be lossless but changed the outputs {where}: max relative error "
+                    f"{error.max_rel_err:.3g} > {rtol:g}{hint}", node=node,
+                )
+        probe.outputs = after
+
+
+def _run_at(gm: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    with torch.no_grad():
+        return gm(*args, **kwargs)

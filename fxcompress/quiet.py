@@ -21,7 +21,7 @@ _THIRD_PARTY_WARNINGS = (
     (FutureWarning, r".*isinstance\(treespec, LeafSpec\).*"),
 )
 # Loggers that print tracebacks or internals before an error fxcompress re-raises in one line.
-_NOISY_LOGGERS = ("torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes")
+_NOISY_LOGGERS = ("torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes", "torch._subclasses.fake_tensor")
 
 
 @contextlib.contextmanager
@@ -33,7 +33,7 @@ def third_party_quiet() -> Iterator[None]:
         for category, message in _THIRD_PARTY_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=category)
         for logger in loggers:
-            logger.setLevel(logging.ERROR)
+            logger.setLevel(logging.CRITICAL)
         try:
             yield
         finally:

@@ -66,10 +66,6 @@ class InputStatistics:
     def channel_mean(self) -> torch.Tensor:
         return self.channel_sum / max(self.positions, 1)
 
-    @property
-    def channel_rms(self) -> torch.Tensor:
-        return (self.channel_sq / max(self.positions, 1)).sqrt()
-
     def centered_channel_norm(self) -> torch.Tensor:
         """``‖x_c − mean_c‖₂`` over all positions: the fluctuation a removed channel leaves after bias compensation."""
         return (self.channel_sq - self.channel_sum.square() / max(self.positions, 1)).clamp(min=0).sqrt()
@@ -89,13 +85,19 @@ def layer_features(node: fx.Node, x: torch.Tensor) -> torch.Tensor | None:
         return None
     if isinstance(args["padding"], str):
         return None
-    weight_shape = ir.fake_shape(args["weight"]) or tuple(ir.get_attr(node.graph.owning_module, args["weight"].target).shape)
-    kernel = list(weight_shape[2:])
+    kernel = list(weight_shape(node)[2:])
     stride, padding, dilation = (_expand(args[k], dims) for k in ("stride", "padding", "dilation"))
     if dims == 1:  # a conv1d is a conv2d over a height-1 image
         x, kernel, stride, padding, dilation = x.unsqueeze(-2), [1, *kernel], [1, *stride], [0, *padding], [1, *dilation]
     patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # N × K × L
     return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+def weight_shape(node: fx.Node) -> tuple:
+    weight = ir.call_arguments(node)["weight"]
+    if weight.op == "get_attr":
+        return tuple(ir.get_attr(node.graph.owning_module, weight.target).shape)
+    return ir.fake_shape(weight)
 
 
 def _expand(value, dims: int) -> list[int]:
@@ -112,7 +114,10 @@ class _Accumulator:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach()
-        channel_dim = -1 if self.node.target is torch.ops.aten.linear.default else 1
+        spatial_dims = LAYER_OPS[self.node.target]
+        if spatial_dims and x.dim() == spatial_dims + 1:  # an unbatched conv input
+            x = x.unsqueeze(0)
+        channel_dim = 1 if spatial_dims else -1
         channels = x.shape[channel_dim]
         if self.stats is None:
             self.stats = self._empty(channels, x)
@@ -134,9 +139,9 @@ class _Accumulator:
         if not self.want_gram:
             stats.reason = "only diagonal statistics were requested"
             return stats
-        weight = ir.get_attr(self.node.graph.owning_module, ir.call_arguments(self.node)["weight"].target)
-        features = math.prod(weight.shape[1:])
-        if weight.dim() > 2 and layer_features(self.node, x[:1].float()) is None:
+        shape = weight_shape(self.node)
+        features = math.prod(shape[1:])
+        if len(shape) > 2 and layer_features(self.node, x[:1].float()) is None:
             stats.reason = "grouped or string-padded conv: no single input Gram matrix; diagonal statistics only"
         elif features > self.max_gram_features:
             stats.reason = (f"{features} input features (C·kernel) > {self.max_gram_features}: the Gram matrix would need "
@@ -151,10 +156,16 @@ class _StatisticsInterpreter(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, accumulators: dict[fx.Node, _Accumulator]):
         super().__init__(gm)
         self.accumulators = accumulators
+        self.done: set[int] = set()  # accumulators shared by layers reading the same features: once per batch
+
+    def run(self, *args: Any) -> Any:
+        self.done.clear()
+        return super().run(*args)
 
     def run_node(self, node: fx.Node) -> Any:
         accumulator = self.accumulators.get(node)
-        if accumulator is not None:
+        if accumulator is not None and id(accumulator) not in self.done:
+            self.done.add(id(accumulator))
             accumulator.add(self.env[ir.call_arguments(node)["input"]])
         return super().run_node(node)
 
@@ -173,10 +184,12 @@ def collect_statistics(
     A batch follows :meth:`fxcompress.training.Batch.of` (a tensor, a tuple of inputs with optional
     labels, a dict of keyword inputs); labels are dropped. ``progress=None`` shows a bar on a terminal.
     """
-    accumulators = {node: _Accumulator(node, gram, max_gram_features) for node in nodes}
-    unsupported = [n.name for n in accumulators if n.target not in LAYER_OPS]
+    nodes = list(nodes)
+    unsupported = [n.name for n in nodes if n.target not in LAYER_OPS]
     if unsupported:
         raise ValueError(f"collect_statistics: nodes {unsupported} are not linear/conv1d/conv2d calls")
+    shared: dict[tuple, _Accumulator] = {}
+    accumulators = {node: shared.setdefault(_features_key(node), _Accumulator(node, gram, max_gram_features)) for node in nodes}
     interpreter = _StatisticsInterpreter(gm, accumulators)
     seen = 0
     with torch.no_grad():
@@ -188,6 +201,14 @@ def collect_statistics(
     if not seen:
         raise InvalidInputError("calibration data is empty; pass at least one batch of representative inputs")
     return {node.name: acc.stats for node, acc in accumulators.items() if acc.stats is not None}
+
+
+def _features_key(node: fx.Node) -> tuple:
+    """Layers with equal keys multiply the same rows (q/k/v projections of one input): one accumulator."""
+    args = ir.call_arguments(node)
+    if node.target is torch.ops.aten.linear.default:
+        return ("linear", args["input"])
+    return (node.target, args["input"], weight_shape(node)[1:], *(str(args[k]) for k in ("stride", "padding", "dilation", "groups")))
 
 
 # --- the cached analysis -------------------------------------------------------------------------------

@@ -146,9 +146,6 @@ class Builder:
                 if unknown:
                     self.unknown_ops.setdefault(sid, reason)
 
-    def begin_rule(self) -> None:
-        self.touched.clear()
-
     def freeze_untouched(self, nodes: list[fx.Node], op: str) -> None:
         """Freeze every dim of ``nodes`` that the current op's rule neither linked nor released."""
         for node in nodes:

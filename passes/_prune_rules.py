@@ -35,7 +35,7 @@ def apply_rule(node: fx.Node, b: Builder) -> None:
         for n in inputs + outputs:
             b.freeze_node(n, f"unsupported op {name} (node {node.name})", unknown=True)
         return
-    b.begin_rule()
+    b.touched.clear()  # what this rule links or releases; the rest of its dims is frozen
     rule(node, b, inputs, outputs)
     b.freeze_untouched(inputs + outputs, name)
 
@@ -186,7 +186,7 @@ def slice_(node, b: Builder, inputs, outputs):
     for d in range(n):
         if d != dim:
             b.identity(x, d, out, d)
-        elif isinstance(size, int) and step == 1:
+        elif isinstance(size, int) and step == 1 and all(isinstance(arg(node, k), int | None) for k in ("start", "end")):
             start, end, _ = slice(arg(node, "start"), arg(node, "end")).indices(size)
             b.map(x, d, out, d, np.arange(start, end), np.arange(end - start))
 

@@ -97,6 +97,11 @@ def _expr(size):
     return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(size)
 
 
+def _whole_multiple(ratio) -> bool:
+    """``ratio`` is an integer > 1 for every value of the (positive integer) size symbols in it."""
+    return ratio != 1 and bool(ratio.is_integer) and bool(ratio.is_positive)
+
+
 def _blocks(in_shape, out_shape) -> list[tuple[list[int], list[int]]]:
     """Minimal runs of input and output dims (size-1 dims dropped) with equal products."""
     ins = [d for d, s in enumerate(in_shape) if not (isinstance(s, int) and s == 1)]
@@ -108,10 +113,10 @@ def _blocks(in_shape, out_shape) -> list[tuple[list[int], list[int]]]:
         i, j = i + 1, j + 1
         while sympy.simplify(pi - pj) != 0:
             ratio = sympy.simplify(pj / pi)
-            if ratio.is_Integer and ratio > 1 and i < len(ins):
+            if _whole_multiple(ratio) and i < len(ins):
                 pi, i = pi * _expr(in_shape[ins[i]]), i + 1
                 bi.append(ins[i - 1])
-            elif (1 / ratio).is_Integer and j < len(outs):
+            elif _whole_multiple(1 / ratio) and j < len(outs):
                 pj, j = pj * _expr(out_shape[outs[j]]), j + 1
                 bj.append(outs[j - 1])
             else:

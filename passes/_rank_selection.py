@@ -11,13 +11,12 @@ from __future__ import annotations
 import functools
 import heapq
 import math
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
+from fxcompress import tuning
 from fxcompress.errors import PassConfigError
 
 
@@ -178,19 +177,8 @@ def _step_cost(hull: list[RankOption], at: int) -> float:
 
 
 def latency_ratio(
-    original: Callable[[], Any], factorized: Callable[[], Any], device: torch.device, warmup: int = 2, repeats: int = 9
+    original: Callable[[], Any], factorized: Callable[[], Any], device: torch.device, min_run_time: float = 0.05
 ) -> float:
-    """Median latency of ``original`` over that of ``factorized``, timed alternately so load hits both alike."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times: dict[Callable, list[float]] = {original: [], factorized: []}
-    with torch.no_grad():
-        for _ in range(warmup):
-            original(), factorized()
-        for _ in range(repeats):
-            for fn, samples in times.items():
-                sync()
-                start = time.perf_counter()
-                fn()
-                sync()
-                samples.append(time.perf_counter() - start)
-    return statistics.median(times[original]) / statistics.median(times[factorized])
+    """Median latency of ``original`` over that of ``factorized``, timed interleaved (``fxcompress.tuning.compare``)."""
+    timings = tuning.compare({"original": original, "factorized": factorized}, device, min_run_time)
+    return timings["original"].median_ms / timings["factorized"].median_ms

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from fxcompress.statistics import InputStatistics
+from fxcompress.statistics import LAYER_OPS, InputStatistics, layer_statistics
 
 METHODS = ("svd-llm", "asvd")
 ASVD_ALPHA = 0.5
@@ -46,3 +46,21 @@ def basis_factors(weight: torch.Tensor, basis: torch.Tensor, rank: int) -> tuple
     """``(U_rᵀ W, U_r)``: the first (r × K) and second (N × r) factor of ``Ŵ = U_r U_rᵀ W``."""
     u_r = basis[:, :rank]
     return u_r.T @ weight.double(), u_r
+
+
+def whiten_layers(gm, ctx, layers: list, method: str) -> None:
+    """Replace the spectra of ``low_rank``'s linear/pointwise layers by those of ``W·S``; note how each was treated."""
+    gemm_kinds = ("linear", "pointwise")
+    measured = [layer for layer in layers if layer.kind in gemm_kinds and layer.node.target in LAYER_OPS]
+    stats = layer_statistics(gm, ctx, [layer.node for layer in measured], gram=method == "svd-llm")
+    for layer in layers:
+        if layer.kind in gemm_kinds and layer not in measured:
+            layer.whitening = f"none ({layer.node.target} form: input statistics cover linear/conv nodes only)"
+        elif layer.kind not in gemm_kinds:
+            layer.whitening = "none (k×k conv: factorized data-free)"
+        elif layer.node.name not in stats:
+            layer.whitening = "none (not executed on the calibration data)"
+        else:
+            root, layer.whitening = input_root(stats[layer.node.name], method)
+            u, sigma = whitened_svd(layer.weight.reshape(layer.weight.shape[0], -1), root)
+            layer.svds = [(u, sigma, None)]

@@ -33,6 +33,7 @@ from fxcompress import ir, selectors
 from fxcompress.errors import PassConfigError
 from fxcompress.pass_base import Pass, PassContext, PassResult, register_pass
 from fxcompress.verify import node_values
+from fxcompress.passes._gptq import gptq_quantize, layer_hessians, smoothed_hessian
 
 from ._int8_lowering import GemmProblem, Lowering, choose_lowering
 from ._projections import batched_weight_readers, gemm_arguments, is_projection, weight_matrix
@@ -114,6 +115,8 @@ class Int8(Pass):
     (dynamic W8A8 linears): SmoothQuant — migrate activation outliers into the weights with per-input-channel
     ``σ_j = max|X_j|^α / max|W_j|^(1−α)`` measured on the example inputs:
     ``x Wᵀ = (x / σ)(W · σ)ᵀ``, so ``x / σ`` quantizes per token with less error.
+    ``gptq``: round weights with GPTQ on the calibration inputs' Hessian ``XᵀX`` (``passes/_gptq.py``)
+    instead of to nearest; layers without a Hessian (too many input features) round to nearest.
     """
 
     name = "int8"
@@ -131,6 +134,7 @@ class Int8(Pass):
     impl: str | None = None
     error_factor: float = 3.0
     tune_time_s: float = 0.05
+    gptq: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -184,8 +188,10 @@ class Int8(Pass):
         groups = self._sibling_groups(gm, eligible, scales)
         values = self._input_values(gm, ctx, groups)
         examples = [self._example(gm, group, values) for group in groups]  # before rewrites rename inputs
+        hessians = layer_hessians(gm, ctx, [g[0] for g in groups]) if self.gptq else {}
         for group, example in zip(groups, examples):
-            details, lowering = self._rewrite(gm, group, scales.get(layer_name(group[0])), example)
+            hessian = hessians.get(group[0].name)
+            details, lowering = self._rewrite(gm, group, scales.get(layer_name(group[0])), example, hessian)
             result.details.extend(details)
             if lowering.candidate.op is None:
                 for node in group:
@@ -252,7 +258,7 @@ class Int8(Pass):
         bias_value = values[bias.name] if len(group) == 1 and isinstance(bias, fx.Node) and bias.op != "get_attr" else None
         return x_value, bias_value, self._float_run(gm, group, args, x_value, values)
 
-    def _rewrite(self, gm: fx.GraphModule, group: list[fx.Node], input_scale: float | None, example: tuple) -> tuple[list[dict], Lowering]:
+    def _rewrite(self, gm: fx.GraphModule, group: list[fx.Node], input_scale: float | None, example: tuple, hessian=None) -> tuple[list[dict], Lowering]:
         first = group[0]
         args = [gemm_arguments(node) for node in group]
         x_value, computed_bias, float_run = example
@@ -261,7 +267,8 @@ class Int8(Pass):
         if self.smooth_alpha is not None and first.target is not CONV2D:
             sigma = self._smoothing(weights, x_value.abs().reshape(-1, x_value.shape[-1]).amax(0).float())
             weights = [w * sigma.to(w.dtype) for w in weights]
-        quantized = [quantize_weight_per_channel(w.reshape(w.shape[0], -1)) for w in weights]
+        quantized = [quantize_weight_per_channel(w.reshape(w.shape[0], -1)) if hessian is None
+                     else gptq_quantize(w.reshape(w.shape[0], -1), smoothed_hessian(hessian, sigma)) for w in weights]
         weight_q = torch.cat([q for q, _ in quantized])
         weight_scale = torch.cat([s for _, s in quantized])
         bias_value = computed_bias if computed_bias is not None else self._bias_value(gm, args, weights)
@@ -281,6 +288,7 @@ class Int8(Pass):
                 "weight_shape": tuple(w.shape), "fused_activation": activation, "gemm_group": len(group),
                 "weight_rel_error": relative_error(w.reshape(w.shape[0], -1), q, sc),
                 "smoothed": sigma is not None,
+                **({"rounding": "gptq" if hessian is not None else "nearest (no input Hessian)"} if self.gptq else {}),
                 **({"input_scale": input_scale} if input_scale is not None else {}),
                 **lowering.detail(),
             }

@@ -42,7 +42,6 @@ from fxcompress.verify import node_values
 from fxcompress.passes import _rank_selection as rs
 from fxcompress.passes import _whitening
 from fxcompress.passes._projections import batched_weight_readers, gemm_arguments, is_projection, weight_matrix
-from fxcompress.statistics import LAYER_OPS, layer_statistics
 
 _LINEAR = torch.ops.aten.linear.default
 _CONV_DIMS = {torch.ops.aten.conv1d.default: 1, torch.ops.aten.conv2d.default: 2}
@@ -140,7 +139,7 @@ class LowRank(Pass):
         for layer in layers:
             layer.svds = _svds(layer.weight, layer.kind)
         if self.whiten is not None:
-            self._whiten(gm, ctx, layers)
+            _whitening.whiten_layers(gm, ctx, layers, self.whiten)
         for layer, ranks in zip(layers, self._choose_ranks(layers)):
             if ranks is None:
                 result.skip(layer.name, "target_macs budget met without it (other layers lose less energy per MAC)")
@@ -177,22 +176,6 @@ class LowRank(Pass):
             kind = _kind(node, weight, self.method)
             layers.append(_Layer(node, name, kind, weight, *shapes[node], geometry))
         return layers
-
-    def _whiten(self, gm: fx.GraphModule, ctx: PassContext, layers: list[_Layer]) -> None:
-        """Replace the spectra of linear/pointwise layers by those of ``W·S`` (S from the calibration inputs)."""
-        gemms = [layer for layer in layers if layer.kind in ("linear", "pointwise") and layer.node.target in LAYER_OPS]
-        stats = layer_statistics(gm, ctx, [layer.node for layer in gemms], gram=self.whiten == "svd-llm")
-        for layer in layers:
-            if layer.kind == "linear" and layer not in gemms:
-                layer.whitening = f"none ({layer.node.target} form: input statistics cover linear/conv nodes only)"
-            elif layer not in gemms:
-                layer.whitening = "none (k×k conv: factorized data-free)"
-            elif layer.node.name not in stats:
-                layer.whitening = "none (not executed on the calibration data)"
-            else:
-                root, layer.whitening = _whitening.input_root(stats[layer.node.name], self.whiten)
-                u, sigma = _whitening.whitened_svd(layer.weight.reshape(layer.weight.shape[0], -1), root)
-                layer.svds = [(u, sigma, None)]
 
     def _unsupported(self, gm: fx.GraphModule, node: fx.Node, name: str) -> str | None:
         if first_match(self.include, name) is None:

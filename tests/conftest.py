@@ -1,5 +1,16 @@
-import pytest
-import torch
+import os
+
+# One intra-op thread per test process and for the subprocesses tests start (CLI, torchrun): on a
+# small machine the default (one OpenMP thread per core) in several processes oversubscribes the
+# cores and makes the suite several times slower. Set before torch is imported.
+for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
+os.environ.setdefault("FXCOMPRESS_PROGRESS", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -28,8 +28,8 @@ class ConvNet(nn.Module):
         return self.conv2(torch.relu(self.bn(self.conv1(x))))
 
 
-def pruned(model, calibration, **options):
-    gm = capture(model, calibration[0] if isinstance(calibration[0], tuple) else (calibration[0],))
+def pruned(model, calibration, captured=None, **options):
+    gm = copy.deepcopy(captured) if captured is not None else capture(model, (calibration[0],))
     ctx = PassContext((calibration[0],), {}, calibration=calibration)
     result = PruneChannels(**options).run(gm, ctx)
     return gm, result
@@ -49,9 +49,9 @@ def conv_case():
 
 def test_lstsq_reduces_consumer_error_in_a_conv_net(conv_case):
     model, calibration = conv_case
-    errors = {}
+    errors, captured = {}, capture(model, (calibration[0],))
     for compensate in (None, "bias", "lstsq"):
-        gm, result = pruned(model, calibration, ratio=0.5, importance="activation", compensate=compensate)
+        gm, result = pruned(model, calibration, captured, ratio=0.5, importance="activation", compensate=compensate)
         assert gm.conv1.weight.shape[0] == 8 and gm.conv2.weight.shape[1] == 8
         errors[compensate] = output_error(gm, model, calibration)
     rows = [r for r in result.details if "compensated" in r]
@@ -79,7 +79,7 @@ def test_lstsq_reduces_mlp_consumer_error_in_a_transformer():
 
     errors = {}
     for compensate in (None, "bias", "lstsq"):
-        gm, result = pruned(model, calibration, ratio=0.5, importance="activation", compensate=compensate,
+        gm, result = pruned(model, calibration, reference, ratio=0.5, importance="activation", compensate=compensate,
                             ignore=("layers.*.attention.*",))
         assert ir.get_attr(gm, "layers.0.mlp.2.weight").shape[1] == 256
         errors[compensate] = consumer_error(gm)

@@ -1,0 +1,72 @@
+"""Every example in README.md runs as written: the python blocks in order in one namespace (with tiny
+stand-ins for the data the README leaves to the reader), and the command lines."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BLOCK = re.compile(r"```(python|bash)\n(.*?)```", re.DOTALL)
+
+# Lines of the bash blocks that are not fxcompress examples, or that another line covers.
+NOT_RUN = {
+    'pip install "torch==2.13.0" -e ".[dev]"': "the install itself (CI does it)",
+    "python -m pytest -q": "this suite",
+    "fxcompress demo": "all three example models (~100 s); `python -m fxcompress demo --model resnet` runs the same code",
+}
+
+pytestmark = pytest.mark.slow
+
+
+def blocks(language: str) -> list[str]:
+    return [code for lang, code in BLOCK.findall(README.read_text()) if lang == language]
+
+
+def command_lines() -> list[str]:
+    lines = [line.split("#")[0].strip() for code in blocks("bash") for line in code.splitlines()]
+    return [line for line in lines if line and line not in NOT_RUN and not line.startswith("python bench/")]
+
+
+def stand_ins() -> dict:
+    """What the README assumes the reader has: calibration batches and a labelled training loader."""
+    images = torch.randn(2, 3, 32, 32)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.randint(0, 10, (2,))), batch_size=2)
+    return {"batches": [torch.randn(2, 3, 32, 32) for _ in range(2)], "train_loader": loader}
+
+
+def test_the_readme_has_examples():
+    assert len(blocks("python")) >= 4 and len(command_lines()) >= 3
+
+
+def test_python_examples_run_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = stand_ins()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an example that warns is an example that surprises
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        for code in blocks("python"):
+            exec(compile(code, str(README), "exec"), namespace)  # noqa: S102
+    assert (tmp_path / "model.pt2").exists()
+    assert namespace["restored"].report.rows == namespace["compressed"].report.rows
+    assert namespace["student"].report.rows[-1]["stage"] == "recover"
+
+
+@pytest.mark.parametrize("line", command_lines())
+def test_command_lines_run_as_written(line, tmp_path):
+    argv = shlex.split(line)
+    if argv[0] == "fxcompress":
+        argv = [sys.executable, "-m", "fxcompress", *argv[1:]]
+    elif argv[0] == "python":
+        argv[0] = sys.executable
+    proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| stage" in proc.stdout
+    assert "Traceback" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr[-2000:]
