@@ -51,6 +51,14 @@ def interleaved_timings(variants: dict, run_inputs, min_run_time: float, rounds:
     return tuning.compare({name: (lambda m=model: run_inputs(m)) for name, model in variants.items()}, "cpu", min_run_time, rounds)
 
 
+ONLY: tuple[str, ...] = ()
+
+
+def selected(variants: dict) -> dict:
+    """The variants whose name contains one of ``--only``'s words (all without ``--only``)."""
+    return {n: v for n, v in variants.items() if not ONLY or any(word in n for word in ONLY)}
+
+
 def lowering_summary(variant) -> str:
     """How many layers got which implementation (the int8 pass's measured choice); "-" for non-fxcompress variants."""
     result = getattr(getattr(variant, "report", None), "results", {}).get("int8")
@@ -61,8 +69,9 @@ def lowering_summary(variant) -> str:
 
 
 def result_row(model_name: str, name: str, timing: tuning.Timing, base: tuning.Timing, variant, **fidelity_columns) -> dict:
+    measurable = timing is base or tuning.speedup_is_measurable(base, timing)
     return {"model": model_name, "variant": name, "latency_ms": timing.median_ms, "iqr_ms": timing.iqr_ms,
-            "speedup_vs_fp32": base.median_ms / timing.median_ms if tuning.speedup_is_measurable(base, timing) else "no measurable change",
+            "speedup_vs_fp32": f"{base.median_ms / timing.median_ms:.3f}x" if measurable else "no measurable change",
             "lowering": lowering_summary(variant), **fidelity_columns}
 
 
@@ -94,9 +103,9 @@ def encoder_table(layers: int, batch: int, seq: int, min_run_time: float, rounds
         "fxcompress int8 weight_only (measured choice)": Int8(mode="weight_only"),
         "fxcompress int8 weight_only, allow_slower": Int8(mode="weight_only", allow_slower=True),
     }
-    for name, config in configs.items():
+    for name, config in selected(configs).items():
         variants[name] = fxcompress.optimize(model, inputs, passes=[config], report=False)
-    variants.update(torchao_variants(model))
+    variants.update(selected(torchao_variants(model)))
     latency = interleaved_timings(variants, lambda m: m(*inputs), min_run_time, rounds)
     with torch.no_grad():
         reference = model(*inputs)["last_hidden_state"]
@@ -144,7 +153,7 @@ def minilm_rows(min_run_time: float, rounds: int) -> list[dict]:
         ),
         "fxcompress int8 weight_only (measured choice)": Int8(mode="weight_only"),
     }
-    for name, config in configs.items():
+    for name, config in selected(configs).items():
         variants[name] = fxcompress.optimize(model, batch, passes=[config], report=False)
     latency = interleaved_timings(variants, embed, min_run_time, rounds)
     with torch.no_grad():
@@ -158,8 +167,10 @@ def minilm_rows(min_run_time: float, rounds: int) -> list[dict]:
 
 def run_cpu(args) -> None:
     torch.set_num_threads(args.threads)
+    global ONLY
+    ONLY = tuple(w for w in (args.only or "").split(",") if w)
     rows = encoder_table(args.layers, args.batch, args.seq, args.min_run_time, args.rounds)
-    rows += minilm_rows(args.min_run_time, args.rounds)
+    rows += minilm_rows(args.min_run_time, args.rounds) if not args.no_minilm else []
     write_results("int8_cpu", rows, {
         "workload": f"BERT-style encoder hidden 768, 12 heads, {args.layers} layers, batch {args.batch}x{args.seq}; all-MiniLM-L6-v2",
         "timing": f"fxcompress.tuning.compare: {args.rounds} interleaved rounds, ~{args.min_run_time} s per variant, {args.threads} threads; "
@@ -249,6 +260,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per variant (cpu)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (cpu)")
+    parser.add_argument("--only", help="cpu: comma-separated words; only variants whose name contains one (fp32 always)")
+    parser.add_argument("--no-minilm", action="store_true", help="cpu: the BERT-style encoder only")
     common.add_tag_argument(parser)
     args = parser.parse_args()
     run_cpu(args) if args.which == "cpu" else run_gpu(args)

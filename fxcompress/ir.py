@@ -148,7 +148,7 @@ def set_call_argument(node: fx.Node, name: str, value) -> None:
 
 
 def fake_value(target, args: tuple):
-    """The fake tensor ``target(*args)`` yields in the graph's fake mode (symbolic batch kept).
+    """The fake tensor ``target(*args)`` yields in the graph's fake mode (symbolic sizes kept).
 
     ``args`` may hold fx nodes; a node without a fake value (a new constant) is faked from its
     real tensor. ``None`` when no input carries a fake value.
@@ -167,5 +167,5 @@ def fake_value(target, args: tuple):
             return mode.from_tensor(value, static_shapes=True)
         return value
 
-    with mode, enable_python_dispatcher():  # symbolic (dynamic-batch) shapes need the Python meta kernels
+    with mode, enable_python_dispatcher():  # symbolic shapes need the Python meta kernels
         return target(*fx.node.map_arg(args, fake))

@@ -187,8 +187,11 @@ def static_choice(family_name: str, problem: Any, names: list[str]) -> Choice:
 
 
 def choose(family_name: str, problem: Any, names: list[str], key: dict, tune: bool = True,
-           min_run_time: float = 0.1) -> Choice:
+           min_run_time: float = 0.1, baseline: str = "float") -> Choice:
     """The fastest of the candidates ``names`` of ``family_name`` on ``problem`` (measured or cached).
+
+    The ``baseline`` (the unrewritten original) is kept unless the fastest candidate beats it by more
+    than the measurement spread: on a noisy machine a lucky sample never replaces the original.
 
     ``names`` are the candidates that exist here and passed the caller's fidelity contract; ``key``
     describes the problem for the cache (op, dtypes, shapes, options) besides the machine.
@@ -206,6 +209,8 @@ def choose(family_name: str, problem: Any, names: list[str], key: dict, tune: bo
         timings = compare({n: functools.partial(candidates[n].run, problem) for n in names}, problem.device, min_run_time)
         cache.put(entry_key, timings)
     best = min(names, key=lambda n: timings[n].median_ms)
+    if baseline in names and best != baseline and not speedup_is_measurable(timings[baseline], timings[best]):
+        return Choice(baseline, f"no measurable gain over {baseline} on {device_description(problem.device)}", timings, cached)
     return Choice(best, f"measured fastest on {device_description(problem.device)}", timings, cached)
 
 

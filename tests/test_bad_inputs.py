@@ -3,6 +3,7 @@ user's model is untouched. One row per input: (what the user does, exception typ
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 
@@ -54,7 +55,8 @@ ROWS = [
     ("bool where a number goes", lambda m, t: LowRank(rank=True), PassConfigError, "rank=True is a bool", "int | float | None"),
     ("option out of range", lambda m, t: PruneChannels(ratio=1.5), PassConfigError, "ratio=1.5", "[0, 1)"),
     ("two targets", lambda m, t: PruneChannels(ratio=0.5, target_macs=0.5), PassConfigError, "not both", "ratio="),
-    ("too many positional options", lambda m, t: PruneChannels(*range(11)), PassConfigError, "at most 10 options", "valid options"),
+    ("too many positional options", lambda m, t: PruneChannels(*range(len(dataclasses.fields(PruneChannels)) + 1)), PassConfigError,
+     f"at most {len(dataclasses.fields(PruneChannels))} options", "valid options"),
     ("option by name for an unknown option", lambda m, t: fxcompress.make_pass("fold_bn", ratio=0.5), PassConfigError, "no option 'ratio'", "valid options"),
     ("static int8 without scales", lambda m, t: Int8(mode="static"), PassConfigError, "needs activation_scales", "fxcompress.calibrate"),
     ("bad selector", lambda m, t: Int8(skip=[3]), PassConfigError, "skip", "module names or globs"),
