@@ -10,6 +10,7 @@ operators (``fxcompress.passes``) and the ``torch.compile`` backend (``backend``
 import importlib
 
 from .api import DEFAULT_PASSES, optimize
+from .apply import apply_to_model
 from .calibrate import calibrate
 from .capture import capture
 from .distill import distill
@@ -51,6 +52,6 @@ __all__ = [
     "DEFAULT_PASSES", "ArchiveError", "CaptureError", "FxCompressError", "FxCompressWarning", "InferenceOnlyError",
     "InputShapeError", "InvalidInputError", "IRDumper", "Instrumentation", "Pass", "PassConfigError", "PassContext",
     "PassManager", "PassResult", "PassTimer", "Report", "ReportConfig", "UnknownPassError", "VerificationError",
-    "backend", "calibrate", "capture", "distill", "load", "make_pass", "optimize", "register_pass", "registered_passes",
+    "apply_to_model", "backend", "calibrate", "capture", "distill", "load", "make_pass", "optimize", "register_pass", "registered_passes",
     "save",
 ]

@@ -73,17 +73,19 @@ class _RangeObserver(fx.Interpreter):
     """Runs the graph and records the absolute range of the input of every int8 GEMM candidate."""
 
     def __init__(self, gm: fx.GraphModule, method: str, percentile: float):
+        from fxcompress.passes._projections import gemm_arguments
         from fxcompress.passes.int8 import gemm_candidates, layer_name
 
         super().__init__(gm)
         self.method = method
         self.quantile = percentile / 100.0
         self.layers = {node: layer_name(node) for node in gemm_candidates(gm)}
+        self.inputs = {node: gemm_arguments(node)["input"] for node in self.layers}
         self.observed: dict[str, list[float]] = {}
 
     def run_node(self, node: fx.Node) -> Any:
         if node in self.layers:
-            x = self.env[node.args[0]]
+            x = self.env[self.inputs[node]]
             self.observed.setdefault(self.layers[node], []).append(self._range(x.detach()))
         return super().run_node(node)
 

@@ -20,6 +20,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from .errors import CaptureError, FxCompressWarning, InferenceOnlyError, InvalidInputError
+from .hf import cache_hint, without_kv_cache
 from .quiet import quiet, stderr_kept_on_success, third_party_quiet
 from .shapes import EXPORT, PINNED, auto_dynamic_shapes, install_guard_errors, summarize, widen_size_one
 from .verify import default_rtol, fidelity, output_signature
@@ -92,7 +93,7 @@ def eval_copy(model: torch.nn.Module, *, warn: bool = True) -> torch.nn.Module:
             "statistics, no dropout). Call model.eval() first to silence this.",
             FxCompressWarning, stacklevel=4,  # the user's call (through the @quiet wrapper)
         )
-    return copy.deepcopy(model).eval()
+    return without_kv_cache(copy.deepcopy(model).eval(), warn=warn)
 
 
 def inference_only(gm: torch.nn.Module) -> torch.nn.Module:
@@ -270,7 +271,7 @@ def _first_line(exc: Exception) -> str:
 
 def _capture_message(failed_in: str, exc: Exception) -> str:
     return (
-        f"could not capture the model: torch.export failed inside module {failed_in}: {_first_line(exc)}\n"
+        f"could not capture the model: torch.export failed inside module {failed_in}: {_first_line(exc)}{cache_hint(exc)}\n"
         "What you can do: make that module's forward traceable (no data-dependent Python control "
         "flow on tensor values — use torch.where/torch.cond; no .item()/.tolist() on traced tensors; "
         "no in-place assignment into inputs), or wrap it as a torch.library custom op so it is kept "

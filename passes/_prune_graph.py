@@ -91,12 +91,20 @@ class Builder:
         self.unknown_ops: dict[int, str] = {}
         self.carriers: set[int] = set()
         self.normalized: set[int] = set()
-        self.touched: set[int] = set()
+        self.touched: set[int] = set()  # spaces the current op's rule linked or released
         for node in gm.graph.nodes:
             for dim, size in enumerate(tensor_shape(gm, node) or ()):
                 if isinstance(size, int):
                     self.ids[(node.name, dim)] = len(self.spaces)
                     self.spaces.append(Space(node.name, dim, size))
+
+    def shared_attr(self, node: fx.Node) -> bool:
+        """Whether the tensor ``node`` reads is also read by another op (tied weights)."""
+        if node.op != "get_attr":
+            return False
+        value = ir.get_attr(self.gm, node.target)
+        readers = {u for n in self.gm.graph.nodes if n.op == "get_attr" and ir.get_attr(self.gm, n.target) is value for u in n.users}
+        return len(readers) > 1
 
     def space(self, node: fx.Node, dim: int) -> int | None:
         shape = tensor_shape(self.gm, node) or ()
@@ -139,6 +147,7 @@ class Builder:
                     self.unknown_ops.setdefault(sid, reason)
 
     def freeze_untouched(self, nodes: list[fx.Node], op: str) -> None:
+        """Freeze every dim of ``nodes`` that the current op's rule neither linked nor released."""
         for node in nodes:
             for dim in range(self.ndim(node)):
                 sid = self.space(node, dim)
@@ -160,6 +169,8 @@ def analyze(gm: fx.GraphModule, ignore: tuple[str, ...] = (), prune_outputs: boo
                 builder.freeze_node(out, "graph output")
         elif node.op == "get_attr" and _is_ignored(node.target, ignore):
             builder.freeze_node(node, f"{node.target} is in ignore=")
+        elif node.op == "get_attr" and not node.users:
+            builder.freeze_node(node, f"{node.target} is not read by the graph")
         elif node.op == "call_function":
             apply_rule(node, builder)
     graph = _group(builder)
@@ -181,7 +192,7 @@ def _link_tied_attrs(gm: fx.GraphModule, builder: Builder) -> None:
     """Several get_attr nodes reading one tensor (tied weights) must be pruned alike."""
     first: dict[int, fx.Node] = {}
     for node in gm.graph.nodes:
-        if node.op != "get_attr":
+        if node.op != "get_attr" or not node.users:
             continue
         value = ir.get_attr(gm, node.target)
         if not isinstance(value, torch.Tensor):

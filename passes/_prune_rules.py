@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from fxcompress.passes._prune_graph import Builder, arg, op_name, tensor_shape
+from fxcompress.passes._prune_attention import repeat, repeat_interleave, sdpa
 from fxcompress.passes._prune_views import RESHAPES, reshape
 
 
@@ -80,11 +81,20 @@ def permute(node, b: Builder, inputs, outputs):
 
 
 def expand(node, b: Builder, inputs, outputs):
-    pointwise(node, b, [node.args[0]], outputs)
+    """Kept dims are channels; a dim broadcast from size 1 (``repeat_kv``'s query heads per key/value
+    head) holds copies, so it may lose indices with its consumers (the size constant follows)."""
+    x, out = node.args[0], outputs[0]
+    pointwise(node, b, [x], outputs)
+    offset = b.ndim(out) - b.ndim(x)
+    for d in range(b.ndim(out)):
+        if d < offset or b.size(x, d - offset) == 1:
+            b.release(out, d)
 
 
 def reduction(node, b: Builder, inputs, outputs):
-    """Reduced dims (mean, softmax, pooling windows) stay whole; the others are channels."""
+    """Kept dims are channels. Reduced dims stay whole, except for ``sum`` (zeroed channels add
+    nothing) and ``mean`` (the pruned model averages over the kept channels, as LayerNorm does:
+    RMSNorm's mean of squares)."""
     x, out = node.args[0], outputs[0]
     n = b.ndim(x)
     name = op_name(node)
@@ -101,6 +111,10 @@ def reduction(node, b: Builder, inputs, outputs):
     for d in range(n):
         if d in reduced:
             out_dim += keep_dims
+            if name in ("aten.sum", "aten.mean"):
+                b.release(x, d)
+            if name == "aten.mean" and b.space(x, d) is not None:
+                b.normalized.add(b.space(x, d))
             continue
         b.identity(x, d, out, out_dim)
         out_dim += 1
@@ -299,32 +313,12 @@ def group_norm(node, b: Builder, inputs, outputs):
 
 
 def embedding(node, b: Builder, inputs, outputs):
+    """The vocabulary (dim 0) stays whole; a table tied to an output projection (LM head) stays whole."""
     w, indices, out = node.args[0], node.args[1], outputs[0]
-    b.identity(w, 1, out, -1)
+    if not b.shared_attr(w):
+        b.identity(w, 1, out, -1)
     for d in range(b.ndim(indices)):
         b.identity(indices, d, out, d)
-
-
-def sdpa(node, b: Builder, inputs, outputs):
-    """out[.., h, l, e] = softmax(q[.., h, l, :] k[.., h, :, :]^T * scale + mask) v[.., h, :, e].
-
-    Heads are channels of q, k, v and out alike. The q/k feature dim is a channel only with an
-    explicit scale (the default scale depends on its size).
-    """
-    q, k, v, out = node.args[0], node.args[1], node.args[2], outputs[0]
-    mask = arg(node, "attn_mask")
-    for t in (q, k, v):
-        for j in range(3, min(b.ndim(t), b.ndim(out)) + 1):
-            b.identity(t, -j, out, -j)
-    b.identity(q, -2, out, -2)
-    b.identity(k, -2, v, -2)
-    b.identity(v, -1, out, -1)
-    if arg(node, "scale") is not None:
-        b.identity(q, -1, k, -1)
-    if isinstance(mask, fx.Node):  # broadcast against (.., h, l, s)
-        b.identity(mask, -1, k, -2)
-        for j in range(2, min(b.ndim(mask), b.ndim(out)) + 1):
-            b.identity(mask, -j, out, -j)
 
 
 def assert_metadata(node, b: Builder, inputs, outputs):
@@ -341,7 +335,7 @@ def creation(node, b: Builder, inputs, outputs):
             b.release(x, d)
 
 
-POINTWISE = """add sub rsub mul div true_divide neg abs pow sqrt rsqrt exp log log1p erf reciprocal square
+POINTWISE = """add sub rsub mul div true_divide neg abs pow sqrt rsqrt exp log log1p erf reciprocal square cos sin
 relu relu_ relu6 gelu gelu_ silu silu_ sigmoid sigmoid_ tanh tanh_ hardswish hardswish_ hardsigmoid
 hardsigmoid_ hardtanh hardtanh_ leaky_relu leaky_relu_ elu elu_ selu mish softplus clamp clamp_
 clamp_min clamp_max maximum minimum where masked_fill dropout feature_dropout alpha_dropout clone
@@ -367,6 +361,8 @@ RULES = {
     "aten.transpose": permute,
     "aten.t": permute,
     "aten.expand": expand,
+    "aten.repeat_interleave": repeat_interleave,
+    "aten.repeat": repeat,
     "aten.cat": cat,
     "aten.stack": stack,
     "aten.split": split,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from fxcompress.statistics import InputStatistics, layer_statistics
+from fxcompress.statistics import LAYER_OPS, InputStatistics, layer_statistics
 
 METHODS = ("svd-llm", "asvd")
 ASVD_ALPHA = 0.5
@@ -51,9 +51,12 @@ def basis_factors(weight: torch.Tensor, basis: torch.Tensor, rank: int) -> tuple
 def whiten_layers(gm, ctx, layers: list, method: str) -> None:
     """Replace the spectra of ``low_rank``'s linear/pointwise layers by those of ``W·S``; note how each was treated."""
     gemm_kinds = ("linear", "pointwise")
-    stats = layer_statistics(gm, ctx, [layer.node for layer in layers if layer.kind in gemm_kinds], gram=method == "svd-llm")
+    measured = [layer for layer in layers if layer.kind in gemm_kinds and layer.node.target in LAYER_OPS]
+    stats = layer_statistics(gm, ctx, [layer.node for layer in measured], gram=method == "svd-llm")
     for layer in layers:
-        if layer.kind not in gemm_kinds:
+        if layer.kind in gemm_kinds and layer not in measured:
+            layer.whitening = f"none ({layer.node.target} form: input statistics cover linear/conv nodes only)"
+        elif layer.kind not in gemm_kinds:
             layer.whitening = "none (k×k conv: factorized data-free)"
         elif layer.node.name not in stats:
             layer.whitening = "none (not executed on the calibration data)"

@@ -36,6 +36,7 @@ from fxcompress.verify import node_values
 from fxcompress.passes._gptq import gptq_quantize, layer_hessians, smoothed_hessian
 
 from ._int8_lowering import GemmProblem, Lowering, choose_lowering
+from ._projections import batched_weight_readers, gemm_arguments, is_projection, weight_matrix
 
 aten = torch.ops.aten
 fxops = torch.ops.fxcompress
@@ -64,13 +65,14 @@ def layer_name(node: fx.Node) -> str:
 
 
 def gemm_candidates(gm: fx.GraphModule) -> list[fx.Node]:
-    """The linear and 2-D convolution calls; :func:`gemm_problem` says which of them can become int8 GEMMs."""
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (LINEAR, CONV2D)]
+    """The projections (linear, addmm/mm with a stored weight: ``_projections``) and 2-D convolution calls;
+    :func:`gemm_problem` says which of them can become int8 GEMMs."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and (n.target is CONV2D or is_projection(n))]
 
 
 def gemm_problem(gm: fx.GraphModule, node: fx.Node) -> str:
     """Why ``node`` cannot be rewritten as an int8 GEMM ("" if it can)."""
-    args = ir.call_arguments(node)
+    args = gemm_arguments(node)
     weight = args["weight"]
     if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
         return "the weight is computed, not a parameter"
@@ -181,6 +183,8 @@ class Int8(Pass):
                 result.skip(layer_name(node), problem)
             else:
                 eligible.append(node)
+        for weight, op in batched_weight_readers(gm):
+            result.skip(weight, f"batched (mixture-of-experts) weights read by {op} stay float: only 2-D projections become int8 GEMMs")
         groups = self._sibling_groups(gm, eligible, scales)
         values = self._input_values(gm, ctx, groups)
         examples = [self._example(gm, group, values) for group in groups]  # before rewrites rename inputs
@@ -205,7 +209,7 @@ class Int8(Pass):
         problem = gemm_problem(gm, node)
         if problem:
             return problem
-        weight = ir.get_attr(gm, node.args[1].target)
+        weight = weight_matrix(gm, node)
         if weight.numel() < self.min_weight_numel:
             return (f"weight has {weight.numel()} elements < min_weight_numel={self.min_weight_numel}: "
                     "quantizing activations costs more than the int8 GEMM saves")
@@ -221,7 +225,7 @@ class Int8(Pass):
         """
         groups: dict[tuple, list[fx.Node]] = {}
         for node in nodes:
-            bias = ir.call_arguments(node)["bias"]
+            bias = gemm_arguments(node)["bias"]
             fusible = (
                 self.fuse_siblings and node.target is LINEAR and self._fused_activation(node)[0] == "none"
                 and (bias is None or bias.op == "get_attr")
@@ -235,7 +239,7 @@ class Int8(Pass):
         """The example values of every group's input and computed bias (the real shapes the lowering is timed at)."""
         names = set()
         for group in groups:
-            args = ir.call_arguments(group[0])
+            args = gemm_arguments(group[0])
             names.add(args["input"].name)
             if isinstance(args["bias"], fx.Node) and args["bias"].op != "get_attr":
                 names.add(args["bias"].name)
@@ -248,7 +252,7 @@ class Int8(Pass):
 
     def _example(self, gm: fx.GraphModule, group: list[fx.Node], values: dict) -> tuple:
         """(input value, computed bias value or None, the ``float`` candidate) of a group on the example inputs."""
-        args = [ir.call_arguments(node) for node in group]
+        args = [gemm_arguments(node) for node in group]
         x_value = values[args[0]["input"].name]
         bias = args[0]["bias"]
         bias_value = values[bias.name] if len(group) == 1 and isinstance(bias, fx.Node) and bias.op != "get_attr" else None
@@ -256,11 +260,11 @@ class Int8(Pass):
 
     def _rewrite(self, gm: fx.GraphModule, group: list[fx.Node], input_scale: float | None, example: tuple, hessian=None) -> tuple[list[dict], Lowering]:
         first = group[0]
-        args = [ir.call_arguments(node) for node in group]
+        args = [gemm_arguments(node) for node in group]
         x_value, computed_bias, float_run = example
-        weights = [ir.get_attr(gm, a["weight"].target) for a in args]
+        weights = [weight_matrix(gm, node) for node in group]
         sigma = None
-        if self.smooth_alpha is not None and first.target is LINEAR:
+        if self.smooth_alpha is not None and first.target is not CONV2D:
             sigma = self._smoothing(weights, x_value.abs().reshape(-1, x_value.shape[-1]).amax(0).float())
             weights = [w * sigma.to(w.dtype) for w in weights]
         quantized = [quantize_weight_per_channel(w.reshape(w.shape[0], -1)) if hessian is None
@@ -297,7 +301,7 @@ class Int8(Pass):
     def _emit(self, gm, group, lowering, weights, tensors, activation, output) -> None:
         first = group[0]
         weight_q, weight_scale, s_x, sigma = tensors
-        args = [ir.call_arguments(node) for node in group]
+        args = [gemm_arguments(node) for node in group]
         base = args[0]["weight"].target
         wq_node = ir.add_constant(gm, f"{base}_int8", weight_q, first)
         scale_node = ir.add_constant(gm, f"{base}_scale", weight_scale, first)

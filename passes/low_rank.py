@@ -35,12 +35,13 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from fxcompress.ir import add_constant, attr_use_count, call_arguments, fake_value, finalize, get_attr, module_path
+from fxcompress.ir import add_constant, attr_use_count, fake_value, finalize, get_attr, module_path
 from fxcompress.pass_base import Pass, PassContext, PassResult, register_pass
 from fxcompress.selectors import first_match
 from fxcompress.verify import node_values
 from fxcompress.passes import _rank_selection as rs
 from fxcompress.passes import _whitening
+from fxcompress.passes._projections import batched_weight_readers, gemm_arguments, is_projection, weight_matrix
 
 _LINEAR = torch.ops.aten.linear.default
 _CONV_DIMS = {torch.ops.aten.conv1d.default: 1, torch.ops.aten.conv2d.default: 2}
@@ -133,6 +134,8 @@ class LowRank(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult(changed=False)
         layers = self._collect(gm, ctx, result)
+        for weight, op in batched_weight_readers(gm):
+            result.skip(weight, f"batched (mixture-of-experts) weights read by {op} are not factorized")
         for layer in layers:
             layer.svds = _svds(layer.weight, layer.kind)
         if self.whiten is not None:
@@ -150,7 +153,7 @@ class LowRank(Pass):
     def _collect(self, gm: fx.GraphModule, ctx: PassContext, result: PassResult) -> list[_Layer]:
         found = []
         for node in gm.graph.nodes:
-            if node.op != "call_function" or (node.target is not _LINEAR and node.target not in _CONV_DIMS):
+            if node.op != "call_function" or (not is_projection(node) and node.target not in _CONV_DIMS):
                 continue
             name = _layer_name(node)
             reason = self._unsupported(gm, node, name)
@@ -161,11 +164,11 @@ class LowRank(Pass):
         shapes = _record_shapes(gm, ctx, found)
         layers = []
         for node in found:
-            args, name = call_arguments(node), _layer_name(node)
+            args, name = gemm_arguments(node), _layer_name(node)
             if node not in shapes:
                 result.skip(name, "not executed on the example inputs, so its MACs are unknown")
                 continue
-            weight = get_attr(gm, args["weight"].target).detach()
+            weight = weight_matrix(gm, node).detach()
             geometry = None
             if node.target in _CONV_DIMS:
                 dims = _CONV_DIMS[node.target]
@@ -180,7 +183,7 @@ class LowRank(Pass):
         matched = first_match(self.ignore, name)
         if matched:
             return f"matched ignore pattern {matched!r}"
-        args = call_arguments(node)
+        args = gemm_arguments(node)
         weight = args["weight"]
         if not isinstance(weight, fx.Node) or weight.op != "get_attr":
             return "weight is computed in the graph, not a stored parameter; cannot factorize it"
@@ -248,7 +251,7 @@ class LowRank(Pass):
 
 def _layer_name(node: fx.Node) -> str:
     """The user's module name, or for a top-level layer the weight's attribute name."""
-    return module_path(node) or str(getattr(call_arguments(node)["weight"], "target", node.name))
+    return module_path(node) or str(getattr(gemm_arguments(node)["weight"], "target", node.name))
 
 
 def _expand(value: int | list[int], dims: int) -> list[int]:
@@ -257,7 +260,7 @@ def _expand(value: int | list[int], dims: int) -> list[int]:
 
 
 def _kind(node: fx.Node, weight: torch.Tensor, method: str) -> str:
-    if node.target is _LINEAR:
+    if node.target not in _CONV_DIMS:
         return "linear"
     return "pointwise" if math.prod(weight.shape[2:]) == 1 else method
 
@@ -375,7 +378,7 @@ def _stage_call(stage: Stage) -> tuple[Callable, tuple]:
 
 def _emit(gm: fx.GraphModule, layer: _Layer, stages: list[Stage]) -> None:
     node, graph = layer.node, gm.graph
-    args = call_arguments(node)
+    args = gemm_arguments(node)
     value = args["input"]
     for i, stage in enumerate(stages):
         weight = add_constant(gm, f"{layer.name or node.name}_lowrank{i}", stage.weight, before=node)
@@ -395,7 +398,7 @@ def _record_shapes(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node]) -
     """Concrete (input shape, output shape) of ``nodes`` on the example inputs."""
     if not nodes:
         return {}
-    inputs = {n: call_arguments(n)["input"].name for n in nodes}
+    inputs = {n: gemm_arguments(n)["input"].name for n in nodes}
     values = node_values(gm, ctx.args, ctx.kwargs, {n.name for n in nodes} | set(inputs.values()))
     return {n: (tuple(values[inputs[n]].shape), tuple(values[n.name].shape)) for n in nodes}
 
@@ -406,7 +409,7 @@ def _measured_speedup(layer: _Layer, stages: list[Stage]) -> float:
     original_tail = (*layer.geometry, 1) if layer.geometry else ()
 
     def original() -> torch.Tensor:
-        return layer.node.target(x, layer.weight, None, *original_tail)
+        return (layer.node.target if layer.geometry else _LINEAR)(x, layer.weight, None, *original_tail)
 
     def factorized() -> torch.Tensor:
         return run_stages(x, stages)

@@ -52,8 +52,11 @@ def outputs(module, ctx: PassContext) -> list[torch.Tensor]:
 
 def mask_equivalence(model: nn.Module, inputs, ratio: float = 0.5, seed: int = 0) -> tuple[float, int]:
     """Max |zeroed original - pruned| over all outputs, and how many parameter indices were removed."""
-    ctx = ctx_of(inputs)
-    gm = capture(randomize_norms(model), inputs)
+    return graph_mask_equivalence(capture(randomize_norms(model), inputs), ctx_of(inputs), ratio, seed)
+
+
+def graph_mask_equivalence(gm, ctx: PassContext, ratio: float = 0.5, seed: int = 0) -> tuple[float, int]:
+    """:func:`mask_equivalence` on a captured graph (left unchanged)."""
     graph = analyze(gm)
     rng = np.random.default_rng(seed)
     scores = [rng.random(len(g.units)) for g in graph.groups]

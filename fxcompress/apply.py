@@ -1,0 +1,163 @@
+"""Apply a compressed graph's decisions back onto a copy of the user's module (route (a) of generation).
+
+The graph stays the place where every decision is made and verified; :func:`apply_to_model` only
+transfers the result: each parameter/buffer of the graph that names a tensor of the model (export keeps
+the model's dotted names) replaces that tensor in a deep copy — with every alias of it, so tied
+weights stay tied — and the modules' size attributes follow the new shapes (``nn.Linear``,
+``nn.Embedding``, ``nn.LayerNorm``, HF ``Conv1D``, attention head counts). The result is the model's
+own class, so ``generate`` (with its KV cache), ``save_pretrained`` and fine-tuning keep working.
+
+Covered today: passes that only change the values or sizes of existing tensors (``eliminate_identity``,
+``prune_channels``). A graph holding tensors the model has no place for (``low_rank`` factors, ``int8``
+weights, folded BatchNorm) is refused with the names, until those layers get module replacements.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+import torch.fx as fx
+
+from .errors import FxCompressWarning, InvalidInputError
+
+
+def apply_to_model(gm: fx.GraphModule, model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``model`` (eval mode) computing what ``gm`` computes; ``model`` is not mutated."""
+    result = copy.deepcopy(model).eval()
+    aliases = _aliases(result)
+    graph_tensors = dict(gm.named_parameters()) | dict(gm.named_buffers())
+    foreign = sorted(name for name in graph_tensors if name not in aliases)
+    if foreign:
+        raise InvalidInputError(
+            f"apply_to_model: the graph holds tensors the model has no place for ({', '.join(foreign[:4])}"
+            f"{', ...' if len(foreign) > 4 else ''}): layers rewritten by low_rank/int8/fold_bn cannot be applied "
+            "back to the module yet. Apply a pipeline of eliminate_identity/prune_channels, or use the graph itself."
+        )
+    present = {id(aliases[name]) for name in graph_tensors}  # one holder list per tensor, shared by its aliases
+    dropped = sorted(name for name, _ in result.named_parameters() if id(aliases[name]) not in present)
+    if dropped:
+        raise InvalidInputError(
+            f"apply_to_model: the graph no longer reads the model's parameters {', '.join(dropped[:4])}"
+            f"{', ...' if len(dropped) > 4 else ''} (folded or removed by a pass); the module would still apply them. "
+            "Apply a pipeline of eliminate_identity/prune_channels, or use the graph itself."
+        )
+    for name, value in graph_tensors.items():
+        for owner, leaf in aliases[name]:
+            old = getattr(owner, leaf)
+            if isinstance(old, torch.nn.Parameter):
+                owner._parameters[leaf] = torch.nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad)
+            else:
+                owner._buffers[leaf] = value.detach().clone()
+    for module in reversed(list(result.modules())):  # projections before the attention reading them
+        _fit_sizes(module)
+    _fit_config(result)
+    return result
+
+
+def _aliases(model: torch.nn.Module) -> dict[str, list[tuple[torch.nn.Module, str]]]:
+    """Dotted name -> every (owner module, attribute) holding the same tensor (tied weights)."""
+    holders: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    names: dict[str, int] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for leaf, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+            if tensor is None:
+                continue
+            holders.setdefault(id(tensor), [])
+            if (module, leaf) not in holders[id(tensor)]:
+                holders[id(tensor)].append((module, leaf))
+            names[f"{prefix}.{leaf}" if prefix else leaf] = id(tensor)
+    return {name: holders[key] for name, key in names.items()}
+
+
+def _fit_sizes(module: torch.nn.Module) -> None:
+    """Size attributes that the forward (or repr / save_pretrained) reads, from the tensors' new shapes."""
+    weight = getattr(module, "weight", None)
+    if isinstance(module, torch.nn.Linear):
+        module.out_features, module.in_features = weight.shape
+    elif isinstance(module, torch.nn.Embedding):
+        module.num_embeddings, module.embedding_dim = weight.shape
+    elif isinstance(module, torch.nn.LayerNorm) and weight is not None:
+        module.normalized_shape = (weight.shape[0],)
+    elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers.pytorch_utils.Conv1D
+        module.nf = weight.shape[1]
+    _fit_attention(module)
+
+
+def _fit_attention(module: torch.nn.Module) -> None:
+    """HF attention modules: head counts from the projections' rows (whole heads of ``head_dim``)."""
+    head_dim = getattr(module, "head_dim", None)
+    if not isinstance(head_dim, int):
+        return
+    if hasattr(module, "q_proj") and hasattr(module, "k_proj"):
+        heads, kv_heads = module.q_proj.out_features // head_dim, module.k_proj.out_features // head_dim
+    elif hasattr(module, "qkv_proj") and hasattr(module, "num_key_value_heads"):
+        return  # Phi-3 slices its fused rows by config head counts: fitted in _fit_config
+    elif type(module).__name__ == "Conv1D" or not hasattr(module, "c_attn"):
+        return
+    else:  # GPT-2: c_attn = q | k | v, split by split_size
+        module.split_size = module.embed_dim = module.c_attn.nf // 3
+        module.num_heads = module.embed_dim // head_dim
+        return
+    if hasattr(module, "num_key_value_groups"):
+        module.num_key_value_groups = heads // kv_heads
+    for name, value in (("num_heads", heads), ("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
+        if hasattr(module, name):
+            setattr(module, name, value)
+
+
+def _fit_config(model: torch.nn.Module) -> None:
+    """The HF config follows the new sizes where every layer agrees (``scope='local'`` prunes equal groups
+    equally), so ``save_pretrained`` + ``from_pretrained`` rebuild the pruned model."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return
+    found: dict[str, set[int]] = {}
+    for module in model.modules():
+        for field, value in _config_sizes(module):
+            found.setdefault(field, set()).add(value)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(embeddings, torch.nn.Embedding):
+        found["hidden_size"] = {embeddings.embedding_dim}
+    differing = sorted(field for field, values in found.items() if len(values) > 1)
+    width = found.pop("attention_width", None)  # GPT-2 ties its attention width to hidden_size
+    hidden = found.get("hidden_size", {getattr(config, "hidden_size", None)})
+    if width is not None and width != hidden:
+        differing.append("attention width vs hidden_size")
+    if any(hasattr(m, "qkv_proj") for m in model.modules()) and {"num_attention_heads", "num_key_value_heads"} & set(differing):
+        raise InvalidInputError(
+            "apply_to_model: the layers' fused qkv projections were pruned to different head counts; the model "
+            "slices them by its config's single head count. Prune every layer alike (scope='local')."
+        )
+    for field, values in found.items():
+        if len(values) == 1 and (hasattr(config, field) or field == "head_dim"):  # HF reads head_dim if set
+            setattr(config, field, values.pop())
+    if differing:
+        warnings.warn(
+            f"fxcompress: layers differ in {', '.join(differing)}, which the config holds once; the returned model "
+            "runs, but save_pretrained/from_pretrained cannot rebuild it. Prune every layer alike (scope='local').",
+            FxCompressWarning, stacklevel=3,
+        )
+
+
+def _config_sizes(module: torch.nn.Module) -> list[tuple[str, int]]:
+    """(config field, size) pairs one attention or MLP module implies."""
+    head_dim, sizes = getattr(module, "head_dim", None), []
+    if isinstance(head_dim, int) and hasattr(module, "q_proj") and hasattr(module, "k_proj"):
+        sizes += [("num_attention_heads", module.q_proj.out_features // head_dim),
+                  ("num_key_value_heads", module.k_proj.out_features // head_dim), ("head_dim", head_dim)]
+    elif isinstance(head_dim, int) and hasattr(module, "qkv_proj"):
+        group = module.num_key_value_groups
+        kv_heads = module.qkv_proj.out_features // head_dim // (group + 2)
+        module.num_key_value_heads = kv_heads
+        sizes += [("num_attention_heads", kv_heads * group), ("num_key_value_heads", kv_heads), ("head_dim", head_dim)]
+    elif isinstance(head_dim, int) and hasattr(module, "c_attn"):
+        sizes += [("num_attention_heads", module.num_heads), ("attention_width", module.split_size)]
+    if hasattr(module, "gate_proj") and hasattr(module, "up_proj"):
+        sizes.append(("intermediate_size", module.up_proj.out_features))
+    elif hasattr(module, "gate_up_proj"):
+        sizes.append(("intermediate_size", module.gate_up_proj.out_features // 2))
+    elif hasattr(module, "c_fc") and hasattr(module.c_fc, "nf"):
+        sizes.append(("n_inner", module.c_fc.nf))
+    return sizes
