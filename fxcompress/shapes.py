@@ -14,7 +14,6 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-import sympy
 import torch
 import torch.fx as fx
 from torch.export import Dim
@@ -175,12 +174,14 @@ def shape_env(gm: fx.GraphModule):
 
 
 def _symbol(size) -> sympy.Symbol | None:
+    import sympy  # 1.3 s to import: only once a graph is captured
     if isinstance(size, torch.SymInt) and isinstance(size.node.expr, sympy.Symbol):
         return size.node.expr
     return None
 
 
 def _bounds(env, expr) -> tuple[int, int | None]:
+    import sympy  # 1.3 s to import: only once a graph is captured
     from torch.utils._sympy.numbers import int_oo
 
     bound = env.bound_sympy(expr)
@@ -219,6 +220,7 @@ def _source_name(name: str, dim: int) -> str:
 
 
 def _why_static(env, symbol, size: int, static_kind: str, static_reason: str) -> tuple[str, str]:
+    import sympy  # 1.3 s to import: only once a graph is captured
     guard = _specializing_guard(env, symbol) if symbol is not None else None
     if guard is not None:
         where = str(guard.sloc).strip("() ")
@@ -240,6 +242,7 @@ def _inside_torch(location: str) -> bool:
 
 
 def _specializing_guard(env, symbol):
+    import sympy  # 1.3 s to import: only once a graph is captured
     replacement = env.replacements.get(symbol)
     if replacement is None or not replacement.is_number:
         return None
@@ -283,6 +286,7 @@ def second_shape(gm: fx.GraphModule, args: tuple, kwargs: dict, run: Callable[[t
     candidate is kept if ``run`` (the graph before any pass) accepts it; ``None`` if the graph has no
     dynamic dim or runs at no nearby shape.
     """
+    import sympy  # 1.3 s to import: only once a graph is captured
     env = shape_env(gm)
     if env is None:
         return None
