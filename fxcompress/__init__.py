@@ -4,7 +4,7 @@
 runs verified rewrite passes on it and returns a smaller/faster ``GraphModule`` with a per-pass report.
 """
 
-from . import int8_ops  # noqa: F401  (registers the fxcompress:: custom ops)
+from . import int8_ops, int8_conv_ops  # noqa: F401  (registers the fxcompress:: custom ops)
 from .api import DEFAULT_PASSES, optimize
 from .calibrate import calibrate
 from .capture import capture

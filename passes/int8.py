@@ -34,6 +34,7 @@ from fxcompress.errors import PassConfigError
 from fxcompress.pass_base import Pass, PassContext, PassResult, register_pass
 from fxcompress.verify import node_values
 
+from ._int8_conv_rewrite import lower_convs
 from ._int8_lowering import GemmProblem, Lowering, choose_lowering
 
 aten = torch.ops.aten
@@ -111,7 +112,11 @@ class Int8(Pass):
     scheme (per-tensor engines vs per-token). ``tune_time_s``: timing per candidate. ``smooth_alpha``
     (dynamic W8A8 linears): SmoothQuant — migrate activation outliers into the weights with per-input-channel
     ``σ_j = max|X_j|^α / max|W_j|^(1−α)`` measured on the example inputs:
-    ``x Wᵀ = (x / σ)(W · σ)ᵀ``, so ``x / σ`` quantizes per token with less error.
+    ``x Wᵀ = (x / σ)(W · σ)ᵀ``, so ``x / σ`` quantizes per token with less error. ``mode="static"``
+    lowers every conv1d/conv2d (any kernel, stride, dilation, groups) to ``fxcompress::int8_conv``
+    chains (BN folded first: run ``fold_bn`` before; relu/ReLU6 and residual add fused) that pass int8
+    values between them; ``conv_regions=False`` quantizes and dequantizes around every conv instead
+    (``passes/_int8_conv.py``).
     """
 
     name = "int8"
@@ -129,6 +134,7 @@ class Int8(Pass):
     impl: str | None = None
     error_factor: float = 3.0
     tune_time_s: float = 0.05
+    conv_regions: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -170,8 +176,12 @@ class Int8(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult(changed=False)
         scales = dict(self.activation_scales)
+        if self.mode == "static":  # every conv1d/conv2d: static int8 convs and regions (passes/_int8_conv*.py)
+            lower_convs(gm, ctx, self, scales, result)
         eligible = []
         for node in gemm_candidates(gm):
+            if self.mode == "static" and node.target is CONV2D:
+                continue
             problem = self._problem(gm, node, layer_name(node), scales)
             if problem:
                 result.skip(layer_name(node), problem)
