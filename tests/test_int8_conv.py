@@ -240,3 +240,18 @@ def test_mse_clipping_beats_minmax_on_a_long_tail():
     assert r < 0.95 * values.max()
     q = lambda r: torch.round(values.clamp(max=r) / (r / 255)) * (r / 255)  # noqa: E731
     assert (q(r) - values).square().mean() < (q(values.max().item()) - values).square().mean()
+
+
+def test_readme_int8_cnn_example_runs():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("<!-- int8-cnn-example")[1].split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace("resnet_small()", "ResNetSmall(width=8, blocks=(1, 1))").replace("print(int8.report)", "str(int8.report)")
+    code = code.replace("torch.randn(8, 3, 32, 32) for _ in range(4)", "torch.randn(2, 3, 16, 16) for _ in range(2)")
+    namespace = {"ResNetSmall": ResNetSmall}
+    exec(compile(code, "README.md", "exec"), namespace)
+    int8, result = namespace["int8"], namespace["int8"].report.results["int8"]
+    convs = [n for n in namespace["model"].modules() if isinstance(n, nn.Conv2d)]
+    kept_float = [layer for layer, reason in result.skipped if reason.startswith("kept float")]
+    assert _targets(int8).count(fxops.int8_conv.default) + len(kept_float) == len(convs)
