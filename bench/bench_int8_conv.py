@@ -129,6 +129,10 @@ def speed(args) -> None:
         quantize = [n for n in gm.graph.nodes if n.target is torch.ops.fxcompress.quantize_u8.default]
         layers[name] = {"int8_convs": len(convs), "region_entries": len(quantize)}
         print(tabulate([r for r in rows if r["model"] == name], headers="keys", tablefmt="github"), flush=True)
+        _write(args, rows, layers)  # after every model: a partial run still leaves its rows
+
+
+def _write(args, rows: list[dict], layers: dict) -> None:
     notes = {
         "threads": torch.get_num_threads(), "rounds": args.rounds, "calibration": f"{args.calib} random batches, {args.method}",
         "weights": "random (torchvision constructors, weights=None), BN statistics randomised",
@@ -136,9 +140,8 @@ def speed(args) -> None:
         "graph": layers,
     }
     table = tabulate(rows, headers="keys", tablefmt="github")
-    path = write_results(f"int8_conv_{args.tag}", {"setup": notes, "rows": rows},
-                         table + "\n\n" + "\n".join(f"- {k}: {v}" for k, v in notes.items()))
-    print(table, "\n", path)
+    write_results(f"int8_conv_{args.tag}", {"setup": notes, "rows": rows},
+                  table + "\n\n" + "\n".join(f"- {k}: {v}" for k, v in notes.items()))
 
 
 def digits(args) -> None:

@@ -18,8 +18,9 @@ at a region entry, ``"<layer>:conv"`` for the pre-add output where an engine add
 ``fxcompress.calibrate`` measures them all on a BN-folded copy of the model (:func:`calibration_sites`).
 
 *Engine choice*: per conv, ``float`` and ``qengine:<x86|fbgemm|onednn>`` (``int8_conv_static``
-family of ``fxcompress.tuning``) are timed at the conv's real shapes, int8 from and to int8 (its
-cost inside a region); a candidate whose output error exceeds ``error_factor`` × the error of the
+family of ``fxcompress.tuning``) are timed at the conv's real shapes, int8 from and to int8 inside a
+region, with the quantize/dequantize where the conv sits at a region boundary (planned with every
+eligible conv int8, e.g. each conv between two SiLUs is an island); a candidate whose output error exceeds ``error_factor`` × the error of the
 scheme simulated in float is rejected. Float wins → the conv stays ATen and ends a region.
 """
 
@@ -232,11 +233,18 @@ class ConvProblem:
     relu: bool
     float_run: Callable[[], torch.Tensor]
     key: dict = field(default_factory=dict)
+    enters_float: bool = False  # the region boundary is here: the candidate pays the quantize ...
+    exits_float: bool = False  # ... and the dequantize
 
     def int8(self, engine: str) -> torch.Tensor:
         stride, padding, dilation, groups = self.geometry
-        return fxops.int8_conv(self.x_q, *self.x_qparams, self.weight_q, self.weight_scale, self.bias,
-                               stride, padding, dilation, groups, *self.out_qparams, self.relu, engine)
+        x_q = fxops.quantize_u8(self.x, *self.x_qparams) if self.enters_float else self.x_q
+        y = fxops.int8_conv(x_q, *self.x_qparams, self.weight_q, self.weight_scale, self.bias,
+                            stride, padding, dilation, groups, *self.out_qparams, self.relu, engine)
+        return fxops.dequantize_u8(y, *self.out_qparams) if self.exits_float else y
+
+    def as_float(self, y: torch.Tensor) -> torch.Tensor:
+        return fxops.dequantize_u8(y, *self.out_qparams) if y.dtype == torch.uint8 else y
 
     def simulated(self) -> torch.Tensor:
         """The scheme in float: fake-quantized input and weight, the conv, the output's quantization."""
@@ -297,8 +305,7 @@ def choose_conv_lowering(problem: ConvProblem, *, tune: bool, allow_slower: bool
     with torch.no_grad():
         reference = problem.float_run()
         scheme_error = _relative_error(problem.simulated(), reference)
-        errors = {n: _relative_error(int8_conv_ops.dequantize_u8(candidates[n].run(problem), *problem.out_qparams), reference)
-                  for n in available if n != "float"}
+        errors = {n: _relative_error(problem.as_float(candidates[n].run(problem)), reference) for n in available if n != "float"}
     budget = max(error_factor * scheme_error, 1e-6)
     rejected = {n: f"output error {e:.2g} > {error_factor:g}x the scheme's {scheme_error:.2g}" for n, e in errors.items() if e > budget}
     errors["float"] = 0.0

@@ -69,9 +69,10 @@ class ConvLowerer:
             else:
                 eligible.append(node)
         values = node_values(self.gm, self.ctx.args, self.ctx.kwargs, {ir.call_arguments(n)["input"].name for n in eligible})
+        boundaries = self._boundaries(set(eligible))
         chosen = set()
         for node in eligible:
-            lowering, detail = self._measure(node, values[ir.call_arguments(node)["input"].name])
+            lowering, detail = self._measure(node, values[ir.call_arguments(node)["input"].name], *boundaries[node])
             self.details[node] = detail
             if lowering.engine is None:
                 self.result.skip(layer_name(node), f"kept float: {lowering.choice.reason} ({lowering.choice.timings_text() or 'not timed'})")
@@ -80,7 +81,17 @@ class ConvLowerer:
                 chosen.add(node)
         return chosen
 
-    def _measure(self, node: fx.Node, x: torch.Tensor):
+    def _boundaries(self, convs: set[fx.Node]) -> dict[fx.Node, tuple[bool, bool]]:
+        """Per conv, (float enters, float reads the output) if every eligible conv were int8."""
+        if not self.config.conv_regions:
+            return {conv: (True, True) for conv in convs}
+        chains, pools = plan_chains(self.gm, convs)
+        int8_values = set(chains) | set(pools)
+        fused = {n for chain in chains.values() for n in chain.nodes} | set(pools)
+        return {chain.conv: (ir.call_arguments(chain.conv)["input"] not in int8_values,
+                             any(u not in fused for u in chain.end.users)) for chain in chains.values()}
+
+    def _measure(self, node: fx.Node, x: torch.Tensor, enters_float: bool, exits_float: bool):
         layer = layer_name(node)
         args = ir.call_arguments(node)
         weight = ir.get_attr(self.gm, args["weight"].target).detach()
@@ -102,7 +113,8 @@ class ConvLowerer:
             device=x.device, x=x, x_q=fxops.quantize_u8(x, *x_qparams), x_qparams=x_qparams, weight_q=weight_q,
             weight_scale=weight_scale, bias=bias, geometry=geometry, out_qparams=out_qparams, relu=relu, float_run=float_run,
             key={"op": str(conv), "x": list(x.shape), "weight": list(weight.shape), "geometry": geometry, "relu": relu,
-                 "bias": bias is not None},
+                 "bias": bias is not None, "enters_float": enters_float, "exits_float": exits_float},
+            enters_float=enters_float, exits_float=exits_float,
         )
         c = self.config
         lowering = choose_conv_lowering(problem, tune=c.tune, allow_slower=c.allow_slower, impl=c.impl,
@@ -114,6 +126,7 @@ class ConvLowerer:
             f" stride {geometry[0]} dilation {geometry[2]} groups {geometry[3]}",
             "weight_shape": tuple(weight.shape), "weight_rel_error": ((w - weight_q.double() * scale).norm() / w.norm().clamp(min=1e-30)).item(),
             "input_qparams": x_qparams, "impl": lowering.impl,
+            "timed_as": "+".join(p for p, on in (("quantize", enters_float), ("int8_conv", True), ("dequantize", exits_float)) if on),
             "chosen_by": lowering.choice.reason + (" (cached)" if lowering.choice.cached else ""),
             "timings": lowering.choice.timings_text() or "-",
             "output_rel_error": lowering.errors.get(lowering.impl),

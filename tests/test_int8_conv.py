@@ -249,6 +249,7 @@ def test_readme_int8_cnn_example_runs():
     code = readme.split("<!-- int8-cnn-example")[1].split("```python\n", 1)[1].split("```", 1)[0]
     code = code.replace("resnet_small()", "ResNetSmall(width=8, blocks=(1, 1))").replace("print(int8.report)", "str(int8.report)")
     code = code.replace("torch.randn(8, 3, 32, 32) for _ in range(4)", "torch.randn(2, 3, 16, 16) for _ in range(2)")
+    code = code.replace("activation_scales=scales)", "activation_scales=scales, tune_time_s=0.005)")
     namespace = {"ResNetSmall": ResNetSmall}
     exec(compile(code, "README.md", "exec"), namespace)
     int8, result = namespace["int8"], namespace["int8"].report.results["int8"]
