@@ -64,7 +64,11 @@ def pt2e_x86(model: nn.Module, example: torch.Tensor, calibration: list[torch.Te
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
     quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
-    exported = torch.export.export(copy.deepcopy(model), (example,)).module()
+    model = copy.deepcopy(model)
+    for module in model.modules():  # the quantizer's partitions reject in-place activations (same numerics)
+        if hasattr(module, "inplace"):
+            module.inplace = False
+    exported = torch.export.export(model, (example,)).module()
     prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():
         for batch in calibration:

@@ -22,6 +22,7 @@ implementations say so, so Inductor sees the real strides.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Optional
 
@@ -56,16 +57,14 @@ def _as_uint8(qt: Tensor, dim: int) -> Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(qt.untyped_storage(), qt.storage_offset(), qt.shape, qt.stride())
 
 
+@contextlib.contextmanager
 def _engine_scope(engine: str):
-    class Scope:
-        def __enter__(self):
-            self.previous = torch.backends.quantized.engine
-            torch.backends.quantized.engine = engine
-
-        def __exit__(self, *exc):
-            torch.backends.quantized.engine = self.previous
-
-    return Scope()
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
 
 
 def _check_cpu(x: Tensor, engine: str, op: str) -> None:

@@ -163,6 +163,9 @@ class ConvLowerer:
                     self.int8[node] = (self._call(fxops.int8_max_pool2d.default, pool_args, node), params)
         fused = {n for chain in chains.values() for n in chain.nodes} | set(pools)
         exits = self._dequantize_exits(fused)
+        for node in reversed(list(self.gm.graph.nodes)):  # DCE keeps in-place ops (relu_, hardtanh_): erase explicitly
+            if node in fused and not node.users:
+                self.gm.graph.erase_node(node)
         for chain in chains.values():
             self.result.rewritten.append(layer_name(chain.conv))
         return self._region_rows(chains, exits)

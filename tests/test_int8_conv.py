@@ -256,3 +256,14 @@ def test_readme_int8_cnn_example_runs():
     convs = [n for n in namespace["model"].modules() if isinstance(n, nn.Conv2d)]
     kept_float = [layer for layer, reason in result.skipped if reason.startswith("kept float")]
     assert _targets(int8).count(fxops.int8_conv.default) + len(kept_float) == len(convs)
+
+
+def test_in_place_activations_do_not_keep_the_float_convs_alive():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.ReLU6(inplace=True)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm, _ = _static(model, x, [x])
+    targets = _targets(gm)
+    assert targets.count(fxops.int8_conv.default) == 2 and torch.ops.aten.conv2d.default not in targets
+    with torch.no_grad():
+        assert gm(x).max() <= 6.0 and ((gm(x) - model(x)).norm() / model(x).norm()) < 0.05
