@@ -29,6 +29,7 @@ import torch.nn as nn
 from tabulate import tabulate
 
 import fxcompress
+from fxcompress import tuning
 from fxcompress.passes import FoldBN, Int8
 from fxcompress.verify import fidelity
 
@@ -138,6 +139,7 @@ def speed(args) -> None:
 
 def _write(args, rows: list[dict], layers: dict) -> None:
     notes = {
+        "cpu_int8": tuning.device_description(torch.device("cpu")),
         "threads": torch.get_num_threads(), "rounds": args.rounds, "calibration": f"{args.calib} random batches, {args.method}",
         "weights": "random (torchvision constructors, weights=None), BN statistics randomised",
         "shared_machine": "other helpers were running on this 2-core machine; ratios are interleaved in one process",
@@ -163,7 +165,8 @@ def digits(args) -> None:
     rows = [{"model": "digits CNN (3 conv-BN-ReLU)", "test images": len(test.tensors[1]), "calibration": f"256 train images, {args.method}",
              "top1_fp32": round(before, 2), "top1_int8": round(after, 2), "change_points": round(after - before, 2)}]
     table = tabulate(rows, headers="keys", tablefmt="github") + "\n\nPer layer:\n\n" + tabulate(details, headers="keys", tablefmt="github")
-    write_results(f"int8_conv_digits_{args.tag}", {"rows": rows, "layers": details}, table)
+    write_results(f"int8_conv_digits_{args.tag}", {"cpu_int8": tuning.device_description(torch.device("cpu")), "rows": rows,
+                                                   "layers": details}, table)
     print(table)
 
 
