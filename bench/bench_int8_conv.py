@@ -128,7 +128,7 @@ def speed(args) -> None:
                     "latency_ms": round(median, 1), "iqr_ms": round(iqr, 1),
                     "speedup_vs_fp32": round(timing["fp32 eager"][0] / median, 2),
                     "cosine_vs_fp32": round(fidelity(reference, fn(x)).cosine, 5),
-                    "prepare_s": round(fx_seconds if variant == "fxcompress int8" else pt2e_seconds or 0.0, 1),
+                    "prepare_s": round({"fxcompress int8": fx_seconds, "PT2E x86 + Inductor": pt2e_seconds}.get(variant) or 0.0, 1),
                 })
         convs = [n for n in gm.graph.nodes if n.target is torch.ops.fxcompress.int8_conv.default]
         quantize = [n for n in gm.graph.nodes if n.target is torch.ops.fxcompress.quantize_u8.default]
