@@ -33,7 +33,7 @@ from .report import Report, ReportConfig
 from .serialize import load, save
 
 _LAZY = {"backend": ("dynamo_backend", "backend")}
-_LAZY_MODULES = ("passes", "int8_ops", "dynamo_backend", "models", "cli")
+_LAZY_MODULES = ("passes", "int8_ops", "int8_conv_ops", "dynamo_backend", "models", "cli")
 
 
 def __getattr__(name: str):

@@ -1,10 +1,16 @@
-"""Calibration for static int8: observe the inputs of every linear/1×1-conv layer, fix their scales.
+"""Calibration for static int8: observe the inputs of every linear/conv layer (and the outputs of the
+int8 conv chains), fix their scales.
 
-``calibrate(model, batches)`` returns ``((layer, s_x), ...)`` with the per-tensor activation scale
-``s_x = r / 127`` of each layer's input, where the range ``r`` is
+``calibrate(model, batches)`` returns ``((site, s), ...)`` with the per-tensor scale ``s = r / 127``
+of each site's value, where a site is a linear/conv1d/conv2d layer's input (``"layer"``) or, for
+convs, the output of the chain the static int8 lowering fuses (``"layer:out"``: after relu/ReLU6 or
+the residual add; ``"layer:conv"``: the conv before a fused add). Conv sites are observed on a
+BN-folded copy of the graph (``fold_bn`` runs before ``int8``). The range ``r`` is
 
 * ``minmax``:     ``max over batches of max |x|``;
-* ``percentile``: the mean over batches of the ``percentile``-th percentile of ``|x|`` (clips outliers).
+* ``percentile``: the mean over batches of the ``percentile``-th percentile of ``|x|`` (clips outliers);
+* ``mse``:        the clipping range minimising ``E[(x − Q_r(x))²]`` for 8-bit quantization over
+  ``[0, r]`` (nonnegative values) or ``[−r, r]``, by grid search over a random sample of the values.
 
 Feed the result to ``Int8(mode="static", activation_scales=...)``: it is plain data (a tuple of
 pairs), so the pass configuration stays printable and saveable.
@@ -12,6 +18,7 @@ pairs), so the pass configuration stays printable and saveable.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Iterable
 
 import torch
@@ -21,8 +28,10 @@ from .capture import ExampleInputs, capture
 from .errors import InvalidInputError
 from .quiet import progress_bar, quiet
 
-METHODS = ("minmax", "percentile")
+METHODS = ("minmax", "percentile", "mse")
 MAX_PERCENTILE_SAMPLES = 1 << 22
+MSE_SAMPLES_PER_BATCH, MSE_SAMPLES = 1 << 16, 1 << 18
+MSE_GRID = 100
 
 
 @quiet
@@ -48,13 +57,24 @@ def calibrate(
     if not batches:
         raise InvalidInputError("calibrate: batches is empty; pass at least one batch of representative inputs")
     first = ExampleInputs(batches[0].args, batches[0].kwargs)
-    gm = model if isinstance(model, fx.GraphModule) else capture(model, first)
+    gm = _folded(copy.deepcopy(model) if isinstance(model, fx.GraphModule) else capture(model, first), first)
     observer = _RangeObserver(gm, method, percentile)
     with torch.no_grad(), progress_bar(progress, total=len(batches), desc="calibrate", unit="batch") as bar:
         for batch in batches:
             observer.run(*_positional(gm, batch))
             bar.update(1)
     return tuple((layer, max(r, 1e-8) / 127.0) for layer, r in sorted(observer.ranges().items()))
+
+
+def _folded(gm: fx.GraphModule, inputs: ExampleInputs) -> fx.GraphModule:
+    """``gm`` with BN folded (conv output ranges as the int8 pass sees them after ``fold_bn``)."""
+    from fxcompress.passes.fold_bn import FoldBN
+
+    from .pass_base import PassContext
+
+    if FoldBN().run(gm, PassContext(inputs.args, inputs.kwargs)).changed:
+        gm.recompile()
+    return gm
 
 
 def _positional(gm: fx.GraphModule, batch: Any) -> list:
@@ -70,29 +90,39 @@ def _positional(gm: fx.GraphModule, batch: Any) -> list:
 
 
 class _RangeObserver(fx.Interpreter):
-    """Runs the graph and records the absolute range of the input of every int8 GEMM candidate."""
+    """Runs the graph and records the range of every site's value (see the module docstring)."""
 
     def __init__(self, gm: fx.GraphModule, method: str, percentile: float):
+        from fxcompress.passes._int8_conv import calibration_sites
         from fxcompress.passes._projections import gemm_arguments
         from fxcompress.passes.int8 import gemm_candidates, layer_name
 
         super().__init__(gm)
         self.method = method
         self.quantile = percentile / 100.0
-        self.layers = {node: layer_name(node) for node in gemm_candidates(gm)}
-        self.inputs = {node: gemm_arguments(node)["input"] for node in self.layers}
-        self.observed: dict[str, list[float]] = {}
+        self.sites: dict[fx.Node, list[str]] = {}
+        for node in gemm_candidates(gm):
+            self.sites.setdefault(gemm_arguments(node)["input"], []).append(layer_name(node))
+        for site, node in calibration_sites(gm).items():
+            self.sites.setdefault(node, []).append(site)
+        self.observed: dict[str, list] = {}
 
     def run_node(self, node: fx.Node) -> Any:
-        if node in self.layers:
-            x = self.env[self.inputs[node]]
-            self.observed.setdefault(self.layers[node], []).append(self._range(x.detach()))
-        return super().run_node(node)
+        value = super().run_node(node)
+        if node in self.sites and isinstance(value, torch.Tensor):
+            observation = self._observe(value.detach())
+            for site in self.sites[node]:
+                self.observed.setdefault(site, []).append(observation)
+        return value
 
-    def _range(self, x: torch.Tensor) -> float:
+    def _observe(self, x: torch.Tensor):
         magnitudes = x.abs().flatten().float()
         if self.method == "minmax":
             return magnitudes.max().item()
+        if self.method == "mse":
+            sample = magnitudes if magnitudes.numel() <= MSE_SAMPLES_PER_BATCH else magnitudes[
+                torch.randint(magnitudes.numel(), (MSE_SAMPLES_PER_BATCH,), device=x.device)]
+            return sample, bool(x.min() >= 0)
         if magnitudes.numel() > MAX_PERCENTILE_SAMPLES:
             magnitudes = magnitudes[torch.randperm(magnitudes.numel(), device=x.device)[:MAX_PERCENTILE_SAMPLES]]
         k = max(1, min(magnitudes.numel(), round(self.quantile * magnitudes.numel())))
@@ -100,5 +130,29 @@ class _RangeObserver(fx.Interpreter):
 
     def ranges(self) -> dict[str, float]:
         if self.method == "minmax":
-            return {layer: max(values) for layer, values in self.observed.items()}
-        return {layer: sum(values) / len(values) for layer, values in self.observed.items()}
+            return {site: max(values) for site, values in self.observed.items()}
+        if self.method == "mse":
+            return {site: mse_optimal_range(values) for site, values in self.observed.items()}
+        return {site: sum(values) / len(values) for site, values in self.observed.items()}
+
+
+def mse_optimal_range(observations: list[tuple[torch.Tensor, bool]]) -> float:
+    """The clip ``r`` of 8-bit quantization with the least squared error on the sampled magnitudes.
+
+    Nonnegative values use 255 steps of ``r/255`` over ``[0, r]``, signed ones 255 steps of ``2r/255``
+    over ``[−r, r]``; magnitudes above ``r`` clip to ``r``.
+    """
+    sample = torch.cat([s for s, _ in observations]).double()
+    if sample.numel() > MSE_SAMPLES:
+        sample = sample[torch.randperm(sample.numel())[:MSE_SAMPLES]]
+    steps = 255.0 if all(nonnegative for _, nonnegative in observations) else 127.5
+    top = sample.max().item()
+    if top <= 0:
+        return 0.0
+    best, best_error = top, float("inf")
+    for r in torch.linspace(top / MSE_GRID, top, MSE_GRID).tolist():
+        step = r / steps
+        error = (torch.round(sample.clamp(max=r) / step) * step - sample).square().mean().item()
+        if error < best_error:
+            best, best_error = r, error
+    return best

@@ -210,9 +210,10 @@ class _PrepackCache:
         self._lock = threading.Lock()
         self._packs: dict[int, dict] = {}
 
-    def get(self, weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor], engine: str):
+    def get(self, weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor], engine: str, pack=None, config: tuple = ()):
+        """``pack(weight_q, weight_scale, bias, engine, *config)`` (default: the linear prepack) on a miss."""
         stamp = (engine, weight_q._version, weight_q.data_ptr(), weight_scale._version, weight_scale.data_ptr(),
-                 None if bias is None else (bias._version, bias.data_ptr()))
+                 None if bias is None else (bias._version, bias.data_ptr()), config)
         with self._lock:
             entry = self._packs.get(id(weight_q))
             if entry is None:
@@ -220,7 +221,7 @@ class _PrepackCache:
                 weakref.finalize(weight_q, self._packs.pop, id(weight_q), None)
             packed = entry.get(stamp)
             if packed is None:
-                packed = _prepack(weight_q, weight_scale, bias, engine)
+                packed = (pack or _prepack)(weight_q, weight_scale, bias, engine, *config)
                 for stale in [k for k in entry if k[0] == engine]:
                     del entry[stale]
                 entry[stamp] = packed

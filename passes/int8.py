@@ -35,6 +35,7 @@ from fxcompress.pass_base import Pass, PassContext, PassResult, register_pass
 from fxcompress.verify import node_values
 from fxcompress.passes._gptq import gptq_quantize, layer_hessians, smoothed_hessian
 
+from ._int8_conv_rewrite import lower_convs
 from ._int8_lowering import GemmProblem, Lowering, choose_lowering
 from ._projections import batched_weight_readers, gemm_arguments, is_projection, weight_matrix
 
@@ -117,6 +118,11 @@ class Int8(Pass):
     ``x Wᵀ = (x / σ)(W · σ)ᵀ``, so ``x / σ`` quantizes per token with less error.
     ``gptq``: round weights with GPTQ on the calibration inputs' Hessian ``XᵀX`` (``passes/_gptq.py``)
     instead of to nearest; layers without a Hessian (too many input features) round to nearest.
+    ``mode="static"``
+    lowers every conv1d/conv2d (any kernel, stride, dilation, groups) to ``fxcompress::int8_conv``
+    chains (BN folded first: run ``fold_bn`` before; relu/ReLU6 and residual add fused) that pass int8
+    values between them; ``conv_regions=False`` quantizes and dequantizes around every conv instead
+    (``passes/_int8_conv.py``).
     """
 
     name = "int8"
@@ -135,6 +141,7 @@ class Int8(Pass):
     error_factor: float = 3.0
     tune_time_s: float = 0.05
     gptq: bool = False
+    conv_regions: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -176,8 +183,12 @@ class Int8(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult(changed=False)
         scales = dict(self.activation_scales)
+        if self.mode == "static":  # every conv1d/conv2d: static int8 convs and regions (passes/_int8_conv*.py)
+            lower_convs(gm, ctx, self, scales, result)
         eligible = []
         for node in gemm_candidates(gm):
+            if self.mode == "static" and node.target is CONV2D:
+                continue
             problem = self._problem(gm, node, layer_name(node), scales)
             if problem:
                 result.skip(layer_name(node), problem)

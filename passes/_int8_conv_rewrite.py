@@ -1,0 +1,266 @@
+"""The static int8 conv rewrite: measured choice per conv, chains, regions, boundary quantize/dequantize.
+
+Called by the ``int8`` pass in ``mode="static"`` (see ``_int8_conv`` for the rules). Rewrite of a
+chain ending at ``e`` with input ``x`` (float or int8) and optional int8 residual ``r``::
+
+    e = act(conv(x, W, b) [+ r])  ->  q_e = int8_conv(q_x, s_x, z_x, W_q, s_w, b, ..., s_e, z_e, relu, engine, q_r, ...)
+
+``q_x = quantize_u8(x, s_x, z_x)`` only when ``x`` is float (one node per tensor, shared by its
+consumers); float users of ``e`` read ``dequantize_u8(q_e, s_e, z_e)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from fxcompress import ir, selectors
+from fxcompress.verify import node_values
+
+from ._int8_conv import (
+    CONV_OPS, FUSED_ADD_ENGINES, Chain, ConvProblem, choose_conv_lowering, conv_problem, is_nonnegative, layer_name,
+    plan_chains, qparams, quantize_weight,
+)
+
+fxops = torch.ops.fxcompress
+
+
+def _geometry(node: fx.Node) -> tuple:
+    args = ir.call_arguments(node)
+    spatial = CONV_OPS[node.target] - 2
+
+    def expand(value):
+        values = [value] if isinstance(value, int) else list(value)
+        return [int(v) for v in (values * spatial if len(values) == 1 else values)]
+
+    return expand(args["stride"]), expand(args["padding"]), expand(args["dilation"]), int(args["groups"])
+
+
+class ConvLowerer:
+    """One run of the static conv lowering over ``gm`` for the pass configuration ``config``."""
+
+    def __init__(self, gm: fx.GraphModule, ctx, config, scales: dict, result):
+        self.gm, self.ctx, self.config, self.scales, self.result = gm, ctx, config, scales, result
+        self.lowerings: dict[fx.Node, object] = {}
+        self.details: dict[fx.Node, dict] = {}
+        self.weights: dict[fx.Node, tuple] = {}
+
+    # -- which convs, measured ----------------------------------------------------------------------
+
+    def _problem(self, node: fx.Node) -> str:
+        layer = layer_name(node)
+        if selectors.first_match(self.config.skip, layer):
+            return "kept in float by skip="
+        problem = conv_problem(self.gm, node)
+        if problem:
+            return problem
+        missing = [s for s in (layer, f"{layer}:out") if s not in self.scales]
+        if missing:
+            return f"no calibrated range for {missing} (calibrate with fxcompress.calibrate on batches that reach it)"
+        return ""
+
+    def choose(self) -> set[fx.Node]:
+        convs = [n for n in self.gm.graph.nodes if n.op == "call_function" and n.target in CONV_OPS]
+        eligible = []
+        for node in convs:
+            problem = self._problem(node)
+            if problem:
+                self.result.skip(layer_name(node), problem)
+            else:
+                eligible.append(node)
+        values = node_values(self.gm, self.ctx.args, self.ctx.kwargs, {ir.call_arguments(n)["input"].name for n in eligible})
+        boundaries = self._boundaries(set(eligible))
+        chosen = set()
+        for node in eligible:
+            lowering, detail = self._measure(node, values[ir.call_arguments(node)["input"].name], *boundaries[node])
+            self.details[node] = detail
+            if lowering.engine is None:
+                self.result.skip(layer_name(node), f"kept float: {lowering.choice.reason} ({lowering.choice.timings_text() or 'not timed'})")
+            else:
+                self.lowerings[node] = lowering
+                chosen.add(node)
+        return chosen
+
+    def _boundaries(self, convs: set[fx.Node]) -> dict[fx.Node, tuple[bool, bool]]:
+        """Per conv, (float enters, float reads the output) if every eligible conv were int8."""
+        if not self.config.conv_regions:
+            return {conv: (True, True) for conv in convs}
+        chains, pools = plan_chains(self.gm, convs)
+        int8_values = set(chains) | set(pools)
+        fused = {n for chain in chains.values() for n in chain.nodes} | set(pools)
+        return {chain.conv: (ir.call_arguments(chain.conv)["input"] not in int8_values,
+                             any(u not in fused for u in chain.end.users)) for chain in chains.values()}
+
+    def _measure(self, node: fx.Node, x: torch.Tensor, enters_float: bool, exits_float: bool):
+        layer = layer_name(node)
+        args = ir.call_arguments(node)
+        weight = ir.get_attr(self.gm, args["weight"].target).detach()
+        bias = ir.get_attr(self.gm, args["bias"].target).detach() if args["bias"] is not None else None
+        weight_q, weight_scale = quantize_weight(weight)
+        self.weights[node] = (weight_q, weight_scale)
+        activation = next(iter(node.users)) if len(node.users) == 1 else None
+        relu = activation is not None and activation.target in {torch.ops.aten.relu.default, torch.ops.aten.relu_.default}
+        x_qparams = qparams(self.scales[layer], is_nonnegative(args["input"]))
+        out_qparams = qparams(self.scales[self._output_site(layer, add=False)], relu)
+        geometry = _geometry(node)
+        conv = node.target
+
+        def float_run():
+            y = conv(x, weight, bias, *geometry)
+            return y.relu() if relu else y
+
+        problem = ConvProblem(
+            device=x.device, x=x, x_q=fxops.quantize_u8(x, *x_qparams), x_qparams=x_qparams, weight_q=weight_q,
+            weight_scale=weight_scale, bias=bias, geometry=geometry, out_qparams=out_qparams, relu=relu, float_run=float_run,
+            key={"op": str(conv), "x": list(x.shape), "weight": list(weight.shape), "geometry": geometry, "relu": relu,
+                 "bias": bias is not None, "enters_float": enters_float, "exits_float": exits_float},
+            enters_float=enters_float, exits_float=exits_float,
+        )
+        c = self.config
+        lowering = choose_conv_lowering(problem, tune=c.tune, allow_slower=c.allow_slower, impl=c.impl,
+                                        error_factor=c.error_factor, min_run_time=c.tune_time_s)
+        w = weight.double()
+        scale = weight_scale.double().view(-1, *[1] * (weight.dim() - 1))
+        detail = {
+            "layer": layer, "mode": "static", "op": f"{conv.__name__.split('.')[0]} {'x'.join(map(str, weight.shape[2:]))}"
+            f" stride {geometry[0]} dilation {geometry[2]} groups {geometry[3]}",
+            "weight_shape": tuple(weight.shape), "weight_rel_error": ((w - weight_q.double() * scale).norm() / w.norm().clamp(min=1e-30)).item(),
+            "input_qparams": x_qparams, "impl": lowering.impl,
+            "timed_as": "+".join(p for p, on in (("quantize", enters_float), ("int8_conv", True), ("dequantize", exits_float)) if on),
+            "chosen_by": lowering.choice.reason + (" (cached)" if lowering.choice.cached else ""),
+            "timings": lowering.choice.timings_text() or "-",
+            "output_rel_error": lowering.errors.get(lowering.impl),
+            **({"rejected": "; ".join(f"{n}: {why}" for n, why in lowering.rejected.items())} if lowering.rejected else {}),
+        }
+        return lowering, detail
+
+    def _output_site(self, layer: str, add: bool) -> str:
+        """The calibrated site of a chain's output: a conv calibrated with a fused add but lowered without
+        it (its residual stayed float) outputs the pre-add value ``layer:conv``."""
+        return f"{layer}:conv" if not add and f"{layer}:conv" in self.scales else f"{layer}:out"
+
+    # -- the rewrite ---------------------------------------------------------------------------------
+
+    def _can_add(self, conv: fx.Node) -> bool:
+        engine = self.lowerings[conv].engine
+        return self.config.conv_regions and (engine in FUSED_ADD_ENGINES or f"{layer_name(conv)}:conv" in self.scales)
+
+    def rewrite(self, chosen: set[fx.Node]) -> list[dict]:
+        chains, pools = plan_chains(self.gm, chosen, self._can_add)
+        if not self.config.conv_regions:  # islands: every chain reads and writes float
+            chains = {c.end: c for c in (Chain(c.conv, activation=c.activation) if c.add is None else Chain(c.conv) for c in chains.values())}
+            pools = []
+        self.int8: dict[fx.Node, tuple[fx.Node, tuple[float, int]]] = {}  # float node -> (uint8 node, (s, z))
+        self.entries: dict[fx.Node, fx.Node] = {}
+        for node in list(self.gm.graph.nodes):
+            if node in chains:
+                self._emit_chain(chains[node])
+            elif node in pools:
+                q, params = self.int8[node.args[0]]
+                pool = ir.call_arguments(node)
+                pool_args = (q, *(list(pool[k]) for k in ("kernel_size", "stride", "padding", "dilation")), bool(pool["ceil_mode"]))
+                with self.gm.graph.inserting_before(node):
+                    self.int8[node] = (self._call(fxops.int8_max_pool2d.default, pool_args, node), params)
+        fused = {n for chain in chains.values() for n in chain.nodes} | set(pools)
+        exits = self._dequantize_exits(fused)
+        for node in reversed(list(self.gm.graph.nodes)):  # DCE keeps in-place ops (relu_, hardtanh_): erase explicitly
+            if node in fused and not node.users:
+                self.gm.graph.erase_node(node)
+        for chain in chains.values():
+            self.result.rewritten.append(layer_name(chain.conv))
+        return self._region_rows(chains, exits)
+
+    def _input(self, value: fx.Node, layer: str, before: fx.Node) -> tuple[fx.Node, tuple[float, int]]:
+        if value in self.int8 and self.config.conv_regions:
+            return self.int8[value]
+        if value not in self.entries or not self.config.conv_regions:
+            params = qparams(self.scales[layer], is_nonnegative(value))
+            with self.gm.graph.inserting_before(before):
+                self.entries[value] = self._call(fxops.quantize_u8.default, (value, *params), before)
+            self.entries[value].meta["qparams"] = params
+        node = self.entries[value]
+        return node, node.meta["qparams"]
+
+    def _emit_chain(self, chain: Chain) -> None:
+        conv = chain.conv
+        layer = layer_name(conv)
+        args = ir.call_arguments(conv)
+        lowering = self.lowerings[conv]
+        q_x, x_params = self._input(args["input"], layer, conv)
+        clip = chain.clip
+        out_params = qparams(self.scales[self._output_site(layer, chain.add is not None)], clip is not None,
+                             clip if clip != float("inf") else None)
+        weight_q, weight_scale = self.weights[conv]
+        base = args["weight"].target
+        wq_node = ir.add_constant(self.gm, f"{base}_int8", weight_q, conv)
+        scale_node = ir.add_constant(self.gm, f"{base}_scale", weight_scale, conv)
+        op_args = [q_x, *x_params, wq_node, scale_node, args["bias"], *_geometry(conv), *out_params, clip is not None, lowering.engine]
+        if chain.add is not None:
+            q_r, r_params = self.int8[chain.residual]
+            mid = qparams(self.scales.get(f"{layer}:conv", 1.0 / 127), False)
+            op_args += [q_r, *r_params, *mid]
+        with self.gm.graph.inserting_before(chain.end):
+            q = self._call(fxops.int8_conv.default, tuple(op_args), chain.end)
+        self.int8[chain.end] = (q, out_params)
+        self.details[conv].update(fused=chain.fused(), output_qparams=out_params)
+
+    def _dequantize_exits(self, fused: set[fx.Node]) -> dict[fx.Node, list[str]]:
+        """Float readers of int8 values read a dequantized copy; returns value -> who ended the region."""
+        exits = {}
+        for value, (q, params) in self.int8.items():
+            readers = [u for u in value.users if u not in fused]
+            if not readers:
+                continue
+            with self.gm.graph.inserting_after(q):
+                dq = self._call(fxops.dequantize_u8.default, (q, *params), value)
+            value.replace_all_uses_with(dq, delete_user_cb=lambda user: user is not dq)
+            exits[value] = [f"{u.name} ({_op_name(u)})" for u in readers]
+        return exits
+
+    def _region_rows(self, chains: dict[fx.Node, Chain], exits: dict[fx.Node, list[str]]) -> list[dict]:
+        """Connected components of the int8 values: the layers, where float enters and what ends each region."""
+        parent: dict[fx.Node, fx.Node] = {}
+
+        def find(n):
+            while parent.setdefault(n, n) is not n:
+                n = parent[n]
+            return n
+
+        q_to_value = {q: value for value, (q, _) in self.int8.items()}
+        for value, (q, _) in self.int8.items():
+            for source in q.all_input_nodes:
+                if source in q_to_value:
+                    parent[find(value)] = find(q_to_value[source])
+        regions: dict[fx.Node, dict] = {}
+        for value, (q, _) in self.int8.items():
+            row = regions.setdefault(find(value), {"region": len(regions), "layers": [], "enters_from": [], "ends_at": []})
+            chain = chains.get(value)
+            if chain is not None:
+                row["layers"].append(layer_name(chain.conv))
+                self.details[chain.conv]["region"] = row["region"]
+            row["enters_from"] += [s.args[0].name for s in q.all_input_nodes if s.target is fxops.quantize_u8.default]
+            row["ends_at"] += exits.get(value, [])
+        return [{**r, "layers": ", ".join(r["layers"]), "enters_from": ", ".join(sorted(set(r["enters_from"]))),
+                 "ends_at": "; ".join(r["ends_at"]) or "-"} for r in regions.values()]
+
+    def _call(self, target, args: tuple, origin: fx.Node) -> fx.Node:
+        new = self.gm.graph.call_function(target, args)
+        new.meta["nn_module_stack"] = origin.meta.get("nn_module_stack", {})
+        new.meta["val"] = ir.fake_value(target, args)
+        return new
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.op == "output":
+        return "graph output"
+    name = getattr(node.target, "__name__", str(node.target))
+    return f"{name}: no int8 implementation" if node.op == "call_function" else name
+
+
+def lower_convs(gm: fx.GraphModule, ctx, config, scales: dict, result) -> None:
+    """Rewrite the static int8 convs of ``gm``; per-conv rows and the region map go to ``result.details``."""
+    lowerer = ConvLowerer(gm, ctx, config, scales, result)
+    chosen = lowerer.choose()
+    regions = lowerer.rewrite(chosen) if chosen else []
+    result.details.extend(lowerer.details.values())
+    result.details.extend(regions)
