@@ -37,7 +37,7 @@ from fxcompress.passes.prune_channels import count_macs  # noqa: E402
 from fxcompress.pass_base import PassContext  # noqa: E402
 from fxcompress.statistics import LAYER_OPS, collect_statistics  # noqa: E402
 
-from common import RESULTS, machine_info, write_results  # noqa: E402
+from common import machine_info, results_dir, write_results  # noqa: E402
 
 CALIBRATION_INPUTS = 512
 HELD_OUT = 64
@@ -84,7 +84,7 @@ def nearest(embeddings: torch.Tensor) -> torch.Tensor:
     return similarity.argmax(-1)
 
 
-PARTIAL = RESULTS / "data_aware_rows.jsonl"
+PARTIAL = results_dir() / "data_aware_rows.jsonl"
 
 
 def measured_rows() -> dict[tuple, dict]:
@@ -213,7 +213,7 @@ def plot(rows: list[dict]) -> None:
     right.set(ylabel="test top-1 (%)", title="digits CNN, 50 % pruned, no fine-tuning")
     right.tick_params(axis="x", labelrotation=20, labelsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "data_aware.png", dpi=120)
+    fig.savefig(results_dir() / "data_aware.png", dpi=120)
 
 
 def main() -> None:

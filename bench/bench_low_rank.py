@@ -9,7 +9,7 @@ ratios are comparable even on a busy machine.
 
     python bench/bench_low_rank.py [--layers 4] [--repeats 7] [--threads 2 1]
 
-Writes ``bench/results/low_rank.json`` and ``bench/results/low_rank.md``.
+Writes ``bench/results/<machine>/low_rank.json`` and ``.md``.
 """
 
 from __future__ import annotations

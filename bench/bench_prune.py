@@ -2,7 +2,7 @@
 
     python bench/bench_prune.py [--ratios 0.3 0.5] [--models resnet mobilenet_v2 hf_bert ...]
 
-Writes bench/results/prune_channels.json and .md: MACs, params and CPU latency of the pruned
+Writes bench/results/<machine>/prune_channels.json and .md: MACs, params and CPU latency of the pruned
 model relative to the unpruned one, per model and ratio, for both tools on the same models,
 inputs and ratio, plus how many models each tool prunes without error and with unchanged
 output shapes. Torch-Pruning is the optional ``bench`` extra (``pip install -e .[bench]``).

@@ -6,7 +6,7 @@ For each (family, pass): ``fxcompress.optimize`` at the example shape (batch 2; 
 tokens), then the compressed model runs at the example shape, another batch (3), another sequence
 length / image size, and batch 1, each compared with the original model at that shape: a lossless
 pass must match to 1e-5 relative, a lossy one within 3x its error at the example shape (floor 1e-3).
-Writes bench/results/dynamic_shapes.json and .md, with what each capture kept dynamic, what it
+Writes bench/results/<machine>/dynamic_shapes.json and .md, with what each capture kept dynamic, what it
 specialized and why, and the second shape the pass manager verified every pass at.
 """
 
