@@ -11,13 +11,14 @@ from __future__ import annotations
 import functools
 import heapq
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
 from fxcompress import tuning
-from fxcompress.errors import PassConfigError
+from fxcompress.errors import FxCompressWarning, PassConfigError
 
 
 def validate_options(config: Any, methods: Sequence[str], whitening: Sequence[str] = ()) -> None:
@@ -182,3 +183,15 @@ def latency_ratio(
     """Median latency of ``original`` over that of ``factorized``, timed interleaved (``fxcompress.tuning.compare``)."""
     timings = tuning.compare({"original": original, "factorized": factorized}, device, min_run_time)
     return timings["original"].median_ms / timings["factorized"].median_ms
+
+
+def warn_rank_one(details: Sequence[dict]) -> None:
+    """Warn once when layers were factorized down to rank 1 (one singular vector: little of the layer is left)."""
+    ranked_one = [d["layer"] for d in details if 1 in [int(r) for r in str(d["rank"]).split("/")]]
+    if ranked_one:
+        shown = ", ".join(ranked_one[:3]) + (", ..." if len(ranked_one) > 3 else "")
+        warnings.warn(
+            f"low_rank: {len(ranked_one)} layer(s) factorized to rank 1 ({shown}): each keeps a single "
+            f"direction of its weight. Use a larger rank/energy/target_macs, or recover with fxcompress.distill.",
+            FxCompressWarning, stacklevel=3,
+        )

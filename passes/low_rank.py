@@ -145,6 +145,7 @@ class LowRank(Pass):
                 result.skip(layer.name, "target_macs budget met without it (other layers lose less energy per MAC)")
                 continue
             self._rewrite_if_cheaper(gm, layer, ranks, result)
+        rs.warn_rank_one(result.details)
         if result.rewritten:
             finalize(gm)
             result.changed = True

@@ -117,6 +117,7 @@ def test_load_error_prints_no_torch_traceback(tmp_path, capfd):
 
 @pytest.mark.parametrize("make_pass,expected", [
     (lambda: PruneChannels(ratio=0.95, max_ratio_per_group=1.0), "parameters are left"),
+    (lambda: LowRank(rank=1), "factorized to rank 1"),
 ])
 def test_extreme_settings_warn_with_what_is_left(make_pass, expected):
     with pytest.warns(FxCompressWarning, match=expected):
