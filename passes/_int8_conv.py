@@ -37,6 +37,8 @@ import torch.fx as fx
 from fxcompress import int8_conv_ops, ir, tuning
 from fxcompress.int8_conv_ops import CONV_ENGINES, FUSED_ADD_ENGINES
 
+from ._int8_lowering import relative_error
+
 aten = torch.ops.aten
 fxops = torch.ops.fxcompress
 FAMILY = "int8_conv_static"
@@ -280,11 +282,6 @@ def _register() -> None:
 _register()
 
 
-def _relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
-    output, reference = output.double(), reference.double()
-    return ((output - reference).norm() / reference.norm().clamp(min=1e-30)).item()
-
-
 @dataclass(frozen=True)
 class ConvLowering:
     impl: str
@@ -304,8 +301,8 @@ def choose_conv_lowering(problem: ConvProblem, *, tune: bool, allow_slower: bool
     available = [c.name for c in candidates.values() if c.available(problem)]
     with torch.no_grad():
         reference = problem.float_run()
-        scheme_error = _relative_error(problem.simulated(), reference)
-        errors = {n: _relative_error(problem.as_float(candidates[n].run(problem)), reference) for n in available if n != "float"}
+        scheme_error = relative_error(problem.simulated(), reference)
+        errors = {n: relative_error(problem.as_float(candidates[n].run(problem)), reference) for n in available if n != "float"}
     budget = max(error_factor * scheme_error, 1e-6)
     rejected = {n: f"output error {e:.2g} > {error_factor:g}x the scheme's {scheme_error:.2g}" for n, e in errors.items() if e > budget}
     errors["float"] = 0.0
