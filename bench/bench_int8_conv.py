@@ -4,11 +4,14 @@
     python bench/bench_int8_conv.py digits          # top-1 before/after int8 on scikit-learn digits
 
 ``speed``: torchvision ResNet-18/50, MobileNetV2, EfficientNet-B0 with random weights (BN statistics
-randomised so folding is not trivial), calibrated on ``--calib`` random batches. Variants, timed
-interleaved in one process (medians of rounds, each running every variant once; spread = IQR):
-fp32 eager; fxcompress ``[FoldBN(), Int8(mode="static")]`` (engine per conv measured on this machine,
-float kept where int8 loses); PT2E (torchao ``prepare_pt2e``/``convert_pt2e`` with
-``X86InductorQuantizer``) + ``torch.compile`` (Inductor). Results: ``bench/results/int8_conv_<tag>.{json,md}``.
+randomised so folding is not trivial), calibrated once on ``--calib`` random batches, then per thread
+count (``--threads 1,2``) tuned and timed. Variants, timed interleaved in one process (medians of
+rounds, each running every variant once; spread = IQR): fp32 eager; fxcompress ``[FoldBN(),
+Int8(mode="static")]`` (engine per conv, then each int8 region and the whole model measured against
+float on this machine, float kept where int8 loses); PT2E (torchao ``prepare_pt2e``/``convert_pt2e``
+with ``X86InductorQuantizer``, captured with strict export: see ``PT2E_CAPTURE``) + ``torch.compile``
+(Inductor, compiled per thread count). Fidelity: top-1 agreement with fp32 and relative output error
+on the timed batch plus ``--eval-batches`` random ones. Results: ``bench/results/<machine>/int8_conv_<tag>.{json,md}``.
 
 ``digits``: the digits CNN of ``distill_digits.py`` trained on the training split, calibrated on 256
 training images, test top-1 before and after int8 with the per-layer error of every int8 conv.
@@ -31,9 +34,8 @@ from tabulate import tabulate
 import fxcompress
 from fxcompress import tuning
 from fxcompress.passes import FoldBN, Int8
-from fxcompress.verify import fidelity
 
-from common import machine_info, write_results
+from common import write_results
 
 
 def torchvision_models():
@@ -60,7 +62,18 @@ def build(name: str) -> nn.Module:
     return model
 
 
-def pt2e_x86(model: nn.Module, example: torch.Tensor, calibration: list[torch.Tensor]):
+PT2E_CAPTURE = (
+    "torch.export.export(strict=True): non-strict export (the default) leaves no source_fn_stack, so torchao's "
+    "get_source_partitions groups by nn_module_stack and puts every call of one module into one partition; "
+    "torchvision's BasicBlock/Bottleneck call one self.relu two or three times, and X86InductorQuantizer's "
+    "conv+add+relu annotation raises 'Input partition has more than one output node' (pytorch/ao#4478, fixed "
+    "for linears only by pytorch/ao#4480). Strict (Dynamo) export records each call as its own partition."
+)
+
+
+def pt2e_x86(model: nn.Module, example: torch.Tensor, calibration: list[torch.Tensor]) -> nn.Module:
+    """The PT2E-converted model (torchao ``prepare_pt2e``/``convert_pt2e``, ``X86InductorQuantizer``);
+    compile it per thread count (:func:`compiled`)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
 
@@ -69,13 +82,22 @@ def pt2e_x86(model: nn.Module, example: torch.Tensor, calibration: list[torch.Te
     for module in model.modules():  # the quantizer's partitions reject in-place activations (same numerics)
         if hasattr(module, "inplace"):
             module.inplace = False
-    exported = torch.export.export(model, (example,)).module()
+    exported = torch.export.export(model, (example,), strict=True).module()  # see PT2E_CAPTURE
     prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():
         for batch in calibration:
             prepared(batch)
-    converted = convert_pt2e(prepared)
-    return torch.compile(converted)
+    return convert_pt2e(prepared)
+
+
+def compiled(converted: nn.Module, x: torch.Tensor):
+    """``torch.compile`` (Inductor) for the current thread count: Inductor's C++ kernels fix their OpenMP
+    thread count at code generation, so Dynamo's cache is reset between thread counts."""
+    torch._dynamo.reset()
+    fn = torch.compile(converted)
+    with torch.no_grad():
+        fn(x)
+    return fn
 
 
 def interleaved(variants: dict, x: torch.Tensor, rounds: int) -> dict[str, tuple[float, float]]:
@@ -96,54 +118,85 @@ def interleaved(variants: dict, x: torch.Tensor, rounds: int) -> dict[str, tuple
     return out
 
 
+def agreement(model: nn.Module, fn, batches: list[torch.Tensor]) -> tuple[float, float]:
+    """(top-1 agreement with fp32 in %, ‖y − y_fp32‖ / ‖y_fp32‖) over ``batches``."""
+    with torch.no_grad():
+        reference = torch.cat([model(b) for b in batches])
+        output = torch.cat([fn(b) for b in batches])
+    same = (reference.argmax(-1) == output.argmax(-1)).float().mean().item() * 100
+    return same, ((output - reference).norm() / reference.norm()).item()
+
+
 def speed(args) -> None:
-    rows, layers = [], {}
+    rows, layers, problems = [], {}, {}
     for name in args.models.split(","):
         model = build(name)
         x = torch.randn(args.batch, 3, args.size, args.size)
         calibration = [torch.randn(args.batch, 3, args.size, args.size) for _ in range(args.calib)]
+        held_out = [torch.randn(args.batch, 3, args.size, args.size) for _ in range(args.eval_batches)]
         started = time.perf_counter()
         scales = fxcompress.calibrate(model, calibration, method=args.method)
-        gm = fxcompress.optimize(model, (x,), passes=[FoldBN(), Int8(mode="static", activation_scales=scales)], report=False)
-        fx_seconds = time.perf_counter() - started
-        variants = {"fp32 eager": model, "fxcompress int8": gm}
-        pt2e_seconds = None
+        calibrate_seconds = time.perf_counter() - started
+        converted, pt2e_seconds = None, 0.0
         if not args.no_pt2e:
             started = time.perf_counter()
             try:
-                compiled = pt2e_x86(model, x, calibration)
-                with torch.no_grad():
-                    compiled(x)
-                variants["PT2E x86 + Inductor"] = compiled
-                pt2e_seconds = time.perf_counter() - started
-            except Exception as exc:  # report, do not hide: the row says why PT2E is missing
-                print(f"{name}: PT2E failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        timing = interleaved(variants, x, args.rounds)
-        with torch.no_grad():
-            reference = model(x)
+                converted = pt2e_x86(model, x, calibration)
+            except Exception as exc:  # report, do not hide: the results say why PT2E is missing
+                problems[name] = f"PT2E failed: {type(exc).__name__}: {exc}"
+                print(f"{name}: {problems[name]}", file=sys.stderr)
+            pt2e_seconds = time.perf_counter() - started
+        for threads in (int(t) for t in args.threads.split(",")):
+            torch.set_num_threads(threads)
+            started = time.perf_counter()
+            gm = fxcompress.optimize(model, (x,), passes=[FoldBN(), Int8(mode="static", activation_scales=scales)], report=False)
+            prepare = {"fxcompress int8": calibrate_seconds + time.perf_counter() - started}
+            variants = {"fp32 eager": model, "fxcompress int8": gm}
+            if converted is not None:
+                started = time.perf_counter()
+                variants["PT2E x86 + Inductor"] = compiled(converted, x)
+                prepare["PT2E x86 + Inductor"] = pt2e_seconds + time.perf_counter() - started
+            timing = interleaved(variants, x, args.rounds)
             for variant, fn in variants.items():
                 median, iqr = timing[variant]
+                top1, rel_error = agreement(model, fn, [x, *held_out])
                 rows.append({
-                    "model": name, "input": f"{args.batch}x3x{args.size}x{args.size}", "variant": variant,
+                    "model": name, "input": f"{args.batch}x3x{args.size}x{args.size}", "threads": threads, "variant": variant,
                     "latency_ms": round(median, 1), "iqr_ms": round(iqr, 1),
                     "speedup_vs_fp32": round(timing["fp32 eager"][0] / median, 2),
-                    "cosine_vs_fp32": round(fidelity(reference, fn(x)).cosine, 5),
-                    "prepare_s": round({"fxcompress int8": fx_seconds, "PT2E x86 + Inductor": pt2e_seconds}.get(variant) or 0.0, 1),
+                    "top1_agree_%": round(top1, 1), "rel_error": f"{rel_error:.2g}",
+                    "prepare_s": round(prepare.get(variant, 0.0), 1),
                 })
-        convs = [n for n in gm.graph.nodes if n.target is torch.ops.fxcompress.int8_conv.default]
-        quantize = [n for n in gm.graph.nodes if n.target is torch.ops.fxcompress.quantize_u8.default]
-        layers[name] = {"int8_convs": len(convs), "region_entries": len(quantize)}
-        print(tabulate([r for r in rows if r["model"] == name], headers="keys", tablefmt="github"), flush=True)
-        _write(args, rows, layers)  # after every model: a partial run still leaves its rows
+            layers[f"{name} ({threads} threads)"] = _graph_summary(gm)
+            print(tabulate([r for r in rows if r["model"] == name and r["threads"] == threads], headers="keys", tablefmt="github"),
+                  flush=True)
+            _write(args, rows, layers, problems)  # after every model: a partial run still leaves its rows
 
 
-def _write(args, rows: list[dict], layers: dict) -> None:
+def _graph_summary(gm) -> dict:
+    """What the int8 pass made of the model: int8 convs, regions, regions kept float and the whole-model verdict."""
+    ops = torch.ops.fxcompress
+    details = gm.report.results["int8"].details
+    decisions = [row for row in details if "decision" in row]
+    return {
+        "int8_convs": sum(n.target is ops.int8_conv.default for n in gm.graph.nodes),
+        "region_entries": sum(n.target is ops.quantize_u8.default for n in gm.graph.nodes),
+        "regions_int8": sum(isinstance(row.get("region"), int) for row in decisions),
+        "regions_kept_float": sum(row.get("region") == "kept float" for row in decisions),
+        "whole_model": next((row["decision"] for row in decisions if row.get("region") == "whole model"), "not measured"),
+    }
+
+
+def _write(args, rows: list[dict], layers: dict, problems: dict) -> None:
     notes = {
-        "cpu_int8": tuning.device_description(torch.device("cpu")),
-        "threads": torch.get_num_threads(), "rounds": args.rounds, "calibration": f"{args.calib} random batches, {args.method}",
+        "cpu_int8": tuning.device_description(torch.device("cpu")).rsplit(" ", 2)[0],
+        "threads": args.threads, "rounds": args.rounds, "calibration": f"{args.calib} random batches, {args.method}",
+        "fidelity": f"top-1 agreement and relative output error vs fp32 on {1 + args.eval_batches} random batches",
         "weights": "random (torchvision constructors, weights=None), BN statistics randomised",
-        "shared_machine": "other helpers were running on this 2-core machine; ratios are interleaved in one process",
+        "pt2e_capture": PT2E_CAPTURE,
+        "load": "check load_average in the header: ratios are interleaved in one process, absolute times need an idle machine",
         "graph": layers,
+        **({"pt2e_problems": problems} if problems else {}),
     }
     table = tabulate(rows, headers="keys", tablefmt="github")
     write_results(f"int8_conv_{args.tag}", {"setup": notes, "rows": rows},
@@ -151,6 +204,8 @@ def _write(args, rows: list[dict], layers: dict) -> None:
 
 
 def digits(args) -> None:
+    """Digits accuracy of the int8 scheme (``allow_slower=True``: every conv int8 even where float is faster on
+    8×8 images) and of the default, measured lowering."""
     import distill_digits as dd
 
     train, test = dd.load_digits_split(0)
@@ -158,13 +213,21 @@ def digits(args) -> None:
     images = train.tensors[0]
     calibration = [images[i:i + 32] for i in range(0, 256, 32)]
     scales = fxcompress.calibrate(model, calibration, method=args.method)
-    gm = fxcompress.optimize(model, (images[:32],), passes=[FoldBN(), Int8(mode="static", activation_scales=scales)])
-    before, after = dd.accuracy(model, test), dd.accuracy(gm, test)
-    details = [{k: row.get(k) for k in ("layer", "op", "impl", "fused", "output_rel_error", "region")}
-               for row in gm.report.results["int8"].details if "impl" in row]
-    rows = [{"model": "digits CNN (3 conv-BN-ReLU)", "test images": len(test.tensors[1]), "calibration": f"256 train images, {args.method}",
-             "top1_fp32": round(before, 2), "top1_int8": round(after, 2), "change_points": round(after - before, 2)}]
-    table = tabulate(rows, headers="keys", tablefmt="github") + "\n\nPer layer:\n\n" + tabulate(details, headers="keys", tablefmt="github")
+    before = dd.accuracy(model, test)
+    rows, details = [], []
+    for variant, options in (("int8, every conv (allow_slower=True)", {"allow_slower": True}), ("int8, measured (default)", {})):
+        gm = fxcompress.optimize(model, (images[:32],), passes=[FoldBN(), Int8(mode="static", activation_scales=scales, **options)],
+                                 report=False)
+        after = dd.accuracy(gm, test)
+        top1, rel_error = agreement(model, gm, [test.tensors[0]])
+        rows.append({"model": "digits CNN (3 conv-BN-ReLU)", "variant": variant, "test images": len(test.tensors[1]),
+                     "calibration": f"256 train images, {args.method}", "int8_convs": _graph_summary(gm)["int8_convs"],
+                     "top1_fp32": round(before, 2), "top1_int8": round(after, 2), "change_points": round(after - before, 2),
+                     "top1_agree_%": round(top1, 2), "rel_error": f"{rel_error:.2g}"})
+        details = details or [{k: row.get(k) for k in ("layer", "op", "impl", "fused", "output_rel_error", "region")}
+                              for row in gm.report.results["int8"].details if "weight_shape" in row]
+    table = tabulate(rows, headers="keys", tablefmt="github") + "\n\nPer layer (every conv int8):\n\n" + tabulate(
+        details, headers="keys", tablefmt="github")
     write_results(f"int8_conv_digits_{args.tag}", {"cpu_int8": tuning.device_description(torch.device("cpu")), "rows": rows,
                                                    "layers": details}, table)
     print(table)
@@ -180,10 +243,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--method", default="minmax", choices=("minmax", "percentile", "mse"))
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--threads", default="1,2", help="comma-separated intra-op thread counts, each tuned and timed")
+    parser.add_argument("--eval-batches", type=int, default=3, help="extra random batches for the top-1 agreement")
     parser.add_argument("--no-pt2e", action="store_true")
     parser.add_argument("--tag", default="cpu", help="machine tag: results of different CPUs go to different files")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     (speed if args.what == "speed" else digits)(args)
 
 

@@ -6,10 +6,13 @@ chain ending at ``e`` with input ``x`` (float or int8) and optional int8 residua
     e = act(conv(x, W, b) [+ r])  ->  q_e = int8_conv(q_x, s_x, z_x, W_q, s_w, b, ..., s_e, z_e, relu, engine, q_r, ...)
 
 ``q_x = quantize_u8(x, s_x, z_x)`` only when ``x`` is float (one node per tensor, shared by its
-consumers); float users of ``e`` read ``dequantize_u8(q_e, s_e, z_e)``.
+consumers); float users of ``e`` read ``dequantize_u8(q_e, s_e, z_e)``. Which convs stay int8 is then
+decided per region and for the whole model by measurement (``_int8_conv_regions``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -36,14 +39,32 @@ def _geometry(node: fx.Node) -> tuple:
     return expand(args["stride"]), expand(args["padding"]), expand(args["dilation"]), int(args["groups"])
 
 
+@dataclass
+class Region:
+    """One connected int8 region of a rewritten graph: its convs, the float nodes it replaced (by name) and
+    its nodes in that graph (entry quantizes, int8 ops, exit dequantizes), with the row the report shows."""
+
+    row: dict
+    convs: list[str] = field(default_factory=list)
+    float_nodes: list[str] = field(default_factory=list)
+    int8_nodes: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return ", ".join(self.convs)
+
+
 class ConvLowerer:
-    """One run of the static conv lowering over ``gm`` for the pass configuration ``config``."""
+    """One run of the static conv lowering over ``gm`` for the pass configuration ``config``.
+
+    :meth:`choose` measures every conv; :meth:`rewrite` emits the chosen ones into ``gm`` or into a copy
+    of it (node names are shared, so the region decision can rewrite a trial copy first)."""
 
     def __init__(self, gm: fx.GraphModule, ctx, config, scales: dict, result):
         self.gm, self.ctx, self.config, self.scales, self.result = gm, ctx, config, scales, result
-        self.lowerings: dict[fx.Node, object] = {}
-        self.details: dict[fx.Node, dict] = {}
-        self.weights: dict[fx.Node, tuple] = {}
+        self.lowerings: dict[str, object] = {}  # by conv node name
+        self.details: dict[str, dict] = {}
+        self.weights: dict[str, tuple] = {}
 
     # -- which convs, measured ----------------------------------------------------------------------
 
@@ -59,7 +80,8 @@ class ConvLowerer:
             return f"no calibrated range for {missing} (calibrate with fxcompress.calibrate on batches that reach it)"
         return ""
 
-    def choose(self) -> set[fx.Node]:
+    def choose(self) -> set[str]:
+        """The names of the convs whose own measurement (with their region boundaries) chose an int8 engine."""
         convs = [n for n in self.gm.graph.nodes if n.op == "call_function" and n.target in CONV_OPS]
         eligible = []
         for node in convs:
@@ -73,13 +95,20 @@ class ConvLowerer:
         chosen = set()
         for node in eligible:
             lowering, detail = self._measure(node, values[ir.call_arguments(node)["input"].name], *boundaries[node])
-            self.details[node] = detail
+            self.details[node.name] = detail
             if lowering.engine is None:
                 self.result.skip(layer_name(node), f"kept float: {lowering.choice.reason} ({lowering.choice.timings_text() or 'not timed'})")
             else:
-                self.lowerings[node] = lowering
-                chosen.add(node)
+                self.lowerings[node.name] = lowering
+                chosen.add(node.name)
         return chosen
+
+    def keep_float(self, convs: list[str], reason: str) -> None:
+        """Convs an int8 region or the whole-model check rejected: listed as skipped with ``reason``."""
+        for name in convs:
+            self.lowerings.pop(name, None)
+            self.details[name].update(impl="float", kept_float=reason)
+            self.result.skip(self.details[name]["layer"], f"kept float: {reason}")
 
     def _boundaries(self, convs: set[fx.Node]) -> dict[fx.Node, tuple[bool, bool]]:
         """Per conv, (float enters, float reads the output) if every eligible conv were int8."""
@@ -97,11 +126,11 @@ class ConvLowerer:
         weight = ir.get_attr(self.gm, args["weight"].target).detach()
         bias = ir.get_attr(self.gm, args["bias"].target).detach() if args["bias"] is not None else None
         weight_q, weight_scale = quantize_weight(weight)
-        self.weights[node] = (weight_q, weight_scale)
+        self.weights[node.name] = (weight_q, weight_scale)
         activation = next(iter(node.users)) if len(node.users) == 1 else None
         relu = activation is not None and activation.target in {torch.ops.aten.relu.default, torch.ops.aten.relu_.default}
         x_qparams = qparams(self.scales[layer], is_nonnegative(args["input"]))
-        out_qparams = qparams(self.scales[self._output_site(layer, add=False)], relu)
+        out_qparams = qparams(self.scales[self.output_site(layer, add=False)], relu)
         geometry = _geometry(node)
         conv = node.target
 
@@ -134,24 +163,34 @@ class ConvLowerer:
         }
         return lowering, detail
 
-    def _output_site(self, layer: str, add: bool) -> str:
+    def output_site(self, layer: str, add: bool) -> str:
         """The calibrated site of a chain's output: a conv calibrated with a fused add but lowered without
         it (its residual stayed float) outputs the pre-add value ``layer:conv``."""
         return f"{layer}:conv" if not add and f"{layer}:conv" in self.scales else f"{layer}:out"
 
-    # -- the rewrite ---------------------------------------------------------------------------------
-
-    def _can_add(self, conv: fx.Node) -> bool:
-        engine = self.lowerings[conv].engine
+    def can_add(self, conv: fx.Node) -> bool:
+        engine = self.lowerings[conv.name].engine
         return self.config.conv_regions and (engine in FUSED_ADD_ENGINES or f"{layer_name(conv)}:conv" in self.scales)
 
-    def rewrite(self, chosen: set[fx.Node]) -> list[dict]:
-        chains, pools = plan_chains(self.gm, chosen, self._can_add)
+    def rewrite(self, gm: fx.GraphModule, chosen: set[str]) -> list[Region]:
+        """Emit the ``chosen`` convs (by name) into ``gm`` (``self.gm`` or a copy of it); the regions it made."""
+        return _Emitter(self, gm).run({n for n in gm.graph.nodes if n.name in chosen})
+
+
+class _Emitter:
+    """The rewrite of one graph: chains to ``int8_conv`` nodes, entry quantizes, exit dequantizes, regions."""
+
+    def __init__(self, lowerer: ConvLowerer, gm: fx.GraphModule):
+        self.lowerer, self.gm, self.config = lowerer, gm, lowerer.config
+        self.int8: dict[fx.Node, tuple[fx.Node, tuple[float, int]]] = {}  # float node -> (uint8 node, (s, z))
+        self.entries: dict[fx.Node, fx.Node] = {}
+        self.origin: dict[fx.Node, list[fx.Node]] = {}  # int8 op -> the float nodes it replaced
+
+    def run(self, chosen: set[fx.Node]) -> list[Region]:
+        chains, pools = plan_chains(self.gm, chosen, self.lowerer.can_add)
         if not self.config.conv_regions:  # islands: every chain reads and writes float
             chains = {c.end: c for c in (Chain(c.conv, activation=c.activation) if c.add is None else Chain(c.conv) for c in chains.values())}
             pools = []
-        self.int8: dict[fx.Node, tuple[fx.Node, tuple[float, int]]] = {}  # float node -> (uint8 node, (s, z))
-        self.entries: dict[fx.Node, fx.Node] = {}
         for node in list(self.gm.graph.nodes):
             if node in chains:
                 self._emit_chain(chains[node])
@@ -161,20 +200,19 @@ class ConvLowerer:
                 pool_args = (q, *(list(pool[k]) for k in ("kernel_size", "stride", "padding", "dilation")), bool(pool["ceil_mode"]))
                 with self.gm.graph.inserting_before(node):
                     self.int8[node] = (self._call(fxops.int8_max_pool2d.default, pool_args, node), params)
+                self.origin[self.int8[node][0]] = [node]
         fused = {n for chain in chains.values() for n in chain.nodes} | set(pools)
         exits = self._dequantize_exits(fused)
         for node in reversed(list(self.gm.graph.nodes)):  # DCE keeps in-place ops (relu_, hardtanh_): erase explicitly
             if node in fused and not node.users:
                 self.gm.graph.erase_node(node)
-        for chain in chains.values():
-            self.result.rewritten.append(layer_name(chain.conv))
-        return self._region_rows(chains, exits)
+        return self._regions(exits)
 
     def _input(self, value: fx.Node, layer: str, before: fx.Node) -> tuple[fx.Node, tuple[float, int]]:
         if value in self.int8 and self.config.conv_regions:
             return self.int8[value]
         if value not in self.entries or not self.config.conv_regions:
-            params = qparams(self.scales[layer], is_nonnegative(value))
+            params = qparams(self.lowerer.scales[layer], is_nonnegative(value))
             with self.gm.graph.inserting_before(before):
                 self.entries[value] = self._call(fxops.quantize_u8.default, (value, *params), before)
             self.entries[value].meta["qparams"] = params
@@ -182,27 +220,28 @@ class ConvLowerer:
         return node, node.meta["qparams"]
 
     def _emit_chain(self, chain: Chain) -> None:
-        conv = chain.conv
+        conv, lowerer = chain.conv, self.lowerer
         layer = layer_name(conv)
         args = ir.call_arguments(conv)
-        lowering = self.lowerings[conv]
         q_x, x_params = self._input(args["input"], layer, conv)
         clip = chain.clip
-        out_params = qparams(self.scales[self._output_site(layer, chain.add is not None)], clip is not None,
+        out_params = qparams(lowerer.scales[lowerer.output_site(layer, chain.add is not None)], clip is not None,
                              clip if clip != float("inf") else None)
-        weight_q, weight_scale = self.weights[conv]
+        weight_q, weight_scale = lowerer.weights[conv.name]
         base = args["weight"].target
         wq_node = ir.add_constant(self.gm, f"{base}_int8", weight_q, conv)
         scale_node = ir.add_constant(self.gm, f"{base}_scale", weight_scale, conv)
-        op_args = [q_x, *x_params, wq_node, scale_node, args["bias"], *_geometry(conv), *out_params, clip is not None, lowering.engine]
+        op_args = [q_x, *x_params, wq_node, scale_node, args["bias"], *_geometry(conv), *out_params, clip is not None,
+                   lowerer.lowerings[conv.name].engine]
         if chain.add is not None:
             q_r, r_params = self.int8[chain.residual]
-            mid = qparams(self.scales.get(f"{layer}:conv", 1.0 / 127), False)
+            mid = qparams(lowerer.scales.get(f"{layer}:conv", 1.0 / 127), False)
             op_args += [q_r, *r_params, *mid]
         with self.gm.graph.inserting_before(chain.end):
             q = self._call(fxops.int8_conv.default, tuple(op_args), chain.end)
         self.int8[chain.end] = (q, out_params)
-        self.details[conv].update(fused=chain.fused(), output_qparams=out_params)
+        self.origin[q] = chain.nodes
+        lowerer.details[conv.name].update(fused=chain.fused(), output_qparams=out_params)
 
     def _dequantize_exits(self, fused: set[fx.Node]) -> dict[fx.Node, list[str]]:
         """Float readers of int8 values read a dequantized copy; returns value -> who ended the region."""
@@ -217,8 +256,9 @@ class ConvLowerer:
             exits[value] = [f"{u.name} ({_op_name(u)})" for u in readers]
         return exits
 
-    def _region_rows(self, chains: dict[fx.Node, Chain], exits: dict[fx.Node, list[str]]) -> list[dict]:
-        """Connected components of the int8 values: the layers, where float enters and what ends each region."""
+    def _regions(self, exits: dict[fx.Node, list[str]]) -> list[Region]:
+        """Connected components of the int8 nodes (entry quantizes shared by two chains join them): the
+        layers, where float enters and what ends each region."""
         parent: dict[fx.Node, fx.Node] = {}
 
         def find(n):
@@ -226,22 +266,37 @@ class ConvLowerer:
                 n = parent[n]
             return n
 
-        q_to_value = {q: value for value, (q, _) in self.int8.items()}
-        for value, (q, _) in self.int8.items():
+        members = set(self.origin) | set(self.entries.values())
+        for q in self.origin:
             for source in q.all_input_nodes:
-                if source in q_to_value:
-                    parent[find(value)] = find(q_to_value[source])
-        regions: dict[fx.Node, dict] = {}
-        for value, (q, _) in self.int8.items():
-            row = regions.setdefault(find(value), {"region": len(regions), "layers": [], "enters_from": [], "ends_at": []})
-            chain = chains.get(value)
-            if chain is not None:
-                row["layers"].append(layer_name(chain.conv))
-                self.details[chain.conv]["region"] = row["region"]
-            row["enters_from"] += [s.args[0].name for s in q.all_input_nodes if s.target is fxops.quantize_u8.default]
-            row["ends_at"] += exits.get(value, [])
-        return [{**r, "layers": ", ".join(r["layers"]), "enters_from": ", ".join(sorted(set(r["enters_from"]))),
-                 "ends_at": "; ".join(r["ends_at"]) or "-"} for r in regions.values()]
+                if source in members:
+                    parent[find(q)] = find(source)
+        regions: dict[fx.Node, Region] = {}
+        for node in self.gm.graph.nodes:  # graph order: region ids and node lists are topological
+            if node not in members and node.target is not fxops.dequantize_u8.default:
+                continue
+            if node.target is fxops.dequantize_u8.default:
+                if node.args[0] not in members:
+                    continue
+                root = find(node.args[0])
+            else:
+                root = find(node)
+            region = regions.setdefault(root, Region({"region": len(regions), "layers": [], "enters_from": [], "ends_at": []}))
+            region.int8_nodes.append(node.name)
+            if node.target is fxops.quantize_u8.default:
+                region.row["enters_from"].append(node.args[0].name)
+            if node in self.origin:
+                replaced = self.origin[node]
+                region.float_nodes += [n.name for n in replaced]
+                region.row["ends_at"] += exits.get(replaced[-1], [])
+                if replaced[0].target in CONV_OPS:
+                    region.convs.append(replaced[0].name)
+                    self.lowerer.details[replaced[0].name]["region"] = region.row["region"]
+        for region in regions.values():
+            row = region.row
+            row.update(layers=", ".join(self.lowerer.details[c]["layer"] for c in region.convs),
+                       enters_from=", ".join(sorted(set(row["enters_from"]))), ends_at="; ".join(row["ends_at"]) or "-")
+        return list(regions.values())
 
     def _call(self, target, args: tuple, origin: fx.Node) -> fx.Node:
         new = self.gm.graph.call_function(target, args)
@@ -255,12 +310,3 @@ def _op_name(node: fx.Node) -> str:
         return "graph output"
     name = getattr(node.target, "__name__", str(node.target))
     return f"{name}: no int8 implementation" if node.op == "call_function" else name
-
-
-def lower_convs(gm: fx.GraphModule, ctx, config, scales: dict, result) -> None:
-    """Rewrite the static int8 convs of ``gm``; per-conv rows and the region map go to ``result.details``."""
-    lowerer = ConvLowerer(gm, ctx, config, scales, result)
-    chosen = lowerer.choose()
-    regions = lowerer.rewrite(chosen) if chosen else []
-    result.details.extend(lowerer.details.values())
-    result.details.extend(regions)

@@ -35,7 +35,7 @@ from fxcompress.pass_base import Pass, PassContext, PassResult, register_pass
 from fxcompress.verify import node_values
 from fxcompress.passes._gptq import gptq_quantize, layer_hessians, smoothed_hessian
 
-from ._int8_conv_rewrite import lower_convs
+from ._int8_conv_regions import lower_convs
 from ._int8_lowering import GemmProblem, Lowering, choose_lowering
 from ._projections import batched_weight_readers, gemm_arguments, is_projection, weight_matrix
 
