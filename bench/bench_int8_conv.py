@@ -181,7 +181,7 @@ def _graph_summary(gm) -> dict:
     return {
         "int8_convs": sum(n.target is ops.int8_conv.default for n in gm.graph.nodes),
         "region_entries": sum(n.target is ops.quantize_u8.default for n in gm.graph.nodes),
-        "regions_int8": sum(isinstance(row.get("region"), int) for row in decisions),
+        "regions_int8": sum("ends_at" in row for row in decisions),
         "regions_kept_float": sum(row.get("region") == "kept float" for row in decisions),
         "whole_model": next((row["decision"] for row in decisions if row.get("region") == "whole model"), "not measured"),
     }

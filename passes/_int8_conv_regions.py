@@ -37,9 +37,8 @@ from fxcompress.verify import node_values
 
 from ._int8_conv_rewrite import ConvLowerer, Region
 
-REGION_FAMILY = "int8_conv_region"
-MODEL_FAMILY = "int8_conv_model"
-INT8 = "int8"
+REGION_FAMILY, MODEL_FAMILY = "int8_conv_region", "int8_conv_model"
+INT8 = {REGION_FAMILY: "int8_region", MODEL_FAMILY: "int8_model"}  # the int8 candidate of each family
 
 
 @dataclass
@@ -54,7 +53,7 @@ class FloatOrInt8:
 for _family in (REGION_FAMILY, MODEL_FAMILY):
     tuning.family(_family)
     tuning.register_candidate(_family, tuning.Candidate("float", run=lambda p: p.float_run()))
-    tuning.register_candidate(_family, tuning.Candidate(INT8, run=lambda p: p.int8_run()))
+    tuning.register_candidate(_family, tuning.Candidate(INT8[_family], run=lambda p: p.int8_run()))
 
 
 def _digest(*texts: str) -> str:
@@ -94,7 +93,7 @@ def _input_values(gm: fx.GraphModule, inputs: tuple[fx.Node, ...], values: dict[
 
 def _choose(family: str, float_fn, int8_fn, device: torch.device, key: dict, config) -> tuning.Choice:
     problem = FloatOrInt8(device, float_fn, int8_fn)
-    return tuning.choose(family, problem, ["float", INT8], key, tune=True, min_run_time=config.tune_time_s)
+    return tuning.choose(family, problem, ["float", INT8[family]], key, tune=True, min_run_time=config.tune_time_s)
 
 
 def keep_faster_regions(lowerer: ConvLowerer, chosen: set[str]) -> tuple[set[str], dict[str, tuple[str, str]]]:
@@ -119,7 +118,7 @@ def keep_faster_regions(lowerer: ConvLowerer, chosen: set[str]) -> tuple[set[str
                          device, key, config)
         verdict = _verdict(choice, f"region of {len(region.convs)} conv(s) measured as a whole (entry quantize to exit dequantize)")
         decisions[region.label] = (", ".join(lowerer.details[c]["layer"] for c in region.convs), verdict)
-        if choice.impl != INT8:
+        if choice.impl == "float":
             lowerer.keep_float(region.convs, verdict)
             chosen = chosen - set(region.convs)
     return chosen, decisions
@@ -137,14 +136,14 @@ def keep_if_model_faster(lowerer: ConvLowerer, chosen: set[str]) -> tuple[set[st
     choice = _choose(MODEL_FAMILY, functools.partial(ctx.run, baseline), functools.partial(ctx.run, trial), device, key,
                      lowerer.config)
     verdict = _verdict(choice, "the whole model with its int8 regions")
-    if choice.impl != INT8:
+    if choice.impl == "float":
         lowerer.keep_float(sorted(chosen), verdict)
         return set(), verdict
     return chosen, verdict
 
 
 def _verdict(choice: tuning.Choice, what: str) -> str:
-    winner = "int8" if choice.impl == INT8 else "float"
+    winner = "float" if choice.impl == "float" else "int8"
     return f"{winner}: {what}, {choice.reason}{' (cached)' if choice.cached else ''} ({choice.timings_text()})"
 
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxcompress
-from fxcompress import int8_conv_ops
+from fxcompress import int8_conv_ops, tuning
 from fxcompress.calibrate import mse_optimal_range
 from fxcompress.models import ResNetSmall, mobilenet_small
 from fxcompress.passes import FoldBN, Int8
@@ -267,3 +267,132 @@ def test_in_place_activations_do_not_keep_the_float_convs_alive():
     assert targets.count(fxops.int8_conv.default) == 2 and torch.ops.aten.conv2d.default not in targets
     with torch.no_grad():
         assert gm(x).max() <= 6.0 and ((gm(x) - model(x)).norm() / model(x).norm()) < 0.05
+
+
+# --- never slower: regions and the whole model measured against float (injected timings) -----------------
+
+class TwoRegions(nn.Module):
+    """conv-relu-conv (8 ch) | SiLU (no int8 implementation) | conv-relu-conv (16 ch): two int8 regions."""
+
+    def __init__(self):
+        super().__init__()
+        self.a1, self.a2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.b1, self.b2 = nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        x = F.silu(self.a2(F.relu(self.a1(x))))
+        return self.b2(F.relu(self.b1(x)))
+
+
+def _problem(fn):
+    return fn.args[0]  # tuning.choose times functools.partial(candidate.run, problem)
+
+
+def _timings(ms):
+    """A ``tuning.compare`` stand-in: ``ms(candidate, problem)`` is the median (no spread) or (median, IQR)."""
+    def timing(value):
+        median, iqr = value if isinstance(value, tuple) else (value, 0.0)
+        return tuning.Timing(median, iqr, median - iqr / 2)
+
+    return lambda fns, *args, **kwargs: {n: timing(ms(n, _problem(fn))) for n, fn in fns.items()}
+
+
+def _output_channels(problem) -> int:
+    return problem.float_run()[-1].shape[1]
+
+
+@pytest.fixture
+def two_regions(tmp_path, monkeypatch):
+    monkeypatch.setenv("FXCOMPRESS_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    model, x = TwoRegions().eval(), torch.randn(2, 3, 10, 10)
+    scales = fxcompress.calibrate(model, [x])
+
+    def run(ms):
+        monkeypatch.setattr(tuning, "compare", _timings(ms))
+        return fxcompress.optimize(model, (x,), passes=[Int8(mode="static", activation_scales=scales)], report=False)
+
+    return model, x, run
+
+
+def _per_conv_int8_wins(name, problem):
+    return 1.0 if name == "float" else 0.5  # every conv alone: int8 (any engine) twice as fast
+
+
+def test_a_region_that_loses_as_a_whole_stays_float_with_the_timings_as_reason(two_regions):
+    model, x, run = two_regions
+
+    def ms(name, problem):
+        if name == "int8_region" and _output_channels(problem) == 16:
+            return 3.0  # region b: int8 measured slower than float as a whole
+        return _per_conv_int8_wins(name, problem)
+
+    gm = run(ms)
+    result = gm.report.results["int8"]
+    assert [n.args[3].meta["val"].shape[0] for n in gm.graph.nodes if n.target is fxops.int8_conv.default] == [8, 8]
+    reasons = dict(result.skipped)
+    for layer in ("b1", "b2"):
+        assert reasons[layer].startswith("kept float: float: region of 2 conv(s) measured as a whole")
+        assert "int8_region 3±0 ms" in reasons[layer] and "float 1±0 ms" in reasons[layer]
+    kept = [row for row in result.details if row.get("region") == "kept float"]
+    assert [row["layers"] for row in kept] == ["b1, b2"]
+    int8_regions = [row for row in result.details if "ends_at" in row]
+    assert [row["layers"] for row in int8_regions] == ["a1, a2"] and int8_regions[0]["decision"].startswith("int8: region")
+    assert next(row for row in result.details if row.get("region") == "whole model")["decision"].startswith("int8: the whole model")
+    assert {row["impl"] for row in result.details if row.get("layer") in ("b1", "b2")} == {"float"}
+    with torch.no_grad():
+        assert ((gm(x) - model(x)).norm() / model(x).norm()) < 0.05
+
+
+def test_int8_regions_that_win_but_a_whole_model_that_loses_keep_every_conv_float(two_regions):
+    model, x, run = two_regions
+    gm = run(lambda name, problem: 2.0 if name == "int8_model" else _per_conv_int8_wins(name, problem))
+    result = gm.report.results["int8"]
+    assert fxops.int8_conv.default not in _targets(gm) and fxops.quantize_u8.default not in _targets(gm)
+    assert len(result.skipped) == 4 and not result.rewritten
+    assert all(reason.startswith("kept float: float: the whole model with its int8 regions") for _, reason in result.skipped)
+    with torch.no_grad():
+        assert torch.allclose(gm(x), model(x), atol=1e-5)
+
+
+def test_a_region_gain_within_the_noise_keeps_it_float(two_regions):
+    _, _, run = two_regions
+    noisy = {"float": (1.0, 0.5), "int8_region": (0.8, 0.5)}  # per region: 20 % faster, spread 50 %
+    gm = run(lambda name, problem: noisy[name] if hasattr(problem, "int8_run") and name in noisy else _per_conv_int8_wins(name, problem))
+    assert fxops.int8_conv.default not in _targets(gm)
+    assert all("no measurable gain over float" in reason for _, reason in gm.report.results["int8"].skipped)
+
+
+class FloatInsideResidual(nn.Module):
+    """A residual block whose middle conv stays float: the int8 region {c1, c3} encloses a float path."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = (nn.Conv2d(8, 8, 3, padding=1) for _ in range(3))
+
+    def forward(self, x):
+        y = F.relu(self.c1(x))
+        return F.relu(self.c3(F.relu(self.c2(y))) + y)
+
+
+def test_a_float_conv_enclosed_by_a_region_is_timed_with_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("FXCOMPRESS_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    model, x = FloatInsideResidual().eval(), torch.randn(2, 8, 10, 10)
+    scales = fxcompress.calibrate(model, [x])
+    region_graphs = []
+
+    def ms(name, problem):
+        if name.startswith("qengine:"):  # c2 (int8 in and out if every conv were int8) alone: float wins
+            return 2.0 if not (problem.enters_float or problem.exits_float) else 0.5
+        if name == "int8_region":
+            region_graphs.append(problem.float_run.func)
+        return 1.0 if name == "float" else 0.5
+
+    monkeypatch.setattr(tuning, "compare", _timings(ms))
+    gm = fxcompress.optimize(model, (x,), passes=[Int8(mode="static", activation_scales=scales)], report=False)
+    assert _targets(gm).count(fxops.int8_conv.default) == 2 and _targets(gm).count(torch.ops.aten.conv2d.default) == 1
+    (float_region,) = region_graphs
+    assert _targets(float_region).count(torch.ops.aten.conv2d.default) == 3  # c2 is inside the region's float version
+    with torch.no_grad():
+        assert ((gm(x) - model(x)).norm() / model(x).norm()) < 0.05
