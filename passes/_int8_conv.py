@@ -21,7 +21,8 @@ at a region entry, ``"<layer>:conv"`` for the pre-add output where an engine add
 family of ``fxcompress.tuning``) are timed at the conv's real shapes, int8 from and to int8 inside a
 region, with the quantize/dequantize where the conv sits at a region boundary (planned with every
 eligible conv int8, e.g. each conv between two SiLUs is an island); a candidate whose output error exceeds ``error_factor`` × the error of the
-scheme simulated in float is rejected. Float wins → the conv stays ATen and ends a region.
+scheme simulated in float is rejected. Float wins → the conv stays ATen and ends a region. Each
+region, and then the whole model, is measured against float afterwards (``_int8_conv_regions``).
 """
 
 from __future__ import annotations

@@ -121,8 +121,9 @@ class Int8(Pass):
     ``mode="static"``
     lowers every conv1d/conv2d (any kernel, stride, dilation, groups) to ``fxcompress::int8_conv``
     chains (BN folded first: run ``fold_bn`` before; relu/ReLU6 and residual add fused) that pass int8
-    values between them; ``conv_regions=False`` quantizes and dequantizes around every conv instead
-    (``passes/_int8_conv.py``).
+    values between them, and keeps float every region (and the whole model) that does not measure
+    faster than float; ``conv_regions=False`` quantizes and dequantizes around every conv instead
+    (``passes/_int8_conv.py``, ``_int8_conv_regions.py``).
     """
 
     name = "int8"
