@@ -1,6 +1,6 @@
 """Static int8 CNNs on the CPU: fp32 eager vs fxcompress int8 vs PyTorch's PT2E x86 path, and digits accuracy.
 
-    python bench/bench_int8_conv.py speed [--size 224] [--batch 8] [--models resnet18,resnet50,...]
+    python bench/bench_int8_conv.py speed [--size 224] [--batch 8] [--threads 1,2] [--models resnet18,resnet50,...]
     python bench/bench_int8_conv.py digits          # top-1 before/after int8 on scikit-learn digits
 
 ``speed``: torchvision ResNet-18/50, MobileNetV2, EfficientNet-B0 with random weights (BN statistics
@@ -10,7 +10,7 @@ rounds, each running every variant once; spread = IQR): fp32 eager; fxcompress `
 Int8(mode="static")]`` (engine per conv, then each int8 region and the whole model measured against
 float on this machine, float kept where int8 loses); PT2E (torchao ``prepare_pt2e``/``convert_pt2e``
 with ``X86InductorQuantizer``, captured with strict export: see ``PT2E_CAPTURE``) + ``torch.compile``
-(Inductor, compiled per thread count). Fidelity: top-1 agreement with fp32 and relative output error
+(Inductor with freezing, as the x86 PT2E recipe lowers it; see :func:`compiled`). Fidelity: top-1 agreement with fp32 and relative output error
 on the timed batch plus ``--eval-batches`` random ones. Results: ``bench/results/<machine>/int8_conv_<tag>.{json,md}``.
 
 ``digits``: the digits CNN of ``distill_digits.py`` trained on the training split, calibrated on 256
@@ -91,12 +91,17 @@ def pt2e_x86(model: nn.Module, example: torch.Tensor, calibration: list[torch.Te
 
 
 def compiled(converted: nn.Module, x: torch.Tensor):
-    """``torch.compile`` (Inductor) for the current thread count: Inductor's C++ kernels fix their OpenMP
-    thread count at code generation, so Dynamo's cache is reset between thread counts."""
+    """``torch.compile`` (Inductor) as the x86 PT2E recipe lowers it: with freezing (weights constant-folded
+    and prepacked for oneDNN's qconv), compiled once for every thread count: ``cpp.dynamic_threads`` makes
+    Inductor's C++ kernels read the OpenMP thread count at run time instead of fixing it at code generation
+    (Inductor notes a slight cost at one thread; compiling per thread count doubles the bench's time)."""
+    import torch._inductor.config as inductor_config
+
     torch._dynamo.reset()
-    fn = torch.compile(converted)
-    with torch.no_grad():
-        fn(x)
+    with inductor_config.patch(freezing=True, **{"cpp.dynamic_threads": True}):
+        fn = torch.compile(converted)
+        with torch.no_grad():
+            fn(x)
     return fn
 
 
@@ -128,7 +133,7 @@ def agreement(model: nn.Module, fn, batches: list[torch.Tensor]) -> tuple[float,
 
 
 def speed(args) -> None:
-    rows, layers, problems = [], {}, {}
+    rows, layers, problems, begun = [], {}, {}, time.perf_counter()
     for name in args.models.split(","):
         model = build(name)
         x = torch.randn(args.batch, 3, args.size, args.size)
@@ -137,25 +142,26 @@ def speed(args) -> None:
         started = time.perf_counter()
         scales = fxcompress.calibrate(model, calibration, method=args.method)
         calibrate_seconds = time.perf_counter() - started
-        converted, pt2e_seconds = None, 0.0
+        pt2e, pt2e_seconds = None, 0.0
+        thread_counts = [int(t) for t in args.threads.split(",")]
         if not args.no_pt2e:
             started = time.perf_counter()
+            torch.set_num_threads(max(thread_counts))
             try:
-                converted = pt2e_x86(model, x, calibration)
+                pt2e = compiled(pt2e_x86(model, x, calibration), x)
             except Exception as exc:  # report, do not hide: the results say why PT2E is missing
                 problems[name] = f"PT2E failed: {type(exc).__name__}: {exc}"
                 print(f"{name}: {problems[name]}", file=sys.stderr)
             pt2e_seconds = time.perf_counter() - started
-        for threads in (int(t) for t in args.threads.split(",")):
+        for threads in thread_counts:
             torch.set_num_threads(threads)
             started = time.perf_counter()
             gm = fxcompress.optimize(model, (x,), passes=[FoldBN(), Int8(mode="static", activation_scales=scales)], report=False)
             prepare = {"fxcompress int8": calibrate_seconds + time.perf_counter() - started}
             variants = {"fp32 eager": model, "fxcompress int8": gm}
-            if converted is not None:
-                started = time.perf_counter()
-                variants["PT2E x86 + Inductor"] = compiled(converted, x)
-                prepare["PT2E x86 + Inductor"] = pt2e_seconds + time.perf_counter() - started
+            if pt2e is not None:
+                variants["PT2E x86 + Inductor"] = pt2e
+                prepare["PT2E x86 + Inductor"] = pt2e_seconds
             timing = interleaved(variants, x, args.rounds)
             for variant, fn in variants.items():
                 median, iqr = timing[variant]
@@ -170,7 +176,7 @@ def speed(args) -> None:
             layers[f"{name} ({threads} threads)"] = _graph_summary(gm)
             print(tabulate([r for r in rows if r["model"] == name and r["threads"] == threads], headers="keys", tablefmt="github"),
                   flush=True)
-            _write(args, rows, layers, problems)  # after every model: a partial run still leaves its rows
+            _write(args, rows, layers, problems, time.perf_counter() - begun)  # after every model: a partial run still leaves its rows
 
 
 def _graph_summary(gm) -> dict:
@@ -187,7 +193,7 @@ def _graph_summary(gm) -> dict:
     }
 
 
-def _write(args, rows: list[dict], layers: dict, problems: dict) -> None:
+def _write(args, rows: list[dict], layers: dict, problems: dict, wall_seconds: float) -> None:
     notes = {
         "cpu_int8": tuning.device_description(torch.device("cpu")).rsplit(" ", 2)[0],
         "threads": args.threads, "rounds": args.rounds, "calibration": f"{args.calib} random batches, {args.method}",
@@ -196,6 +202,7 @@ def _write(args, rows: list[dict], layers: dict, problems: dict) -> None:
         "pt2e_capture": PT2E_CAPTURE,
         "load": "check load_average in the header: ratios are interleaved in one process, absolute times need an idle machine",
         "graph": layers,
+        "bench_wall_s": round(wall_seconds),
         **({"pt2e_problems": problems} if problems else {}),
     }
     table = tabulate(rows, headers="keys", tablefmt="github")

@@ -12,6 +12,7 @@ So, after it:
    of ``fxcompress.tuning``: ``compare``, the per-machine cache, float kept unless int8 is measurably
    faster). A region that loses goes back to float as a whole, with the timings as its reason.
    Regions are independent (they touch only through float tensors), so dropping one changes no other.
+   A single region (a ResNet) is left to step 2, which then measures exactly it.
 2. **Whole model.** The graph with the surviving regions is timed against the graph before the
    rewrite (family ``int8_conv_model``); if it is not measurably faster, every conv stays float.
 
@@ -102,6 +103,9 @@ def keep_faster_regions(lowerer: ConvLowerer, chosen: set[str]) -> tuple[set[str
     gm, config = lowerer.gm, lowerer.config
     trial = copy.deepcopy(gm)
     regions = lowerer.rewrite(trial, chosen)
+    if len(regions) == 1:  # the model with it differs from the model without it by this region alone
+        region = regions[0]
+        return chosen, {region.label: (_layers(lowerer, region), "int8: the only region, decided by the whole-model measurement")}
     cuts = []
     for region in regions:
         float_gm, float_inputs = _cut(gm, set(region.float_nodes))
@@ -117,7 +121,7 @@ def keep_faster_regions(lowerer: ConvLowerer, chosen: set[str]) -> tuple[set[str
         choice = _choose(REGION_FAMILY, functools.partial(float_gm, *float_args), functools.partial(int8_gm, *int8_args),
                          device, key, config)
         verdict = _verdict(choice, f"region of {len(region.convs)} conv(s) measured as a whole (entry quantize to exit dequantize)")
-        decisions[region.label] = (", ".join(lowerer.details[c]["layer"] for c in region.convs), verdict)
+        decisions[region.label] = (_layers(lowerer, region), verdict)
         if choice.impl == "float":
             lowerer.keep_float(region.convs, verdict)
             chosen = chosen - set(region.convs)
@@ -140,6 +144,10 @@ def keep_if_model_faster(lowerer: ConvLowerer, chosen: set[str]) -> tuple[set[st
         lowerer.keep_float(sorted(chosen), verdict)
         return set(), verdict
     return chosen, verdict
+
+
+def _layers(lowerer: ConvLowerer, region: Region) -> str:
+    return ", ".join(lowerer.details[c]["layer"] for c in region.convs)
 
 
 def _verdict(choice: tuning.Choice, what: str) -> str:

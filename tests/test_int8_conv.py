@@ -364,18 +364,20 @@ def test_a_region_gain_within_the_noise_keeps_it_float(two_regions):
 
 
 class FloatInsideResidual(nn.Module):
-    """A residual block whose middle conv stays float: the int8 region {c1, c3} encloses a float path."""
+    """A residual block whose middle conv stays float (the int8 region {c1, c3} encloses a float path),
+    then SiLU and an island c4 (a second region)."""
 
     def __init__(self):
         super().__init__()
-        self.c1, self.c2, self.c3 = (nn.Conv2d(8, 8, 3, padding=1) for _ in range(3))
+        self.c1, self.c2, self.c3, self.c4 = (nn.Conv2d(8, 8, 3, padding=1) for _ in range(4))
 
     def forward(self, x):
         y = F.relu(self.c1(x))
-        return F.relu(self.c3(F.relu(self.c2(y))) + y)
+        return self.c4(F.silu(F.relu(self.c3(F.relu(self.c2(y))) + y)))
 
 
 def test_a_float_conv_enclosed_by_a_region_is_timed_with_it(tmp_path, monkeypatch):
+    """(Also: two regions, so each is measured; a single region is left to the whole-model measurement.)"""
     monkeypatch.setenv("FXCOMPRESS_CACHE_DIR", str(tmp_path))
     torch.manual_seed(0)
     model, x = FloatInsideResidual().eval(), torch.randn(2, 8, 10, 10)
@@ -391,8 +393,25 @@ def test_a_float_conv_enclosed_by_a_region_is_timed_with_it(tmp_path, monkeypatc
 
     monkeypatch.setattr(tuning, "compare", _timings(ms))
     gm = fxcompress.optimize(model, (x,), passes=[Int8(mode="static", activation_scales=scales)], report=False)
-    assert _targets(gm).count(fxops.int8_conv.default) == 2 and _targets(gm).count(torch.ops.aten.conv2d.default) == 1
-    (float_region,) = region_graphs
-    assert _targets(float_region).count(torch.ops.aten.conv2d.default) == 3  # c2 is inside the region's float version
+    assert _targets(gm).count(fxops.int8_conv.default) == 3 and _targets(gm).count(torch.ops.aten.conv2d.default) == 1
+    # c2 is inside the float version of region {c1, c3}; c4 is a region alone
+    assert sorted(_targets(g).count(torch.ops.aten.conv2d.default) for g in region_graphs) == [1, 3]
     with torch.no_grad():
         assert ((gm(x) - model(x)).norm() / model(x).norm()) < 0.05
+
+
+def test_a_single_region_is_decided_by_the_whole_model_measurement(tmp_path, monkeypatch):
+    monkeypatch.setenv("FXCOMPRESS_CACHE_DIR", str(tmp_path))
+    model, x = ConvReLU(nn.Conv2d(8, 16, 3, padding=1)).eval(), torch.randn(2, 8, 9, 9)
+    timed = []
+
+    def ms(name, problem):
+        timed.append(name)
+        return 3.0 if name == "int8_model" else _per_conv_int8_wins(name, problem)
+
+    monkeypatch.setattr(tuning, "compare", _timings(ms))
+    gm = fxcompress.optimize(model, (x,), passes=[Int8(mode="static", activation_scales=fxcompress.calibrate(model, [x]))],
+                             report=False)
+    assert "int8_region" not in timed and "int8_model" in timed
+    (layer, reason), = gm.report.results["int8"].skipped
+    assert layer == "conv" and reason.startswith("kept float: float: the whole model") and fxops.int8_conv.default not in _targets(gm)
