@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from fxcompress.ir import add_constant, attr_use_count, fake_value, finalize, get_attr, module_path
+from fxcompress.ir import add_constant, attr_use_count, fake_value, get_attr, module_path
 from fxcompress.pass_base import Pass, PassContext, PassResult, register_pass
 from fxcompress.selectors import first_match
 from fxcompress.verify import node_values
@@ -132,7 +132,7 @@ class LowRank(Pass):
         rs.validate_options(self, METHODS, _whitening.METHODS)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        result = PassResult(changed=False)
+        result = PassResult()
         layers = self._collect(gm, ctx, result)
         for weight, op in batched_weight_readers(gm):
             result.skip(weight, f"batched (mixture-of-experts) weights read by {op} are not factorized")
@@ -146,9 +146,6 @@ class LowRank(Pass):
                 continue
             self._rewrite_if_cheaper(gm, layer, ranks, result)
         rs.warn_rank_one(result.details)
-        if result.rewritten:
-            finalize(gm)
-            result.changed = True
         return result
 
     def _collect(self, gm: fx.GraphModule, ctx: PassContext, result: PassResult) -> list[_Layer]:
