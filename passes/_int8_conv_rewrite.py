@@ -107,6 +107,8 @@ class ConvLowerer:
         """Convs an int8 region or the whole-model check rejected: listed as skipped with ``reason``."""
         for name in convs:
             self.lowerings.pop(name, None)
+            for trial_only in ("region", "fused", "output_qparams"):  # set by the trial rewrite
+                self.details[name].pop(trial_only, None)
             self.details[name].update(impl="float", kept_float=reason)
             self.result.skip(self.details[name]["layer"], f"kept float: {reason}")
 
