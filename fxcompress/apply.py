@@ -7,9 +7,13 @@ weights stay tied — and the modules' size attributes follow the new shapes (``
 ``nn.Embedding``, ``nn.LayerNorm``, HF ``Conv1D``, attention head counts). The result is the model's
 own class, so ``generate`` (with its KV cache), ``save_pretrained`` and fine-tuning keep working.
 
-Covered today: passes that only change the values or sizes of existing tensors (``eliminate_identity``,
-``prune_channels``). A graph holding tensors the model has no place for (``low_rank`` factors, ``int8``
-weights, folded BatchNorm) is refused with the names, until those layers get module replacements.
+Layers a pass rewrote into new tensors (``int8`` weights and scales, ``low_rank`` factors, both in turn)
+become :mod:`fxcompress.layers` modules in place of their ``nn.Linear`` / ``Conv1D``, built from the
+graph's own stages (the same custom op, lowering and tensors), and are listed in the config's
+``quantization_config`` (``quant_method="fxcompress"``, :func:`fxcompress.hf.register_quantizer`) so
+``save_pretrained`` + :func:`load_pretrained` rebuild them. A graph holding tensors the model has no
+place for otherwise (folded BatchNorm), or that rewrote a module that is not a Linear/Conv1D, is
+refused with the names.
 """
 
 from __future__ import annotations
@@ -209,3 +213,11 @@ def _config_sizes(module: torch.nn.Module) -> list[tuple[str, int]]:
 def _width(layer: torch.nn.Module) -> int | None:
     """Output features of a Linear, Conv1D (``nf``) or fxcompress layer."""
     return getattr(layer, "out_features", None) or getattr(layer, "nf", None)
+
+
+def load_pretrained(model_class, directory, **kwargs) -> torch.nn.Module:
+    """``model_class.from_pretrained(directory, **kwargs)`` for a model saved after :func:`apply_to_model`:
+    registers ``quant_method="fxcompress"`` first, so its int8 / low-rank layers are rebuilt before their
+    tensors load (needed once per process; plain ``from_pretrained`` works after it)."""
+    hf.register_quantizer()
+    return model_class.from_pretrained(directory, **kwargs)
