@@ -41,8 +41,9 @@ def greedy_tokens(model, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor
         if hasattr(model, "generate"):
             config = getattr(model, "generation_config", None)
             pad = next((t for t in (getattr(config, "pad_token_id", None), getattr(config, "eos_token_id", None), 0) if t is not None), 0)
-            out = model.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                 use_cache=True, pad_token_id=pad if isinstance(pad, int) else pad[0])
+            out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                                 pad_token_id=pad if isinstance(pad, int) else pad[0])
             return out[:, prompts.shape[1]:]
         sequence = prompts
         for _ in range(new_tokens):
