@@ -24,8 +24,9 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 
-from .capture import ExampleInputs, capture
+from .capture import capture
 from .errors import InvalidInputError
+from .inputs import Inputs
 from .quiet import progress_bar, quiet
 
 METHODS = ("minmax", "percentile", "mse")
@@ -56,7 +57,7 @@ def calibrate(
     batches = [Batch.of(b) for b in batches]
     if not batches:
         raise InvalidInputError("calibrate: batches is empty; pass at least one batch of representative inputs")
-    first = ExampleInputs(batches[0].args, batches[0].kwargs)
+    first = Inputs.of(batches[0])
     gm = _folded(copy.deepcopy(model) if isinstance(model, fx.GraphModule) else capture(model, first), first)
     observer = _RangeObserver(gm, method, percentile)
     with torch.no_grad(), progress_bar(progress, total=len(batches), desc="calibrate", unit="batch") as bar:
@@ -66,14 +67,14 @@ def calibrate(
     return tuple((layer, max(r, 1e-8) / 127.0) for layer, r in sorted(observer.ranges().items()))
 
 
-def _folded(gm: fx.GraphModule, inputs: ExampleInputs) -> fx.GraphModule:
+def _folded(gm: fx.GraphModule, inputs: Inputs) -> fx.GraphModule:
     """``gm`` with BN folded (conv output ranges as the int8 pass sees them after ``fold_bn``)."""
     from fxcompress.passes.fold_bn import FoldBN
 
     from .manager import apply_pass
     from .pass_base import PassContext
 
-    apply_pass(FoldBN(), gm, PassContext(inputs.args, inputs.kwargs))
+    apply_pass(FoldBN(), gm, PassContext.of(inputs))
     return gm
 
 

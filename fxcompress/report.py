@@ -35,12 +35,19 @@ class ReportConfig:
     guard: bool = True
 
 
-def count_flops(model: torch.nn.Module, ctx: Any) -> int:
+def count_flops(model: torch.nn.Module, inputs: Any) -> int:
+    """FLOPs of one forward on ``inputs`` (an :class:`~fxcompress.inputs.Inputs`, e.g. a ``PassContext``),
+    by ``torch.utils.flop_counter`` (custom ops register their formulas)."""
     from torch.utils.flop_counter import FlopCounterMode  # imports triton: only when measuring
 
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        ctx.run(model)
+        inputs.run(model)
     return int(counter.get_total_flops())
+
+
+def count_macs(model: torch.nn.Module, inputs: Any) -> int:
+    """Multiply-accumulates of one forward on ``inputs``: FLOPs / 2."""
+    return count_flops(model, inputs) // 2
 
 
 def parameter_count(model: torch.nn.Module) -> int:

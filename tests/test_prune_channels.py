@@ -42,7 +42,7 @@ def randomize_norms(model: nn.Module) -> nn.Module:
 
 
 def ctx_of(inputs) -> PassContext:
-    return PassContext(*((inputs, {}) if isinstance(inputs, tuple) else ((), inputs)))
+    return PassContext.of(inputs)
 
 
 def outputs(module, ctx: PassContext) -> list[torch.Tensor]:
