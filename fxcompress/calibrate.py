@@ -23,11 +23,15 @@ from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
+from torch.fx._pytree import tree_flatten_spec
 
 from .capture import capture
 from .errors import InvalidInputError
 from .inputs import Inputs
+from .manager import apply_pass
+from .pass_base import PassContext
 from .quiet import progress_bar, quiet
+from .training import Batch
 
 METHODS = ("minmax", "percentile", "mse")
 MAX_PERCENTILE_SAMPLES = 1 << 22
@@ -46,8 +50,6 @@ def calibrate(
     a dict of keyword inputs (Hugging Face style; a ``"labels"`` entry is dropped), or
     ``(inputs, labels)`` as a ``DataLoader`` yields it (labels are dropped).
     """
-    from .training import Batch
-
     if method not in METHODS:
         raise InvalidInputError(f"calibrate: method must be one of {METHODS}, not {method!r}")
     if not 0 < percentile <= 100:
@@ -69,10 +71,7 @@ def calibrate(
 
 def _folded(gm: fx.GraphModule, inputs: Inputs) -> fx.GraphModule:
     """``gm`` with BN folded (conv output ranges as the int8 pass sees them after ``fold_bn``)."""
-    from fxcompress.passes.fold_bn import FoldBN
-
-    from .manager import apply_pass
-    from .pass_base import PassContext
+    from fxcompress.passes.fold_bn import FoldBN  # the passes load lazily (import fxcompress stays cheap)
 
     apply_pass(FoldBN(), gm, PassContext.of(inputs))
     return gm
@@ -85,8 +84,6 @@ def _positional(gm: fx.GraphModule, batch: Any) -> list:
         if batch.kwargs:
             raise InvalidInputError("calibrate: keyword inputs need a captured model (pass the nn.Module, not a graph)")
         return list(batch.args)
-    from torch.fx._pytree import tree_flatten_spec
-
     return list(tree_flatten_spec((batch.args, batch.kwargs), spec))
 
 

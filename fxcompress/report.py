@@ -14,6 +14,7 @@ from tabulate import tabulate
 
 from . import tuning
 from .instrument import Instrumentation, PassTimer
+from .pass_base import PassResult
 from .shapes import ShapeSummary
 from .verify import fidelity
 
@@ -145,8 +146,6 @@ class Report:
     @classmethod
     def from_dict(cls, data: dict) -> "Report":
         """The inverse of :meth:`to_dict` (what :func:`fxcompress.load` gives back as ``.report``)."""
-        from .pass_base import PassResult
-
         results = {
             stage: PassResult(bool(r["rewritten"]), list(r["rewritten"]), [tuple(s) for s in r["skipped"]], list(r["details"]))
             for stage, r in data.get("passes", {}).items()

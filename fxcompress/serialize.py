@@ -14,6 +14,7 @@ from .capture import capture, inference_only
 from .errors import ArchiveError, InvalidInputError
 from .inputs import Inputs
 from .quiet import quiet, third_party_quiet
+from .report import Report
 from .shapes import ShapeSummary, auto_dynamic_shapes, input_names, install_guard_errors, placeholders, summarize
 
 METADATA_FILE = "fxcompress.json"
@@ -74,7 +75,6 @@ def load(path: str | os.PathLike) -> fx.GraphModule:
     archive (empty, truncated, a ``torch.save`` checkpoint) raises :class:`ArchiveError`.
     """
     import fxcompress.passes  # noqa: F401  (registers custom ops the graph may call)
-    from .report import Report
 
     _check_archive(os.fspath(path))
     extra = {METADATA_FILE: ""}
