@@ -30,7 +30,7 @@ def optimize(
     example_inputs: Any,
     passes: Sequence[str | Pass] | None = None,
     *,
-    verify: bool = True,
+    verify: bool | str = True,
     report: ReportConfig | bool = True,
     dump_dir: str | os.PathLike | None = None,
     instrumentations: Sequence[Instrumentation] = (),
@@ -65,6 +65,11 @@ def optimize(
     Every input dim stays dynamic unless the model's code fixes it (``dynamic=False`` pins all,
     ``dynamic_shapes=`` is passed to ``torch.export``); ``report.shapes`` lists the dynamic dims, why
     each static dim is static, and the second shape every pass was also verified at.
+
+    ``verify``: ``"full"`` (or ``True``) checks after every pass that the graph lints and runs, keeps
+    its output structure/shapes/dtypes, reproduces the pre-pass outputs if the pass is lossless, and
+    does all of that again at a second input shape; ``"fast"`` skips the second shape; ``False``
+    checks nothing (see :class:`fxcompress.PassManager`).
     """
     pipeline = [make_pass(p) for p in (DEFAULT_PASSES if passes is None else _as_sequence(passes))]
     inputs = Inputs.of(example_inputs)

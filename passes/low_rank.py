@@ -225,10 +225,7 @@ class LowRank(Pass):
 
     def _choose_ranks(self, layers: list[_Layer]) -> list[tuple[int, ...] | None]:
         if self.target_macs is not None:
-            options = [
-                [RankOption(r, layer.macs(r), _loss(layer, r)) for r in rs.candidate_ranks(layer.spectra, self.round_to)]
-                for layer in layers
-            ]
+            options = [_rank_options(layer, rs.candidate_ranks(layer.spectra, self.round_to)) for layer in layers]
             chosen = allocate_budget([layer.macs() for layer in layers], options, self.target_macs)
             return [option.ranks if option else None for option in chosen]
         ranks = []
@@ -289,15 +286,25 @@ def _kind(node: fx.Node, weight: torch.Tensor, method: str) -> str:
 
 
 def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD; a tall matrix is decomposed as its transpose (Mᵀ = U S Vᵀ ⇒ M = V S Uᵀ), several times faster on CPU."""
-    if matrix.shape[0] <= matrix.shape[1]:
-        return torch.linalg.svd(matrix, full_matrices=False)
-    u, s, vh = torch.linalg.svd(matrix.T, full_matrices=False)
-    return vh.T, s, u.T
+    """Thin SVD through a QR of the tall orientation: T = Q R, R = U' S Vᵀ ⇒ T = (Q U') S Vᵀ.
+
+    The SVD then runs on the small square R. LAPACK's gesdd does this itself for tall inputs but not
+    for wide ones, whose thin SVD was 5-6x slower than their transpose's (512 x 4608, 1 thread);
+    QR first is as fast as the better orientation whichever LAPACK is installed.
+    """
+    wide = matrix.shape[0] < matrix.shape[1]
+    tall = matrix.T if wide else matrix
+    q, r = torch.linalg.qr(tall)
+    u_r, s, vh = torch.linalg.svd(r, full_matrices=False)
+    u = q @ u_r
+    return (vh.T, s, u.T) if wide else (u, s, vh)
 
 
-def _loss(layer: _Layer, ranks: tuple[int, ...]) -> float:
-    return sum(rs.discarded_energy(s, r) for s, r in zip(layer.spectra, ranks))
+def _rank_options(layer: _Layer, candidates: list[tuple[int, ...]]) -> list[RankOption]:
+    """MACs and discarded energy (summed over the spectra) of every candidate, from one cumulative sum per spectrum."""
+    kept = [rs.energy_kept(s).tolist() for s in layer.spectra]
+    return [RankOption(ranks, layer.macs(ranks), sum(1.0 - k[r - 1] if r > 0 else 1.0 for k, r in zip(kept, ranks)))
+            for ranks in candidates]
 
 
 def factorize(

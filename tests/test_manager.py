@@ -78,6 +78,46 @@ def test_verification_names_broken_pass_and_first_diverging_node():
     assert "perturb_weight" in str(err) and "conv2d" in str(err)
 
 
+@dataclass(frozen=True)
+class ReplaceWeight(Pass):
+    """Broken like PerturbWeight, but the way passes write: a new tensor replaces the weight."""
+
+    name = "replace_weight"
+    lossless = True
+
+    def run(self, gm, ctx):
+        conv = [n for n in gm.graph.nodes if n.op == "call_function" and "conv" in str(n.target)][1]
+        ir.set_attr(gm, conv.args[1].target, ir.get_attr(gm, conv.args[1].target) * 1.5)
+        return PassResult(changed=True, rewritten=[conv.name])
+
+
+def test_snapshot_shares_weights_and_replays_to_the_first_diverging_node():
+    from fxcompress.manager import GraphSnapshot
+
+    model, inputs = model_and_inputs()
+    gm = fxcompress.capture(model, inputs)
+    snapshot = GraphSnapshot.of(gm)
+    assert {id(t) for t in snapshot.module.state_dict(keep_vars=True).values()} <= {id(t) for t in gm.state_dict(keep_vars=True).values()}
+    with pytest.raises(fxcompress.VerificationError) as info:
+        fxcompress.optimize(model, inputs, passes=[ReplaceWeight()], report=False)
+    assert info.value.node == "conv2d_1"
+
+
+@pytest.mark.parametrize("verify, second_shape", [(True, True), ("full", True), ("fast", False)])
+def test_verify_levels(verify, second_shape):
+    model, inputs = model_and_inputs()
+    out = fxcompress.optimize(model, inputs, passes=["fold_bn"], verify=verify, report=False)
+    assert (out.report.shapes.second_shape is not None) == second_shape
+    with pytest.raises(fxcompress.VerificationError, match="lossless"):
+        fxcompress.optimize(model, inputs, passes=[ReplaceWeight()], verify=verify, report=False)
+
+
+def test_unknown_verify_level_is_rejected():
+    model, inputs = model_and_inputs()
+    with pytest.raises(fxcompress.PassConfigError, match="'full'.*'fast'.*False"):
+        fxcompress.optimize(model, inputs, verify="quick")
+
+
 def test_pass_that_claims_unchanged_but_changes_is_caught():
     model, inputs = model_and_inputs()
     with pytest.raises(fxcompress.VerificationError, match="changed=False"):
