@@ -92,6 +92,9 @@ class Builder:
 
     def identity(self, a: fx.Node, a_dim: int, b: fx.Node, b_dim: int) -> None:
         sa, sb = self.space(a, a_dim), self.space(b, b_dim)
+        if (sa is None) != (sb is None):  # the same channels as a dim of symbolic size
+            known, other, other_dim = (sa, b, b_dim) if sa is not None else (sb, a, a_dim)
+            self.frozen.setdefault(known, ("the same dim as one of symbolic size", f"dim {other_dim} of {other.name}"))
         if sa is None or sb is None or self.spaces[sa].size != self.spaces[sb].size:
             return  # left untouched, hence frozen
         self.touched |= {sa, sb}

@@ -62,7 +62,7 @@ class _PrunedShapeCheck(fx.Interpreter):
             with self.mode:
                 self.run(*self.fakes)
         except _Mismatch as mismatch:
-            return mismatch.args
+            return mismatch.node, mismatch.reason
         return None
 
     def run_node(self, n: fx.Node):
@@ -80,7 +80,9 @@ class _PrunedShapeCheck(fx.Interpreter):
 
 
 class _Mismatch(Exception):
-    pass
+    def __init__(self, node: str, reason: str):
+        super().__init__(f"{node}: {reason}")  # fx.Interpreter appends the node to the message
+        self.node, self.reason = node, reason
 
 
 def apply_pruning(
