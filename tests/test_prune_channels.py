@@ -21,9 +21,8 @@ from fxcompress import ir
 from fxcompress.capture import capture
 from fxcompress.errors import PassConfigError
 from fxcompress.pass_base import PassContext
-from fxcompress.passes._prune_graph import analyze
-from fxcompress.passes._prune_importance import choose_units
-from fxcompress.passes._prune_rewrite import apply_pruning
+from fxcompress.passes.prune import analyze, apply_pruning
+from fxcompress.passes.prune.importance import choose_units
 from fxcompress.passes.prune_channels import PruneChannels, count_macs, removed_indices
 from tests import prune_zoo
 
