@@ -13,7 +13,7 @@ from .api import DEFAULT_PASSES, optimize
 from .apply import apply_to_model, load_pretrained
 from .calibrate import calibrate
 from .capture import capture
-from .distill import distill
+from .distill import DistillConfig, distill
 from .generation import GenerationFidelity, generation_fidelity
 from .errors import (
     ArchiveError,
@@ -50,7 +50,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "DEFAULT_PASSES", "ArchiveError", "CaptureError", "FxCompressError", "FxCompressWarning", "InferenceOnlyError",
+    "DEFAULT_PASSES", "ArchiveError", "CaptureError", "DistillConfig", "FxCompressError", "FxCompressWarning", "InferenceOnlyError",
     "InputShapeError", "InvalidInputError", "IRDumper", "Instrumentation", "Pass", "PassConfigError", "PassContext",
     "PassManager", "PassResult", "PassTimer", "Report", "ReportConfig", "UnknownPassError", "VerificationError",
     "GenerationFidelity", "apply_to_model", "backend", "calibrate", "capture", "distill", "generation_fidelity", "load",
