@@ -23,10 +23,11 @@ from fxcompress.errors import FxCompressWarning, PassConfigError
 
 def validate_options(config: Any, methods: Sequence[str], whitening: Sequence[str] = ()) -> None:
     """Check a ``LowRank`` configuration; normalise ``include``/``ignore`` to tuples of strings."""
-    chosen = [n for n in ("rank", "energy", "target_macs") if getattr(config, n) is not None]
+    object.__setattr__(config, "layer_ranks", _checked_layer_ranks(config.layer_ranks))
+    chosen = [n for n in ("rank", "energy", "target_macs", "layer_ranks") if getattr(config, n) not in (None, ())]
     if len(chosen) != 1:
         raise PassConfigError(
-            f"low_rank needs exactly one of rank=, energy=, target_macs=; got {chosen or 'none'}. "
+            f"low_rank needs exactly one of rank=, energy=, target_macs=, layer_ranks=; got {chosen or 'none'}. "
             f"Fix: e.g. LowRank(rank=0.25) or LowRank(energy=0.9) or LowRank(target_macs=0.5)"
         )
     rank = config.rank
@@ -56,6 +57,18 @@ def validate_options(config: Any, methods: Sequence[str], whitening: Sequence[st
                 f"e.g. ('encoder.layer.*.output.dense',)"
             )
         object.__setattr__(config, field_name, tuple(patterns))
+
+
+def _checked_layer_ranks(value: Any) -> tuple[tuple[str, int | float], ...]:
+    pairs = tuple(value.items()) if isinstance(value, dict) else value
+    if not isinstance(pairs, list | tuple) or not all(isinstance(p, list | tuple) and len(p) == 2 for p in pairs):
+        raise PassConfigError(f"low_rank layer_ranks={value!r} must be (layer selector, rank) pairs or a dict, e.g. {{'fc1': 32}}")
+    checked = tuple((p[0], p[1]) for p in pairs)
+    for name, rank in checked:
+        if not isinstance(name, str) or isinstance(rank, bool) or not isinstance(rank, int | float) or not (
+                rank >= 1 if isinstance(rank, int) else 0 < rank <= 1):
+            raise PassConfigError(f"low_rank layer_ranks: {name!r}: {rank!r} must be an int rank >= 1 or a fraction in (0, 1]")
+    return checked
 
 
 def _check_fraction(field_name: str, value: Any, closed_top: bool) -> None:

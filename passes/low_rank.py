@@ -110,6 +110,8 @@ class LowRank(Pass):
     by at least this factor.
     ``whiten``: None (spectrum of W alone), "svd-llm" (input Gram matrix, exact output error) or
     "asvd" (activation-magnitude column scaling), on ``optimize(..., calibration=)`` data.
+    ``layer_ranks``: instead of one of those, ``(selector, rank)`` pairs (or a dict): each layer the
+    first selector selects gets that rank (int or fraction, as ``rank``); other layers stay as they are.
     ``include``/``ignore``: module selectors (:mod:`fxcompress.selectors`); ``*`` matches within one
     dotted segment, ``**`` across segments (``"encoder.layer.*.output.dense"`` does not match
     ``...attention.output.dense``); a selector covers the module and everything under it.
@@ -127,6 +129,7 @@ class LowRank(Pass):
     include: tuple[str, ...] = ("**",)
     ignore: tuple[str, ...] = ()
     whiten: str | None = None
+    layer_ranks: tuple[tuple[str, int | float], ...] = ()
 
     def __post_init__(self) -> None:
         rs.validate_options(self, METHODS, _whitening.METHODS)
@@ -142,7 +145,8 @@ class LowRank(Pass):
             _whitening.whiten_layers(gm, ctx, layers, self.whiten)
         for layer, ranks in zip(layers, self._choose_ranks(layers)):
             if ranks is None:
-                result.skip(layer.name, "target_macs budget met without it (other layers lose less energy per MAC)")
+                result.skip(layer.name, "not selected by layer_ranks" if self.layer_ranks else
+                            "target_macs budget met without it (other layers lose less energy per MAC)")
                 continue
             self._rewrite_if_cheaper(gm, layer, ranks, result)
         rs.warn_rank_one(result.details)
@@ -210,11 +214,18 @@ class LowRank(Pass):
             chosen = rs.allocate_budget([layer.macs() for layer in layers], options, self.target_macs)
             return [option.ranks if option else None for option in chosen]
         ranks = []
+        by_layer = dict(self.layer_ranks)
         for layer in layers:
+            rank = self.rank
+            if self.layer_ranks:
+                rank = by_layer.get(first_match([s for s, _ in self.layer_ranks], layer.name))
+                if rank is None:
+                    ranks.append(None)
+                    continue
             per_mode = []
             for spectrum in layer.spectra:
                 full = len(spectrum)
-                raw = rs.rank_from_spec(self.rank, full) if self.rank is not None else rs.rank_for_energy(spectrum, self.energy)
+                raw = rs.rank_from_spec(rank, full) if rank is not None else rs.rank_for_energy(spectrum, self.energy)
                 per_mode.append(rs.round_rank(raw, self.round_to, full))
             ranks.append(tuple(per_mode))
         return ranks
