@@ -145,8 +145,7 @@ class LowRank(Pass):
             _whitening.whiten_layers(gm, ctx, layers, self.whiten)
         for layer, ranks in zip(layers, self._choose_ranks(layers)):
             if ranks is None:
-                result.skip(layer.name, "not selected by layer_ranks" if self.layer_ranks else
-                            "target_macs budget met without it (other layers lose less energy per MAC)")
+                result.skip(layer.name, "target_macs budget met without it (other layers lose less energy per MAC)")
                 continue
             self._rewrite_if_cheaper(gm, layer, ranks, result)
         rs.warn_rank_one(result.details)
@@ -188,6 +187,8 @@ class LowRank(Pass):
         matched = first_match(self.ignore, name)
         if matched:
             return f"matched ignore pattern {matched!r}"
+        if self.layer_ranks and first_match([s for s, _ in self.layer_ranks], name) is None:
+            return "not selected by layer_ranks"
         args = gemm_arguments(node)
         weight = args["weight"]
         if not isinstance(weight, fx.Node) or weight.op != "get_attr":
@@ -216,12 +217,7 @@ class LowRank(Pass):
         ranks = []
         by_layer = dict(self.layer_ranks)
         for layer in layers:
-            rank = self.rank
-            if self.layer_ranks:
-                rank = by_layer.get(first_match([s for s, _ in self.layer_ranks], layer.name))
-                if rank is None:
-                    ranks.append(None)
-                    continue
+            rank = by_layer[first_match(list(by_layer), layer.name)] if self.layer_ranks else self.rank
             per_mode = []
             for spectrum in layer.spectra:
                 full = len(spectrum)

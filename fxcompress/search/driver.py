@@ -6,14 +6,15 @@
    end-to-end latency over its node sum.
 4. :class:`Front` (exact multiple-choice knapsack over the measured savings) proposes, for the budget
    and for tighter ones (a margin for what the additive model misses), the least-error allocations.
-5. Each proposal and each single-pass baseline is built by the pass manager (verified) and measured end
-   to end, interleaved with the input model. The least-error candidate that meets the target wins; if
+5. Each proposal and each single-pass baseline is built by the pass manager and measured end to end,
+   interleaved with the input model (the chosen one is then built again, verified, by ``optimize``). The least-error candidate that meets the target wins; if
    none does after one re-solve with the measured/predicted ratio, the best reachable one is returned
    with a message.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 import warnings
@@ -54,7 +55,9 @@ class Search:
         self.device = next((t.device for t in self.ctx.tensors()), torch.device("cpu"))
         batches = [Batch.of(b) for b in calibration] if calibration is not None else [Batch(inputs.args, inputs.kwargs, None)]
         self.meter = ErrorMeter(self.base, batches, target.metric)
-        key = content_digest(self.base, batches, target.passes, target.prune_ratios, target.ranks, repr(target.metric), repr(clock))
+        self.timed = target.resource in (None, "latency")
+        key = content_digest(self.base, batches, target.passes, target.prune_ratios, target.ranks, repr(target.metric),
+                             repr(clock), self.timed)
         self.costs, self.analysis = cached_analysis(key, self._analyze)
         self.candidates: list[Candidate] = []
         self._models: dict[str, fx.GraphModule] = {}
@@ -63,7 +66,8 @@ class Search:
         t = self.target
         costs = CostModel(self.device, self.clock)
         space = find_space(self.base, self.ctx, t.passes, t.prune_ratios, t.ranks)
-        return costs, analyze(self.base, self.input_gm, self.ctx, space, self.meter, costs, t.time_budget_s, self.progress)
+        return costs, analyze(self.base, self.input_gm, self.ctx, space, self.meter, costs if self.timed else None,
+                              t.time_budget_s, self.progress)
 
     # -- quantities -----------------------------------------------------------------------------------
 
@@ -91,15 +95,20 @@ class Search:
     # -- end-to-end measurement -----------------------------------------------------------------------
 
     def _add(self, name: str, source: str, passes: list, predicted: float | None = None) -> None:
+        """Build a pipeline on the input graph and measure it (error, size, MACs; latency in :meth:`_time_all`).
+        Built pipelines are kept with the analysis: another target on the same model reuses them."""
         if any(c.name == name for c in self.candidates):
             return
-        gm = apply(self.input_gm, passes, self.ctx, verify=True)
-        profile = static_costs(gm, self.ctx, GraphProfile([]))
+        configs = [p.config() for p in passes]
+        key = json.dumps(configs, sort_keys=True, default=str)
+        if key not in self.analysis.built:
+            gm = apply(self.input_gm, passes, self.ctx)
+            profile = static_costs(gm, self.ctx, GraphProfile([]))
+            error = self.meter(gm) if source != "input" else 0.0
+            self.analysis.built[key] = (gm, error, profile.weight_bytes / self.input_size, profile.macs / self.input_macs)
+        gm, error, size, macs = self.analysis.built[key]
         self._models[name] = gm
-        self.candidates.append(Candidate(
-            name, source, [p.config() for p in passes], self.meter(gm) if source != "input" else 0.0,
-            size=profile.weight_bytes / self.input_size, macs=profile.macs / self.input_macs, predicted=predicted,
-        ))
+        self.candidates.append(Candidate(name, source, configs, error, size=size, macs=macs, predicted=predicted))
 
     def _time_all(self) -> None:
         """Latency of every candidate (and the input model) as a fraction of the input, interleaved."""
@@ -111,11 +120,12 @@ class Search:
             c.latency = timings[c.name].median_ms / timings["input"].median_ms
 
     def _judge(self) -> None:
+        """A candidate meets a budget when its measured quantity is within it (latency: plus ``tolerance``);
+        with only ``max_error``, when its error is within that."""
         t = self.target
+        slack = 1 + (t.tolerance if t.resource == "latency" else 0.0)
         for c in self.candidates:
-            value = getattr(c, t.resource) if t.resource else None
-            within = value is None or value <= t.budget * (1 + (t.tolerance if t.resource == "latency" else 0.0)) + 1e-12
-            c.meets = within and (t.max_error is None or c.error <= t.max_error or t.resource is not None)
+            c.meets = (getattr(c, t.resource) <= t.budget * slack + 1e-12) if t.resource else c.error <= t.max_error
 
     # -- the search ----------------------------------------------------------------------------------
 
@@ -141,8 +151,9 @@ class Search:
         base = self._quantity(self.analysis.base)
         front_points = [((base - saving) / reference, error) for saving, error in front.points()]
         stats = {"sites": len(self.analysis.space.sites), "options measured": len(self.analysis.options),
-                 "sensitivity s": self.analysis.seconds, "search s": time.perf_counter() - start,
-                 "latency correction": self.costs.correction}
+                 "sensitivity s": self.analysis.seconds, "search s": time.perf_counter() - start}
+        if self.timed:
+            stats["latency correction"] = self.costs.correction
         if self.analysis.unmeasured:
             stats["options not measured (time_budget_s)"] = len(self.analysis.unmeasured)
         return SearchResult(t.describe(), t.resource, t.budget, chosen, self.candidates, front_points, message, stats)

@@ -69,14 +69,20 @@ class Analysis:
     failed: dict[Setting, str] = field(default_factory=dict)
     unmeasured: list[Setting] = field(default_factory=list)
     seconds: float = 0.0
+    built: dict[str, tuple] = field(default_factory=dict)  # pipeline configs -> (graph, error, size, MACs)
 
 
 def analyze(base: fx.GraphModule, input_gm: fx.GraphModule, ctx: PassContext, space: Space, meter: ErrorMeter,
-            costs: CostModel, time_budget_s: float | None = None, progress: bool | None = None) -> Analysis:
+            costs: CostModel | None, time_budget_s: float | None = None, progress: bool | None = None) -> Analysis:
     """Measure every option of ``space`` alone on ``base`` (until ``time_budget_s``), then time the nodes
-    of all option graphs, of ``base`` and of the input graph together."""
+    of all option graphs, of ``base`` and of the input graph together (no timing without ``costs``:
+    a size or MACs budget is counted)."""
     start = time.perf_counter()
-    profiles = [static_costs(gm, ctx, costs.profile(gm, ctx.args, ctx.kwargs)) for gm in (base, input_gm)]
+
+    def profile(gm: fx.GraphModule) -> GraphProfile:
+        return static_costs(gm, ctx, costs.profile(gm, ctx.args, ctx.kwargs) if costs is not None else GraphProfile([]))
+
+    profiles = [profile(gm) for gm in (base, input_gm)]
     analysis = Analysis(space, *profiles)
     settings = [s for site in space.sites for s in site.options]
     with progress_bar(progress, total=len(settings), desc="sensitivity", unit="option") as bar:
@@ -91,10 +97,10 @@ def analyze(base: fx.GraphModule, input_gm: fx.GraphModule, ctx: PassContext, sp
                 analysis.failed[setting] = f"{type(exc).__name__}: {exc}"
                 bar.update(1)
                 continue
-            profile = static_costs(gm, ctx, costs.profile(gm, ctx.args, ctx.kwargs))
-            analysis.options[setting] = Measured(setting, meter(gm), profile)
+            analysis.options[setting] = Measured(setting, meter(gm), profile(gm))
             bar.update(1)
-    costs.measure(lambda: ctx.run(base), analysis.base)
+    if costs is not None:
+        costs.measure(lambda: ctx.run(base), analysis.base)
     analysis.seconds = time.perf_counter() - start
     return analysis
 

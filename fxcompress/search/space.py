@@ -13,10 +13,12 @@ A set of settings becomes a plain pipeline: ``FoldBN``-style lossless passes, th
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 
 import torch.fx as fx
 
+from ..errors import FxCompressWarning
 from ..manager import PassManager
 from ..pass_base import Pass, PassContext, make_pass
 
@@ -72,9 +74,12 @@ class Space:
 
 
 def apply(base: fx.GraphModule, passes: list[Pass], ctx: PassContext, verify: bool = False) -> fx.GraphModule:
-    """A copy of ``base`` with ``passes`` run by the pass manager (``base`` is not changed)."""
+    """A copy of ``base`` with ``passes`` run by the pass manager (``base`` is not changed). The passes'
+    warnings about a candidate are not the user's: only the chosen pipeline, built by ``optimize``, warns."""
     gm = copy.deepcopy(base)
-    PassManager(passes, verify=verify).run(gm, ctx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FxCompressWarning)
+        PassManager(passes, verify=verify).run(gm, ctx)
     return gm
 
 
@@ -106,4 +111,6 @@ def find_space(base: fx.GraphModule, ctx: PassContext, kinds: tuple[str, ...], p
 
 def _probe(base: fx.GraphModule, ctx: PassContext, pass_: Pass):
     gm = copy.deepcopy(base)
-    return pass_.run(gm, ctx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FxCompressWarning)
+        return pass_.run(gm, ctx)
