@@ -13,7 +13,7 @@ from .api import DEFAULT_PASSES, optimize
 from .apply import apply_to_model
 from .calibrate import calibrate
 from .capture import capture
-from .distill import distill
+from .distill import DistillConfig, distill
 from .errors import (
     ArchiveError,
     CaptureError,
@@ -49,7 +49,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "DEFAULT_PASSES", "ArchiveError", "CaptureError", "FxCompressError", "FxCompressWarning", "InferenceOnlyError",
+    "DEFAULT_PASSES", "ArchiveError", "CaptureError", "DistillConfig", "FxCompressError", "FxCompressWarning", "InferenceOnlyError",
     "InputShapeError", "InvalidInputError", "IRDumper", "Instrumentation", "Pass", "PassConfigError", "PassContext",
     "PassManager", "PassResult", "PassTimer", "Report", "ReportConfig", "Target", "UnknownPassError", "VerificationError",
     "apply_to_model", "backend", "calibrate", "capture", "distill", "load", "make_pass", "optimize", "register_pass", "registered_passes",

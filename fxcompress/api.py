@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import time
 from typing import Any, Sequence
@@ -11,6 +10,7 @@ import torch
 import torch.fx as fx
 
 from .capture import ExampleInputs, capture, check_model_and_inputs, eval_copy, run_eagerly
+from .distill import RUN_OPTIONS, DistillConfig, distill
 from .errors import InvalidInputError
 from .instrument import Instrumentation, PassProgress, dumper_from_env_or
 from .manager import PassManager
@@ -29,11 +29,12 @@ def optimize(
     example_inputs: Any,
     passes: Sequence[str | Pass] | None = None,
     *,
-    verify: bool = True,
+    verify: bool | str = True,
     report: ReportConfig | bool = True,
     dump_dir: str | os.PathLike | None = None,
     instrumentations: Sequence[Instrumentation] = (),
-    recover: dict | None = None,
+    recover: DistillConfig | dict | None = None,
+    recover_data: Any = None,
     calibration: Any = None,
     progress: bool | None = None,
     dynamic: bool = True,
@@ -46,8 +47,9 @@ def optimize(
     (``fxcompress.passes.FoldBN()``). The result carries ``.report`` (a :class:`Report`) and
     ``.pipeline`` (the pass configurations as plain dicts). ``dump_dir`` (or the environment variable
     ``FXCOMPRESS_DUMP_DIR``) writes the graph code before and after each pass. ``recover`` runs
-    :func:`fxcompress.distill` with the original model as teacher after the pipeline, e.g.
-    ``recover=dict(data=loader, steps=200)``. ``calibration`` (a DataLoader or list of batches: tensors,
+    :func:`fxcompress.distill` with the original model as teacher after the pipeline on ``recover_data``, e.g.
+    ``recover=DistillConfig(steps=200), recover_data=loader`` (the older ``recover=dict(data=loader,
+    steps=200)`` is an alias: ``data`` plus :func:`fxcompress.distill`'s keywords). ``calibration`` (a DataLoader or list of batches: tensors,
     tuples, dicts; labels are ignored) is what data-aware passes (``LowRank(whiten=...)``,
     ``PruneChannels(importance="activation", compensate=...)``, ``Int8(gptq=True)``) measure their input
     statistics on, in one streaming pass per analysis; without it they use the example inputs.
@@ -68,11 +70,16 @@ def optimize(
     for the pipeline instead of taking ``passes``: the least-error mix of per-group pruning, per-layer
     rank and per-layer int8 that meets the budget on this machine (:mod:`fxcompress.search`). The
     result's ``.search`` holds every measured candidate (the Pareto report) and the chosen pipeline.
+
+    ``verify``: ``"full"`` (or ``True``) checks after every pass that the graph lints and runs, keeps
+    its output structure/shapes/dtypes, reproduces the pre-pass outputs if the pass is lossless, and
+    does all of that again at a second input shape; ``"fast"`` skips the second shape; ``False``
+    checks nothing (see :class:`fxcompress.PassManager`).
     """
     if target is not None:
         return _optimize_for_target(model, example_inputs, passes, target, calibration=calibration, verify=verify,
                                     report=report, dump_dir=dump_dir, instrumentations=instrumentations, recover=recover,
-                                    progress=progress, dynamic=dynamic, dynamic_shapes=dynamic_shapes)
+                                    recover_data=recover_data, progress=progress, dynamic=dynamic, dynamic_shapes=dynamic_shapes)
     pipeline = [make_pass(p) for p in (DEFAULT_PASSES if passes is None else _as_sequence(passes))]
     inputs = ExampleInputs.of(example_inputs)
     check_model_and_inputs(model, inputs)
@@ -96,7 +103,7 @@ def optimize(
         if recover:
             bar.set_postfix_str("recover")
             start = time.perf_counter()
-            gm = _recover(gm, model, {"progress": progress, **recover})
+            gm = _recover(gm, model, recover, recover_data, progress)
             with torch.no_grad():
                 outputs = ctx.run(gm)
             builder.add_stage("recover", gm, outputs, time.perf_counter() - start, "distilled from the input model")
@@ -135,17 +142,21 @@ def _as_sequence(passes: Any) -> Sequence:
     return passes
 
 
-def _recover(student: fx.GraphModule, teacher: torch.nn.Module, options: dict) -> fx.GraphModule:
-    from .distill import distill
-
-    if not isinstance(options, dict) or "data" not in options:
-        raise InvalidInputError("recover= needs at least `data` (an iterable of batches), e.g. recover=dict(data=loader, steps=100)")
-    valid = [name for name in inspect.signature(distill).parameters if name not in ("student", "teacher")]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise InvalidInputError(f"recover= has no option(s) {unknown}; it takes fxcompress.distill's: {', '.join(valid)}")
-    result = distill(student=student, teacher=teacher, **options)
-    return result[0] if isinstance(result, tuple) else result
+def _recover(student: fx.GraphModule, teacher: torch.nn.Module, recover: DistillConfig | dict, data: Any,
+             progress: bool | None) -> fx.GraphModule:
+    run_options: dict = {"progress": progress}
+    if isinstance(recover, dict):  # the alias: data and distill's keywords in one dict
+        options = dict(recover)
+        if "data" not in options:
+            raise InvalidInputError("recover= needs at least `data` (an iterable of batches), e.g. recover=dict(data=loader, steps=100)")
+        data = options.pop("data")
+        run_options.update({k: options.pop(k) for k in RUN_OPTIONS if k in options})
+        recover = DistillConfig.of(options, where="recover=")
+    elif not isinstance(recover, DistillConfig):
+        raise InvalidInputError(f"recover= takes a fxcompress.DistillConfig (or a dict of distill's options), not {type(recover).__name__}")
+    elif data is None:
+        raise InvalidInputError("recover=DistillConfig(...) trains on recover_data=; pass the batches, e.g. recover_data=loader")
+    return distill(student, teacher, data, recover, **run_options).student
 
 
 __all__ = ["DEFAULT_PASSES", "Report", "ReportConfig", "optimize"]

@@ -70,10 +70,10 @@ def _folded(gm: fx.GraphModule, inputs: ExampleInputs) -> fx.GraphModule:
     """``gm`` with BN folded (conv output ranges as the int8 pass sees them after ``fold_bn``)."""
     from fxcompress.passes.fold_bn import FoldBN
 
+    from .manager import apply_pass
     from .pass_base import PassContext
 
-    if FoldBN().run(gm, PassContext(inputs.args, inputs.kwargs)).changed:
-        gm.recompile()
+    apply_pass(FoldBN(), gm, PassContext(inputs.args, inputs.kwargs))
     return gm
 
 

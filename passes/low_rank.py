@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from fxcompress.ir import add_constant, attr_use_count, fake_value, finalize, get_attr, module_path
+from fxcompress.ir import add_constant, attr_use_count, fake_value, get_attr, module_path
 from fxcompress.pass_base import Pass, PassContext, PassResult, register_pass
 from fxcompress.selectors import first_match
 from fxcompress.verify import node_values
@@ -135,7 +135,7 @@ class LowRank(Pass):
         rs.validate_options(self, METHODS, _whitening.METHODS)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        result = PassResult(changed=False)
+        result = PassResult()
         layers = self._collect(gm, ctx, result)
         for weight, op in batched_weight_readers(gm):
             result.skip(weight, f"batched (mixture-of-experts) weights read by {op} are not factorized")
@@ -149,9 +149,6 @@ class LowRank(Pass):
                 continue
             self._rewrite_if_cheaper(gm, layer, ranks, result)
         rs.warn_rank_one(result.details)
-        if result.rewritten:
-            finalize(gm)
-            result.changed = True
         return result
 
     def _collect(self, gm: fx.GraphModule, ctx: PassContext, result: PassResult) -> list[_Layer]:
@@ -208,10 +205,7 @@ class LowRank(Pass):
 
     def _choose_ranks(self, layers: list[_Layer]) -> list[tuple[int, ...] | None]:
         if self.target_macs is not None:
-            options = [
-                [rs.RankOption(r, layer.macs(r), _loss(layer, r)) for r in rs.candidate_ranks(layer.spectra, self.round_to)]
-                for layer in layers
-            ]
+            options = [_rank_options(layer, rs.candidate_ranks(layer.spectra, self.round_to)) for layer in layers]
             chosen = rs.allocate_budget([layer.macs() for layer in layers], options, self.target_macs)
             return [option.ranks if option else None for option in chosen]
         ranks = []
@@ -290,15 +284,25 @@ def _svds(weight: torch.Tensor, kind: str) -> list[tuple[torch.Tensor, torch.Ten
 
 
 def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD; a tall matrix is decomposed as its transpose (Mᵀ = U S Vᵀ ⇒ M = V S Uᵀ), several times faster on CPU."""
-    if matrix.shape[0] <= matrix.shape[1]:
-        return torch.linalg.svd(matrix, full_matrices=False)
-    u, s, vh = torch.linalg.svd(matrix.T, full_matrices=False)
-    return vh.T, s, u.T
+    """Thin SVD through a QR of the tall orientation: T = Q R, R = U' S Vᵀ ⇒ T = (Q U') S Vᵀ.
+
+    The SVD then runs on the small square R. LAPACK's gesdd does this itself for tall inputs but not
+    for wide ones, whose thin SVD was 5-6x slower than their transpose's (512 x 4608, 1 thread);
+    QR first is as fast as the better orientation whichever LAPACK is installed.
+    """
+    wide = matrix.shape[0] < matrix.shape[1]
+    tall = matrix.T if wide else matrix
+    q, r = torch.linalg.qr(tall)
+    u_r, s, vh = torch.linalg.svd(r, full_matrices=False)
+    u = q @ u_r
+    return (vh.T, s, u.T) if wide else (u, s, vh)
 
 
-def _loss(layer: _Layer, ranks: tuple[int, ...]) -> float:
-    return sum(rs.discarded_energy(s, r) for s, r in zip(layer.spectra, ranks))
+def _rank_options(layer: _Layer, candidates: list[tuple[int, ...]]) -> list[rs.RankOption]:
+    """MACs and discarded energy (summed over the spectra) of every candidate, from one cumulative sum per spectrum."""
+    kept = [rs.energy_kept(s).tolist() for s in layer.spectra]
+    return [rs.RankOption(ranks, layer.macs(ranks), sum(1.0 - k[r - 1] if r > 0 else 1.0 for k, r in zip(kept, ranks)))
+            for ranks in candidates]
 
 
 def factorize(

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from fxcompress.capture import capture
 from fxcompress.errors import PassConfigError
-from fxcompress.manager import PassManager
+from fxcompress.manager import PassManager, apply_pass
 from fxcompress.pass_base import PassContext
 from fxcompress.passes import _rank_selection as rs
 from fxcompress.passes.low_rank import LowRank, factorize, reconstruct, run_stages
@@ -33,7 +33,7 @@ def captured(model: nn.Module, *args, **kwargs):
 
 
 def run_pass(gm, ctx, **options):
-    return LowRank(**options).run(gm, ctx)
+    return apply_pass(LowRank(**options), gm, ctx)
 
 
 def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -43,6 +43,26 @@ class ChangeOutputShape(Pass):
         return PassResult(changed=True)
 
 
+@dataclass(frozen=True)
+class DropReluOnly(Pass):
+    """Rewrites and reports; leaves the dead node and the recompile to the manager."""
+
+    name = "drop_relu_only"
+    lossless = False
+    postcondition_holds: bool = True
+
+    def run(self, gm, ctx):
+        relu = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.relu.default)
+        relu.replace_all_uses_with(relu.args[0])
+        return PassResult(rewritten=[relu.name])
+
+    def requires(self, gm):
+        assert any(n.target is torch.ops.aten.relu.default for n in gm.graph.nodes), "no relu to drop"
+
+    def ensures(self, gm):
+        assert self.postcondition_holds, "the postcondition does not hold"
+
+
 def model_and_inputs():
     make_model, make_inputs = ZOO["plain_cnn"]
     return make_model(), make_inputs()
@@ -56,6 +76,46 @@ def test_verification_names_broken_pass_and_first_diverging_node():
     assert err.pass_name == "perturb_weight"
     assert err.node == "conv2d"
     assert "perturb_weight" in str(err) and "conv2d" in str(err)
+
+
+@dataclass(frozen=True)
+class ReplaceWeight(Pass):
+    """Broken like PerturbWeight, but the way passes write: a new tensor replaces the weight."""
+
+    name = "replace_weight"
+    lossless = True
+
+    def run(self, gm, ctx):
+        conv = [n for n in gm.graph.nodes if n.op == "call_function" and "conv" in str(n.target)][1]
+        ir.set_attr(gm, conv.args[1].target, ir.get_attr(gm, conv.args[1].target) * 1.5)
+        return PassResult(changed=True, rewritten=[conv.name])
+
+
+def test_snapshot_shares_weights_and_replays_to_the_first_diverging_node():
+    from fxcompress.manager import GraphSnapshot
+
+    model, inputs = model_and_inputs()
+    gm = fxcompress.capture(model, inputs)
+    snapshot = GraphSnapshot.of(gm)
+    assert {id(t) for t in snapshot.module.state_dict(keep_vars=True).values()} <= {id(t) for t in gm.state_dict(keep_vars=True).values()}
+    with pytest.raises(fxcompress.VerificationError) as info:
+        fxcompress.optimize(model, inputs, passes=[ReplaceWeight()], report=False)
+    assert info.value.node == "conv2d_1"
+
+
+@pytest.mark.parametrize("verify, second_shape", [(True, True), ("full", True), ("fast", False)])
+def test_verify_levels(verify, second_shape):
+    model, inputs = model_and_inputs()
+    out = fxcompress.optimize(model, inputs, passes=["fold_bn"], verify=verify, report=False)
+    assert (out.report.shapes.second_shape is not None) == second_shape
+    with pytest.raises(fxcompress.VerificationError, match="lossless"):
+        fxcompress.optimize(model, inputs, passes=[ReplaceWeight()], verify=verify, report=False)
+
+
+def test_unknown_verify_level_is_rejected():
+    model, inputs = model_and_inputs()
+    with pytest.raises(fxcompress.PassConfigError, match="'full'.*'fast'.*False"):
+        fxcompress.optimize(model, inputs, verify="quick")
 
 
 def test_pass_that_claims_unchanged_but_changes_is_caught():
@@ -166,3 +226,24 @@ def test_report_has_a_row_per_pass_with_all_fields():
     assert json.loads(out.report.to_json())["rows"][2]["stage"] == "fold_bn"
     assert "fold_bn" in str(out.report) and "latency ms" in str(out.report)
     assert out.pipeline == [{"pass": "eliminate_identity"}, {"pass": "fold_bn"}]
+
+
+def test_manager_cleans_up_and_fills_in_changed():
+    model, inputs = model_and_inputs()
+    gm = fxcompress.capture(model, inputs)
+    relus = sum(n.target is torch.ops.aten.relu.default for n in gm.graph.nodes)
+    (record,) = fxcompress.PassManager([DropReluOnly()]).run(gm, fxcompress.PassContext(inputs, {}))
+    assert record.result.changed is True  # from rewritten=[...]
+    assert sum(n.target is torch.ops.aten.relu.default for n in gm.graph.nodes) == relus - 1  # dead relu removed
+    assert gm.code.count("aten.relu.default") == relus - 1  # recompiled
+    assert fxcompress.PassResult().changed is None
+
+
+def test_requires_and_ensures_hooks_fail_by_pass_name():
+    model, inputs = model_and_inputs()
+    gm = fxcompress.capture(model, inputs)
+    with pytest.raises(fxcompress.VerificationError, match="drop_relu_only.*ensures.*postcondition does not hold"):
+        fxcompress.PassManager([DropReluOnly(postcondition_holds=False)]).run(gm, fxcompress.PassContext(inputs, {}))
+    no_relu = fxcompress.capture(nn.Sequential(nn.Linear(4, 4)).eval(), (torch.randn(2, 4),))
+    with pytest.raises(fxcompress.VerificationError, match="requires.*no relu to drop"):
+        fxcompress.PassManager([DropReluOnly()]).run(no_relu, fxcompress.PassContext((torch.randn(2, 4),), {}))
