@@ -144,7 +144,7 @@ class Search:
             self._propose(front, reference, scale)
             self._time_all()
             self._judge()
-            if any(c.meets and c.source == "search" for c in self.candidates) or t.resource != "latency":
+            if any(c.meets and c.source == "search" for c in self.candidates) or t.resource is None:
                 break
             scale = self._rescale(scale)
         chosen, message = self._choose()
@@ -204,7 +204,9 @@ class Search:
 
     def _rescale(self, scale: float) -> float:
         """Tighten the budget by how much the measurement exceeded the prediction (median over proposals)."""
-        ratios = [c.latency / c.predicted for c in self.candidates if c.source == "search" and c.predicted and c.latency]
+        resource = self.target.resource
+        ratios = [getattr(c, resource) / c.predicted for c in self.candidates
+                  if c.source == "search" and c.predicted and getattr(c, resource)]
         return scale / max(statistics.median(ratios), 1.05) if ratios else scale * 0.8
 
     def _choose(self) -> tuple[Candidate, str]:
