@@ -143,12 +143,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cases = {"resnet": resnet_case, "encoder": encoder_case, "digits": digits_case}
-    all_rows, all_summary, plots = {}, [], []
+    all_rows, all_summary, plots, searches = {}, [], [], {}
     for key in args.models.split(","):
         case = cases[key](args.quick)
         rows, summary, found = run_case(case, args.quick)
         all_rows[case["name"]] = rows
         all_summary += summary
+        searches[case["name"]] = {str(fraction): result.to_dict() for fraction, result in found.items()}
         print(tabulate(summary, headers="keys", tablefmt="github", floatfmt=".4g"), flush=True)
         plots.append(_plot(found[0.5], key, args.tag))
     table = tabulate(all_summary, headers="keys", tablefmt="github", floatfmt=".4g")
@@ -157,7 +158,7 @@ def main() -> None:
     note = ("auto: optimize(target=Target(latency=t)); error: 1 - cosine on held-out inputs (digits: test-accuracy drop, "
             "as a fraction); latency: median of interleaved rounds, ratio to the input model. Plots (target 0.5): "
             + ", ".join(p for p in plots if p))
-    path = write_results("bench_auto" + ("_quick" if args.quick else ""), {"summary": all_summary, "rows": all_rows, "quick": args.quick},
+    path = write_results("bench_auto" + ("_quick" if args.quick else ""), {"summary": all_summary, "rows": all_rows, "searches": searches, "quick": args.quick},
                          f"{note}\n\n{table}\n\n{detail}", args.tag)
     print(f"\n{table}\n\nwritten: {path}")
 
