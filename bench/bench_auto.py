@@ -27,7 +27,8 @@ import fxcompress
 from fxcompress import tuning
 from fxcompress.models import init_batch_norm_statistics, resnet_small, transformer_small
 from fxcompress.passes import EliminateIdentity, FoldBN, Int8, LowRank, PruneChannels
-from fxcompress.capture import ExampleInputs, capture
+from fxcompress.capture import capture
+from fxcompress.inputs import Inputs
 from fxcompress.pass_base import PassContext
 from fxcompress.search import Target, search
 from fxcompress.search.space import apply
@@ -95,7 +96,7 @@ def run_case(case: dict, quick: bool) -> tuple[list[dict], list[dict], dict]:
     model, x = case["model"].eval(), case["example"]
     with torch.no_grad():
         reference = [model(b) for b in case["held_out"]] if case["held_out"] else None
-    graph = capture(model, ExampleInputs.of(x))
+    graph = capture(model, Inputs.of(x))
     ctx = PassContext(x, {})
     built, kinds = {"input": model}, {"input": "input"}
     for name, passes in sweep(quick).items():  # built on one capture by the pass manager, as optimize does

@@ -9,9 +9,10 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from .capture import ExampleInputs, capture, check_model_and_inputs, eval_copy, run_eagerly
+from .capture import capture, check_model_and_inputs, eval_copy, run_eagerly
 from .distill import RUN_OPTIONS, DistillConfig, distill
 from .errors import InvalidInputError
+from .inputs import Inputs
 from .instrument import Instrumentation, PassProgress, dumper_from_env_or
 from .manager import PassManager
 from .pass_base import Pass, PassContext, make_pass
@@ -81,7 +82,7 @@ def optimize(
                                     report=report, dump_dir=dump_dir, instrumentations=instrumentations, recover=recover,
                                     recover_data=recover_data, progress=progress, dynamic=dynamic, dynamic_shapes=dynamic_shapes)
     pipeline = [make_pass(p) for p in (DEFAULT_PASSES if passes is None else _as_sequence(passes))]
-    inputs = ExampleInputs.of(example_inputs)
+    inputs = Inputs.of(example_inputs)
     check_model_and_inputs(model, inputs)
     model = eval_copy(model)
     with progress_bar(progress, total=len(pipeline) + 1 + bool(recover), desc="fxcompress", unit="step") as bar:

@@ -18,26 +18,18 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from torch.utils import _pytree as pytree
-
 from .errors import PassConfigError, UnknownPassError
+from .inputs import Inputs
 
 
 @dataclass
-class PassContext:
-    """What a pass may read besides the graph: the example inputs it is verified on, the calibration
-    data (an iterable of batches, ``None``: the example inputs) and cached analyses of the graph."""
+class PassContext(Inputs):
+    """What a pass may read besides the graph: the example inputs it is verified on (``args``,
+    ``kwargs``), the calibration data (an iterable of batches, ``None``: the example inputs) and
+    cached analyses of the graph."""
 
-    args: tuple
-    kwargs: dict
     calibration: Any = None
     analyses: dict = field(default_factory=dict)
-
-    def run(self, module: torch.nn.Module) -> Any:
-        return module(*self.args, **self.kwargs)
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for t in pytree.tree_leaves((self.args, self.kwargs)) if isinstance(t, torch.Tensor)]
 
 
 @dataclass

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..capture import ExampleInputs, capture, check_model_and_inputs, eval_copy
+from ..capture import capture, check_model_and_inputs, eval_copy
+from ..inputs import Inputs
 from ..errors import FxCompressWarning
 from ..pass_base import PassContext, make_pass
 from ..quiet import quiet
@@ -45,7 +46,7 @@ class Search:
     def __init__(self, model: torch.nn.Module, example_inputs: Any, target: Target, progress: bool | None = None,
                  clock: Clock | None = None):
         self.target, self.progress, self.clock = target, progress, clock
-        inputs = ExampleInputs.of(example_inputs)
+        inputs = Inputs.of(example_inputs)
         check_model_and_inputs(model, inputs)
         self.model = eval_copy(model)
         self.input_gm = capture(self.model, inputs)
