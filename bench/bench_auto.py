@@ -137,7 +137,7 @@ def run_case(case: dict, quick: bool) -> tuple[list[dict], list[dict], dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="coarser sweep and shorter timing (about 5 min on 2 loaded cores)")
+    parser.add_argument("--quick", action="store_true", help="coarser sweep grids and shorter end-to-end timing")
     parser.add_argument("--models", default="resnet,encoder,digits", help="comma-separated subset of resnet,encoder,digits")
     parser.add_argument("--threads", type=int, default=2)
     add_tag_argument(parser)
@@ -153,15 +153,20 @@ def main() -> None:
         searches[case["name"]] = {str(fraction): result.to_dict() for fraction, result in found.items()}
         print(tabulate(summary, headers="keys", tablefmt="github", floatfmt=".4g"), flush=True)
         plots.append(_plot(found[0.5], key, args.tag))
+        path = _write(all_summary, all_rows, searches, plots, args)  # after every model: a timeout keeps what is done
+    print(f"\nwritten: {path}")
+
+
+def _write(all_summary: list, all_rows: dict, searches: dict, plots: list, args) -> Path:
     table = tabulate(all_summary, headers="keys", tablefmt="github", floatfmt=".4g")
     detail = "\n\n".join(f"### {name}\n\n" + tabulate(rows, headers="keys", tablefmt="github", floatfmt=".4g")
                          for name, rows in all_rows.items())
     note = ("auto: optimize(target=Target(latency=t)); error: 1 - cosine on held-out inputs (digits: test-accuracy drop, "
             "as a fraction); latency: median of interleaved rounds, ratio to the input model. Plots (target 0.5): "
             + ", ".join(p for p in plots if p))
-    path = write_results("bench_auto" + ("_quick" if args.quick else ""), {"summary": all_summary, "rows": all_rows, "searches": searches, "quick": args.quick},
+    return write_results("bench_auto" + ("_quick" if args.quick else ""),
+                         {"summary": all_summary, "rows": all_rows, "searches": searches, "quick": args.quick},
                          f"{note}\n\n{table}\n\n{detail}", args.tag)
-    print(f"\n{table}\n\nwritten: {path}")
 
 
 def _plot(found, key: str, tag: str | None) -> str | None:
