@@ -251,7 +251,7 @@ class _GemmRewrite:
             outputs = [gemm]
             if len(group) > 1:
                 parts = _call(gm, aten.split_with_sizes.default, (gemm, [w.shape[0] for w in weights], -1), first)
-                outputs = [_call(gm, operator.getitem, (parts, i), first) for i in range(len(group))]
+                outputs = [_call(gm, operator.getitem, (parts, i), node) for i, node in enumerate(group)]  # each its layer's name
         (output if len(group) == 1 else first).replace_all_uses_with(outputs[0])
         for node, out in zip(group[1:], outputs[1:]):
             node.replace_all_uses_with(out)
