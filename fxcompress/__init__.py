@@ -33,8 +33,8 @@ from .pass_base import Pass, PassContext, PassResult, make_pass, register_pass, 
 from .report import Report, ReportConfig
 from .serialize import load, save
 
-_LAZY = {"backend": ("dynamo_backend", "backend")}
-_LAZY_MODULES = ("passes", "int8_ops", "int8_conv_ops", "dynamo_backend", "models", "cli")
+_LAZY = {"backend": ("dynamo_backend", "backend"), "Target": ("search", "Target")}
+_LAZY_MODULES = ("passes", "int8_ops", "int8_conv_ops", "dynamo_backend", "models", "cli", "search")
 
 
 def __getattr__(name: str):
@@ -52,7 +52,7 @@ def __getattr__(name: str):
 __all__ = [
     "DEFAULT_PASSES", "ArchiveError", "CaptureError", "DistillConfig", "FxCompressError", "FxCompressWarning", "InferenceOnlyError",
     "InputShapeError", "InvalidInputError", "IRDumper", "Instrumentation", "Pass", "PassConfigError", "PassContext",
-    "PassManager", "PassResult", "PassTimer", "Report", "ReportConfig", "UnknownPassError", "VerificationError",
+    "PassManager", "PassResult", "PassTimer", "Report", "ReportConfig", "Target", "UnknownPassError", "VerificationError",
     "GenerationFidelity", "apply_to_model", "backend", "calibrate", "capture", "distill", "generation_fidelity", "load",
     "load_pretrained", "make_pass", "optimize", "register_pass", "registered_passes",
     "save",

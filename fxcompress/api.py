@@ -40,6 +40,7 @@ def optimize(
     progress: bool | None = None,
     dynamic: bool = True,
     dynamic_shapes: Any = None,
+    target: Any = None,
 ) -> fx.GraphModule:
     """Capture ``model``, run ``passes`` (default :data:`DEFAULT_PASSES`), return a new ``GraphModule``.
 
@@ -66,11 +67,20 @@ def optimize(
     ``dynamic_shapes=`` is passed to ``torch.export``); ``report.shapes`` lists the dynamic dims, why
     each static dim is static, and the second shape every pass was also verified at.
 
+    ``target`` (a :class:`fxcompress.Target`, e.g. ``Target(latency=0.5, max_error=0.01)``) searches
+    for the pipeline instead of taking ``passes``: the least-error mix of per-group pruning, per-layer
+    rank and per-layer int8 that meets the budget on this machine (:mod:`fxcompress.search`). The
+    result's ``.search`` holds every measured candidate (the Pareto report) and the chosen pipeline.
+
     ``verify``: ``"full"`` (or ``True``) checks after every pass that the graph lints and runs, keeps
     its output structure/shapes/dtypes, reproduces the pre-pass outputs if the pass is lossless, and
     does all of that again at a second input shape; ``"fast"`` skips the second shape; ``False``
     checks nothing (see :class:`fxcompress.PassManager`).
     """
+    if target is not None:
+        return _optimize_for_target(model, example_inputs, passes, target, calibration=calibration, verify=verify,
+                                    report=report, dump_dir=dump_dir, instrumentations=instrumentations, recover=recover,
+                                    recover_data=recover_data, progress=progress, dynamic=dynamic, dynamic_shapes=dynamic_shapes)
     pipeline = [make_pass(p) for p in (DEFAULT_PASSES if passes is None else _as_sequence(passes))]
     inputs = Inputs.of(example_inputs)
     check_model_and_inputs(model, inputs)
@@ -104,6 +114,21 @@ def optimize(
         latency_guard(builder.report, size_only=tuple(p.name for p in pipeline if getattr(p, "allow_slower", False)))
     gm.report = builder.report
     gm.pipeline = [p.config() for p in pipeline]
+    return gm
+
+
+def _optimize_for_target(model, example_inputs, passes, target, **options) -> fx.GraphModule:
+    from .search import Target, search
+
+    if not isinstance(target, Target):
+        raise InvalidInputError(f"target= takes a fxcompress.Target, e.g. Target(latency=0.5), not {type(target).__name__}")
+    if passes is not None:
+        raise InvalidInputError("give passes= or target=, not both: with target= the search chooses the passes")
+    if options["calibration"] is None and target.calibration is not None:
+        options["calibration"] = target.calibration
+    found = search(model, example_inputs, target, progress=options["progress"])
+    gm = optimize(model, example_inputs, found.pipeline, **options)
+    gm.search = found
     return gm
 
 

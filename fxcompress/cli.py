@@ -77,13 +77,40 @@ def build_passes(names: str | None, options: list[str], tune: bool = True) -> li
 def cmd_optimize(args: argparse.Namespace) -> None:
     model = load_factory(args.model)()
     inputs = (example_input(parse_shape(args.input_shape), args.input_dtype, args.vocab_size),)
-    compressed = api.optimize(model.eval(), inputs, build_passes(args.passes, args.option, tune=not args.no_tune), dynamic=not args.static)
+    target = _target(args)
+    passes = build_passes(args.passes, args.option, tune=not args.no_tune) if target is None else None
+    compressed = api.optimize(model.eval(), inputs, passes, dynamic=not args.static, target=target)
+    if target is not None:
+        _report_search(compressed.search, args)
     print(compressed.report)
     if args.json:
         Path(args.json).write_text(compressed.report.to_json(indent=2))
     if args.out:
         serialize.save(compressed, args.out)
         print(f"\nsaved to {args.out}")
+
+
+def _target(args: argparse.Namespace):
+    if args.target is None and args.max_error is None:
+        return None
+    from .search import Target, parse_target
+
+    if args.passes or args.option:
+        raise InvalidInputError("--target/--max-error search for the passes; leave out --passes/--option (or drop --target)")
+    kinds = tuple(args.search_passes.split(",")) if args.search_passes else Target.passes
+    if args.target is None:
+        return Target(max_error=args.max_error, passes=kinds)
+    found = parse_target(args.target, args.max_error)
+    return Target(**{found.resource: found.budget}, max_error=found.max_error, passes=kinds)
+
+
+def _report_search(found, args: argparse.Namespace) -> None:
+    print(found, end="\n\n")
+    if args.save_pipeline:
+        found.save_pipeline(args.save_pipeline)
+        print(f"pipeline saved to {args.save_pipeline} (replay: passes=fxcompress.search.load_pipeline(path))")
+    if args.plot:
+        print(f"Pareto plot: {found.plot(args.plot)}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -126,6 +153,11 @@ def parser() -> argparse.ArgumentParser:
     opt.add_argument("--out", help="save the optimized model (.pt2)")
     opt.add_argument("--static", action="store_true", help="pin every input dim to the example's size (default: dynamic where the model allows)")
     pipeline_args(opt)
+    opt.add_argument("--target", help="search the pipeline for a budget: latency=0.5 | size=0.25 | macs=0.4 (fraction of the input model)")
+    opt.add_argument("--max-error", type=float, help="error allowed (1 - cosine of the outputs); alone: the fastest pipeline within it")
+    opt.add_argument("--search-passes", help="lossy passes the search may use (default: prune_channels,low_rank,int8)")
+    opt.add_argument("--save-pipeline", help="with --target: write the chosen pipeline as JSON")
+    opt.add_argument("--plot", help='with --target: write the Pareto plot (PNG; needs matplotlib: pip install "fxcompress[plot]")')
     opt.set_defaults(func=cmd_optimize)
 
     demo = sub.add_parser("demo", help="optimize the example models the package ships and print the per-pass table")

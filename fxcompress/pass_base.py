@@ -187,8 +187,11 @@ def registered_passes() -> dict[str, type[Pass]]:
     return dict(sorted(_REGISTRY.items()))
 
 
-def make_pass(spec: str | Pass, **options: Any) -> Pass:
-    """Turn a pass name (with options) or a configured pass object into a pass object."""
+def make_pass(spec: str | Pass | dict, **options: Any) -> Pass:
+    """Turn a pass name (with options), a configured pass object or a configuration dict
+    (``{"pass": name, **options}``, what ``Pass.config()`` and ``gm.pipeline`` hold) into a pass object."""
+    if isinstance(spec, dict) and isinstance(spec.get("pass"), str) and not options:
+        return make_pass(spec["pass"], **{k: v for k, v in spec.items() if k != "pass"})
     if isinstance(spec, Pass):
         if options:
             raise PassConfigError(f"options {sorted(options)} given with an already configured pass {spec!r}")

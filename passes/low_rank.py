@@ -102,6 +102,8 @@ class LowRank(Pass):
     by at least this factor.
     ``whiten``: None (spectrum of W alone), "svd-llm" (input Gram matrix, exact output error) or
     "asvd" (activation-magnitude column scaling), on ``optimize(..., calibration=)`` data.
+    ``layer_ranks``: instead of one of those, ``(selector, rank)`` pairs (or a dict): each layer the
+    first selector selects gets that rank (int or fraction, as ``rank``); other layers stay as they are.
     ``include``/``ignore``: module selectors (:mod:`fxcompress.selectors`); ``*`` matches within one
     dotted segment, ``**`` across segments (``"encoder.layer.*.output.dense"`` does not match
     ``...attention.output.dense``); a selector covers the module and everything under it.
@@ -119,13 +121,15 @@ class LowRank(Pass):
     include: tuple[str, ...] = ("**",)
     ignore: tuple[str, ...] = ()
     whiten: str | None = None
+    layer_ranks: tuple[tuple[str, int | float], ...] = ()
 
     def __post_init__(self) -> None:
-        """Exactly one of rank/energy/target_macs, each in range; ``include``/``ignore`` normalised to tuples."""
-        chosen = [n for n in ("rank", "energy", "target_macs") if getattr(self, n) is not None]
+        """Exactly one of rank/energy/target_macs/layer_ranks, each in range; ``include``/``ignore`` normalised to tuples."""
+        object.__setattr__(self, "layer_ranks", _checked_layer_ranks(self.layer_ranks))
+        chosen = [n for n in ("rank", "energy", "target_macs", "layer_ranks") if getattr(self, n) not in (None, ())]
         if len(chosen) != 1:
             raise PassConfigError(
-                f"low_rank needs exactly one of rank=, energy=, target_macs=; got {chosen or 'none'}. "
+                f"low_rank needs exactly one of rank=, energy=, target_macs=, layer_ranks=; got {chosen or 'none'}. "
                 f"Fix: e.g. LowRank(rank=0.25) or LowRank(energy=0.9) or LowRank(target_macs=0.5)"
             )
         rank = self.rank
@@ -206,6 +210,8 @@ class LowRank(Pass):
         matched = first_match(self.ignore, name)
         if matched:
             return f"matched ignore pattern {matched!r}"
+        if self.layer_ranks and first_match([s for s, _ in self.layer_ranks], name) is None:
+            return "not selected by layer_ranks"
         args = gemm_arguments(node)
         weight = args["weight"]
         if not isinstance(weight, fx.Node) or weight.op != "get_attr":
@@ -229,11 +235,13 @@ class LowRank(Pass):
             chosen = allocate_budget([layer.macs() for layer in layers], options, self.target_macs)
             return [option.ranks if option else None for option in chosen]
         ranks = []
+        by_layer = dict(self.layer_ranks)
         for layer in layers:
+            rank = by_layer[first_match(list(by_layer), layer.name)] if self.layer_ranks else self.rank
             per_mode = []
             for spectrum in layer.spectra:
                 full = len(spectrum)
-                raw = rs.rank_from_spec(self.rank, full) if self.rank is not None else rs.rank_for_energy(spectrum, self.energy)
+                raw = rs.rank_from_spec(rank, full) if rank is not None else rs.rank_for_energy(spectrum, self.energy)
                 per_mode.append(rs.round_rank(raw, self.round_to, full))
             ranks.append(tuple(per_mode))
         return ranks
@@ -395,6 +403,18 @@ def _measured_speedup(layer: _Layer, stages: list[Stage]) -> float:
 
 def _fmt_ranks(ranks: tuple[int, ...]) -> int | str:
     return ranks[0] if len(ranks) == 1 else "/".join(map(str, ranks))
+
+
+def _checked_layer_ranks(value: Any) -> tuple[tuple[str, int | float], ...]:
+    pairs = tuple(value.items()) if isinstance(value, dict) else value
+    if not isinstance(pairs, list | tuple) or not all(isinstance(p, list | tuple) and len(p) == 2 for p in pairs):
+        raise PassConfigError(f"low_rank layer_ranks={value!r} must be (layer selector, rank) pairs or a dict, e.g. {{'fc1': 32}}")
+    checked = tuple((p[0], p[1]) for p in pairs)
+    for name, rank in checked:
+        if not isinstance(name, str) or isinstance(rank, bool) or not isinstance(rank, int | float) or not (
+                rank >= 1 if isinstance(rank, int) else 0 < rank <= 1):
+            raise PassConfigError(f"low_rank layer_ranks: {name!r}: {rank!r} must be an int rank >= 1 or a fraction in (0, 1]")
+    return checked
 
 
 def _check_fraction(field_name: str, value: Any, closed_top: bool) -> None:

@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fxcompress.errors import FxCompressWarning, PassConfigError
 from fxcompress.pass_base import Pass, PassContext, PassResult, register_pass
+from fxcompress.selectors import first_match
 from fxcompress.passes.prune import compensate as compensation
 from fxcompress.passes.prune.compensate import COMPENSATIONS
 from fxcompress.passes.prune.graph import ChannelGraph, analyze
@@ -70,12 +71,17 @@ class PruneChannels(Pass):
     seed: int = 0
     compensate: str | None = None
     ridge: float = 1e-3
+    group_ratios: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "group_ratios", _checked_group_ratios(self.group_ratios))
+        if self.group_ratios and (self.target_macs is not None or self.scope != "local"):
+            raise PassConfigError("prune_channels: group_ratios= overrides ratio= per group in scope='local'; "
+                                  "it cannot be combined with target_macs= or scope='global'")
         if isinstance(self.ignore, str) or isinstance(self.ignore, list):
             object.__setattr__(self, "ignore", (self.ignore,) if isinstance(self.ignore, str) else tuple(self.ignore))
         if self.ratio is None and self.target_macs is None:
-            object.__setattr__(self, "ratio", DEFAULT_RATIO)
+            object.__setattr__(self, "ratio", 0.0 if self.group_ratios else DEFAULT_RATIO)
         if self.ratio is not None and self.target_macs is not None:
             raise PassConfigError(
                 "prune_channels takes one target, not both: ratio= (fraction of channels to remove, e.g. 0.5) "
@@ -113,7 +119,7 @@ class PruneChannels(Pass):
         else:
             ratio, summary["macs_before"], summary["macs_after"] = self._search_ratio(gm, graph, scores, ctx)
         summary["ratio"] = ratio
-        chosen = choose_units(graph, scores, ratio, self.scope, self.max_ratio_per_group, self.round_to)
+        chosen = self._choose(graph, scores, ratio)
         chosen, removed, refused = consistent_removal(gm, graph, chosen)
         result.skipped += refused
         result.details = [summary] + _group_details(graph, chosen)
@@ -126,6 +132,16 @@ class PruneChannels(Pass):
         if ratio >= EXTREME_RATIO:
             _warn_extreme(ratio, result.details[1:], gm)
         return result
+
+    def _choose(self, graph: ChannelGraph, scores, ratio: float) -> list[np.ndarray]:
+        """The units to remove per group; with ``group_ratios`` each group at its own ratio (local scope
+        chooses every group independently, so one choice per distinct ratio is exact)."""
+        if not self.group_ratios:
+            return choose_units(graph, scores, ratio, self.scope, self.max_ratio_per_group, self.round_to)
+        selectors = [s for s, _ in self.group_ratios]
+        per_group = [dict(self.group_ratios).get(first_match(selectors, group_name(graph, g)), ratio) for g in graph.groups]
+        by_ratio = {r: choose_units(graph, scores, r, self.scope, self.max_ratio_per_group, self.round_to) for r in set(per_group)}
+        return [by_ratio[r][i] for i, r in enumerate(per_group)]
 
     def _statistics(self, gm: fx.GraphModule, ctx: PassContext) -> dict:
         """Input statistics of the layers reading prunable channels, if importance or compensation needs them."""
@@ -157,6 +173,24 @@ class PruneChannels(Pass):
         if removed:
             apply_pruning(trial, graph, removed, refresh_meta=False)
         return count_macs(trial, ctx)
+
+
+def group_name(graph: ChannelGraph, group) -> str:
+    """A coupled group's name: its first parameter (what ``group_ratios`` selects and the details show)."""
+    params = [graph.param_spaces[s][0] for s in group.spaces if s in graph.param_spaces]
+    return params[0] if params else f"group{graph.groups.index(group)}"
+
+
+def _checked_group_ratios(value: Any) -> tuple[tuple[str, float], ...]:
+    pairs = tuple(value.items()) if isinstance(value, dict) else value
+    try:
+        checked = tuple((str(name), float(r)) for name, r in pairs)
+    except (TypeError, ValueError) as exc:
+        raise PassConfigError(f"prune_channels: group_ratios must be (group selector, ratio) pairs or a dict: {exc}") from exc
+    bad = [(n, r) for n, r in checked if not 0 <= r < 1]
+    if bad:
+        raise PassConfigError(f"prune_channels: group ratios must be in [0, 1) (fraction of the group's channels to remove); got {bad[:3]}")
+    return checked
 
 
 def removed_indices(graph: ChannelGraph, chosen: list[np.ndarray]) -> dict[int, np.ndarray]:
@@ -230,7 +264,7 @@ def _group_details(graph: ChannelGraph, chosen: list[np.ndarray]) -> list[dict]:
         params = list(dict.fromkeys(graph.param_spaces[s][0] for s in group.spaces if s in graph.param_spaces))
         total = len(group.units) + group.frozen_units
         details.append({
-            "group": params[0],
+            "group": group_name(graph, group),
             "params": len(params),
             "units": total,
             "removed_units": int(len(units)),
@@ -240,4 +274,4 @@ def _group_details(graph: ChannelGraph, chosen: list[np.ndarray]) -> list[dict]:
     return details
 
 
-__all__ = ["PruneChannels", "consistent_removal", "count_macs", "frozen_summary", "removed_indices"]
+__all__ = ["PruneChannels", "consistent_removal", "count_macs", "frozen_summary", "group_name", "removed_indices"]

@@ -1,0 +1,185 @@
+"""optimize(target=...): the allocator's optimum, the known optimum on a synthetic model, replay, unreachable targets.
+
+Costs are deterministic here: MACs are counted, and latency runs on a clock that reads FLOPs instead of
+time (``flop_clock``), so the tests never depend on how loaded the machine is."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import fxcompress
+from fxcompress import tuning
+from fxcompress.errors import FxCompressWarning, InvalidInputError
+from fxcompress.passes import LowRank, PruneChannels
+from fxcompress.report import count_flops
+from fxcompress.search import Target, load_pipeline, search
+from fxcompress.search.allocate import Choice, Front
+from fxcompress.pass_base import PassContext
+
+
+class LowRankThenFullRank(nn.Module):
+    """``a`` has an exactly rank-8 weight (factorizing it at rank >= 8 loses nothing); ``b`` is full rank."""
+
+    def __init__(self, width: int = 256):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a = nn.Linear(width, width)
+        self.b = nn.Linear(width, width)
+        with torch.no_grad():
+            self.a.weight.copy_(torch.randn(width, 8, generator=g) @ torch.randn(8, width, generator=g) / width)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def tiny_model() -> nn.Module:
+    """For the CLI test (``test_search:tiny_model``)."""
+    return LowRankThenFullRank(64).eval()
+
+
+def flop_clock(fns):
+    """A deterministic 'timer': a callable's cost is its FLOPs (in millions) plus a small constant per call."""
+    timings = {}
+    for name, fn in fns.items():
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            fn()
+        cost = counter.get_total_flops() / 1e6 + 1e-3
+        timings[name] = tuning.Timing(cost, 0.0, cost)
+    return timings
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return LowRankThenFullRank().eval(), (torch.randn(32, 256, generator=torch.Generator().manual_seed(1)),)
+
+
+def low_rank_layers(pipeline: list[dict]) -> dict[str, float]:
+    return {name: rank for config in pipeline if config["pass"] == "low_rank" for name, rank in config["layer_ranks"]}
+
+
+def brute_force(sites, required):
+    best = None
+    for picks in itertools.product(*[range(-1, len(s)) for s in sites]):
+        chosen = [s[j] for s, j in zip(sites, picks) if j >= 0]
+        if sum(c.saving for c in chosen) >= required and (best is None or sum(c.error for c in chosen) < best):
+            best = sum(c.error for c in chosen)
+    return best
+
+
+def test_allocator_finds_the_least_error_allocation():
+    rng = random.Random(0)
+    for _ in range(100):
+        sites = [[Choice(rng.uniform(0, 10), rng.uniform(0, 5)) for _ in range(rng.randint(1, 3))] for _ in range(4)]
+        front = Front(sites, bins=4000)
+        required = rng.uniform(0, 20)
+        allocation = front.allocation(required)
+        exact = brute_force(sites, required)
+        # savings are rounded to bins, so the DP is exact up to a few bins of the requirement
+        slack = brute_force(sites, required + len(sites) * front.step)
+        if allocation is None:
+            assert slack is None
+            continue
+        assert allocation.saving >= required
+        assert exact is not None and allocation.error >= exact - 1e-9
+        if slack is not None:
+            assert allocation.error <= slack + 1e-9
+
+
+def test_allocator_picks_cheap_errors_first_and_reports_the_front():
+    sites = [[Choice(10.0, 1.0), Choice(20.0, 5.0)], [Choice(10.0, 0.1)], [Choice(30.0, 10.0)]]
+    front = Front(sites)
+    assert front.allocation(10.0).picks == (-1, 0, -1)
+    assert front.allocation(20.0).picks == (0, 0, -1)
+    assert front.allocation(25.0).picks == (1, 0, -1)
+    assert front.allocation(71.0) is None
+    errors = [e for _, e in front.points()]
+    assert errors == sorted(errors) and errors[0] == 0.0
+    assert front.cheapest_within(1.1).picks == (0, 0, -1)
+
+
+def test_search_picks_the_known_optimum_for_a_macs_budget(synthetic):
+    model, x = synthetic
+    found = search(model, x, Target(macs=0.75, passes=("low_rank",), ranks=(0.25, 0.125)))
+    chosen = found.chosen
+    assert chosen.source == "search" and set(low_rank_layers(chosen.pipeline)) == {"a"}
+    assert chosen.error < 1e-6 and chosen.macs <= 0.75
+    baselines = [c for c in found.candidates if c.source == "baseline" and c.meets]
+    assert baselines and all(c.error > 100 * max(chosen.error, 1e-9) for c in baselines)
+    assert found.message == ""
+    assert "*" in found.table() and "a rank" in str(found)
+
+
+def test_latency_target_is_met_on_the_injected_clock_and_the_pipeline_replays(synthetic, tmp_path):
+    model, x = synthetic
+    found = search(model, x, Target(latency=0.7, passes=("low_rank", "prune_channels"), ranks=(0.25, 0.125)), clock=flop_clock)
+    chosen = found.chosen
+    assert chosen.meets and chosen.latency <= 0.7 * 1.05
+    assert "a" in low_rank_layers(chosen.pipeline)
+
+    found.save_pipeline(tmp_path / "pipeline.json")
+    replayed = fxcompress.optimize(model, x, passes=load_pipeline(tmp_path / "pipeline.json"), report=False)
+    direct = fxcompress.optimize(model, x, passes=found.pipeline, report=False)
+    assert json.loads((tmp_path / "pipeline.json").read_text()) == json.loads(json.dumps(found.pipeline, default=str))
+    assert torch.equal(replayed(*x), direct(*x))
+    ctx = PassContext(x, {})
+    assert count_flops(replayed, ctx) / count_flops(model, ctx) <= 0.7 * 1.05  # the FLOP clock's measure
+
+
+def test_unreachable_target_returns_the_best_reachable_point_with_a_message(synthetic):
+    model, x = synthetic
+    with pytest.warns(FxCompressWarning, match="not reachable"):
+        found = search(model, x, Target(macs=0.01, passes=("low_rank",), ranks=(0.25, 0.125)))
+    assert "best reachable point" in found.message and "macs" in found.message
+    measured = [c for c in found.candidates if c.source != "input"]
+    assert found.chosen.macs == min(c.macs for c in measured)
+    assert not found.chosen.meets
+
+
+def test_optimize_with_target_returns_the_chosen_model_and_its_report(synthetic):
+    model, x = synthetic
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FxCompressWarning)
+        gm = fxcompress.optimize(model, x, target=fxcompress.Target(macs=0.75, max_error=0.01, passes=("low_rank",)), report=False)
+    assert gm.pipeline == gm.search.pipeline
+    assert gm.report.rows[-1]["macs"] <= 0.75 * gm.report.rows[0]["macs"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    with pytest.raises(InvalidInputError, match="not both"):
+        fxcompress.optimize(model, x, passes=["fold_bn"], target=Target(macs=0.5))
+
+
+def test_target_rejects_bad_budgets():
+    for bad in (dict(latency=0.5, size=0.5), dict(), dict(latency=1.5), dict(macs=0.5, passes=("quantize",)),
+                dict(latency=0.5, ranks=(2,))):
+        with pytest.raises(InvalidInputError):
+            Target(**bad)
+
+
+def test_per_layer_knobs_of_the_passes():
+    model, x = LowRankThenFullRank(64).eval(), (torch.randn(8, 64),)
+    factored = fxcompress.optimize(model, x, passes=[LowRank(layer_ranks={"b": 8})], report=False)
+    assert [d["layer"] for d in factored.report.results["low_rank"].details] == ["b"]
+    pruned = fxcompress.optimize(model, x, passes=[PruneChannels(group_ratios={"a.weight": 0.5})], report=False)
+    groups = [d for d in pruned.report.results["prune_channels"].details[1:] if "group" in d]
+    assert [(g["group"], g["kept_channels"]) for g in groups] == [("a.weight", 32)]
+    replay = fxcompress.optimize(model, x, passes=json.loads(json.dumps(pruned.pipeline, default=str)), report=False)
+    assert torch.equal(replay(*x), pruned(*x))
+
+
+def test_cli_searches_for_a_target(tmp_path, capsys):
+    from fxcompress.cli import main
+
+    out = tmp_path / "pipeline.json"
+    code = main(["optimize", "test_search:tiny_model", "--input-shape", "8,64", "--target", "macs=0.75",
+                 "--search-passes", "low_rank", "--save-pipeline", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "target: macs<=0.75" in printed and "| stage" in printed
+    assert low_rank_layers(json.loads(out.read_text())) == {"a": 0.25} or "a" in low_rank_layers(json.loads(out.read_text()))
