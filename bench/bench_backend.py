@@ -10,13 +10,13 @@ Inductor, compile time (first call) and fidelity. Writes bench/results/backend_c
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 from tabulate import tabulate
 
 import fxcompress
+from fxcompress import tuning
 from fxcompress.models import bert_base_like, image_batch, init_batch_norm_statistics, resnet_small, token_batch
 from fxcompress.verify import fidelity
 
@@ -36,14 +36,8 @@ def variants() -> dict:
 
 
 def median_ms(fn, inputs, repeats: int) -> float:
-    for _ in range(3):
-        fn(*inputs)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(*inputs)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    """Median forward time by the project's timing helper (``torch.utils.benchmark.Timer`` blocks)."""
+    return tuning.compare({"fn": lambda: fn(*inputs)}, "cpu", min_run_time=0.02 * repeats, rounds=repeats)["fn"].median_ms
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ from tabulate import tabulate  # noqa: E402
 import fxcompress  # noqa: E402
 from fxcompress.capture import capture  # noqa: E402
 from fxcompress.passes import Int8, LowRank, PruneChannels  # noqa: E402
-from fxcompress.passes.prune_channels import count_macs  # noqa: E402
+from fxcompress.report import count_macs  # noqa: E402
 from fxcompress.pass_base import PassContext  # noqa: E402
 from fxcompress.statistics import LAYER_OPS, collect_statistics  # noqa: E402
 

@@ -15,27 +15,24 @@ Writes ``bench/results/<machine>/low_rank.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tabulate import tabulate
 
+from fxcompress import tuning
 from fxcompress.capture import capture
 from fxcompress.manager import PassManager
-from fxcompress.models import BasicBlock
+from fxcompress.models import ResNetSmall
 from fxcompress.pass_base import PassContext
 from fxcompress.passes.low_rank import LowRank
 from fxcompress.report import count_flops
 from fxcompress.verify import fidelity
 
-from common import machine_info
+from common import add_tag_argument, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MLP_LAYERS = ("encoder.layer.*.intermediate.dense", "encoder.layer.*.output.dense")
 
 
@@ -51,24 +48,9 @@ def bert_encoder(layers: int) -> tuple[nn.Module, PassContext]:
     return BertModel(config, add_pooling_layer=False).eval(), PassContext((), {"input_ids": ids})
 
 
-class ResNet18Style(nn.Module):
-    def __init__(self, widths=(64, 128, 256, 512), classes: int = 1000):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 7, 2, 3, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
-        blocks, cin = [], widths[0]
-        for i, width in enumerate(widths):
-            blocks += [BasicBlock(cin, width, 1 if i == 0 else 2), BasicBlock(width, width, 1)]
-            cin = width
-        self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(cin, classes)
-
-    def forward(self, x):
-        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
-
-
 def resnet() -> tuple[nn.Module, PassContext]:
     torch.manual_seed(0)
-    model = ResNet18Style().eval()
+    model = ResNetSmall(num_classes=1000, width=64, stem_kernel=7, stem_stride=2).eval()
     for module in model.modules():  # non-trivial BN statistics, as a trained net has
         if isinstance(module, nn.BatchNorm2d):
             module.running_var.uniform_(0.5, 2.0)
@@ -107,17 +89,9 @@ def compress(model: nn.Module, ctx: PassContext, low_rank: LowRank | None):
 
 
 def interleaved_latency_ms(models: dict[str, nn.Module], ctx: PassContext, repeats: int) -> dict[str, float]:
-    """Median forward time of each model, measured round-robin so load changes hit all alike."""
-    times = {name: [] for name in models}
-    with torch.no_grad():
-        for model in models.values():
-            ctx.run(model)
-        for _ in range(repeats):
-            for name, model in models.items():
-                start = time.perf_counter()
-                ctx.run(model)
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+    """Median forward time of each model, measured interleaved (``tuning.compare``) so load changes hit all alike."""
+    fns = {name: (lambda m=model: ctx.run(m)) for name, model in models.items()}
+    return {name: t.median_ms for name, t in tuning.compare(fns, "cpu", min_run_time=0.05 * repeats, rounds=repeats).items()}
 
 
 def output_tensor(outputs):
@@ -210,8 +184,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4, help="encoder layers of the BERT-style model")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, nargs="+", default=[2, 1], help="CPU thread counts to time at")
+    add_tag_argument(parser)
     args = parser.parse_args()
-    info = machine_info()
 
     bert, bert_ctx = bert_encoder(args.layers)
     bert_rows = compare(f"bert-{args.layers}L", bert, bert_ctx, {
@@ -231,14 +205,10 @@ def main() -> None:
     minilm_model, minilm_ctx = minilm()
     curve = fidelity_curve(minilm_model, minilm_ctx, [0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3])
 
-    RESULTS.mkdir(exist_ok=True)
     threads = " ".join(map(str, args.threads))
     command = f"python bench/bench_low_rank.py --layers {args.layers} --repeats {args.repeats} --threads {threads}"
-    (RESULTS / "low_rank.json").write_text(json.dumps(
-        {"command": command, "machine": info, "speed": bert_rows + cnn_rows, "fidelity_curve_minilm": curve}, indent=2
-    ))
     markdown = "\n\n".join([
-        f"# low_rank benchmark\n\n`{command}`\n\n" + "\n".join(f"- {k}: {v}" for k, v in info.items()),
+        f"`{command}`",
         "## Latency, MACs and fidelity (random-init weights; batch 8×128 for BERT, 8×3×112×112 for the CNN)\n\n"
         "MACs by FlopCounterMode (CPU SDPA attention is not counted by it); speedup = original / variant "
         "median latency, all variants of a model timed interleaved in this run; cosine of the output to the "
@@ -249,7 +219,7 @@ def main() -> None:
         "Cosine of each sentence's mean-pooled embedding to the uncompressed model's (8 sentences).\n\n"
         + tabulate(curve, headers="keys", tablefmt="github", floatfmt=".4f"),
     ])
-    (RESULTS / "low_rank.md").write_text(markdown + "\n")
+    write_results("low_rank", {"command": command, "speed": bert_rows + cnn_rows, "fidelity_curve_minilm": curve}, markdown, args.tag)
     print(markdown)
 
 

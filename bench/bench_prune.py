@@ -16,7 +16,6 @@ import argparse
 import copy
 import json
 import signal
-import statistics
 import sys
 import time
 import traceback
@@ -31,12 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fxcompress import models as fxc_models  # noqa: E402
+from fxcompress import tuning  # noqa: E402
 from fxcompress.capture import capture  # noqa: E402
 from fxcompress.pass_base import PassContext  # noqa: E402
-from fxcompress.passes.prune_channels import PruneChannels, count_macs  # noqa: E402
+from fxcompress.passes.prune_channels import PruneChannels  # noqa: E402
+from fxcompress.report import count_macs  # noqa: E402
 from tests import prune_zoo  # noqa: E402
 
-from common import machine_info
+from common import add_tag_argument, write_results
 
 NUM_CLASSES = 10
 TIME_LIMIT_S = 300
@@ -60,38 +61,28 @@ def bench_models() -> dict:
     return models
 
 
-def ctx_of(inputs) -> PassContext:
-    return PassContext(*((inputs, {}) if isinstance(inputs, tuple) else ((), inputs)))
-
-
 def output_shapes(module, ctx: PassContext) -> list:
     with torch.no_grad():
         return [tuple(t.shape) for t in pytree.tree_leaves(ctx.run(module)) if isinstance(t, torch.Tensor)]
 
 
-def latency_ms(module, ctx: PassContext, repeats: int = 15) -> float:
-    with torch.no_grad():
-        for _ in range(3):
-            ctx.run(module)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            ctx.run(module)
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+def latency_ratio(after, before, ctx: PassContext) -> float:
+    """Median latency of ``after`` / ``before``, timed interleaved (``tuning.compare``)."""
+    timings = tuning.compare({"after": lambda: ctx.run(after), "before": lambda: ctx.run(before)}, "cpu", min_run_time=0.3)
+    return timings["after"].median_ms / timings["before"].median_ms
 
 
 def measure(before, after, ctx: PassContext) -> dict:
     return {
         "macs": count_macs(after, ctx) / count_macs(before, ctx),
         "params": sum(p.numel() for p in after.parameters()) / sum(p.numel() for p in before.parameters()),
-        "latency": latency_ms(after, ctx) / latency_ms(before, ctx),
+        "latency": latency_ratio(after, before, ctx),
         "shapes_same": output_shapes(after, ctx) == output_shapes(before, ctx),
     }
 
 
 def run_fxcompress(model, inputs, ratio: float) -> dict:
-    ctx = ctx_of(inputs)
+    ctx = PassContext.of(inputs)
     before = capture(model, inputs)
     after = copy.deepcopy(before)
     start = time.perf_counter()
@@ -102,7 +93,7 @@ def run_fxcompress(model, inputs, ratio: float) -> dict:
 def run_torch_pruning(model, inputs, ratio: float) -> dict:
     import torch_pruning as tp
 
-    ctx = ctx_of(inputs)
+    ctx = PassContext.of(inputs)
     before, after = model, copy.deepcopy(model)
     ignored = [m for m in after.modules() if isinstance(m, nn.Linear) and m.out_features == NUM_CLASSES]
     start = time.perf_counter()
@@ -137,8 +128,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
     parser.add_argument("--models", nargs="+", default=None)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--threads", type=int, default=1)
+    add_tag_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     try:
@@ -157,12 +148,10 @@ def main() -> None:
                 result = guarded(fn, factory().eval(), inputs_factory(), ratio)
                 rows.append({"model": name, "ratio": ratio, "tool": tool, **result})
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "trace"}), flush=True)
-    write(args.out, rows, tools)
+    write(rows, tools, args.tag)
 
 
-def write(out: Path, rows: list[dict], tools: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "prune_channels.json").write_text(json.dumps({"machine": machine_info(), "rows": rows}, indent=2))
+def write(rows: list[dict], tools: dict, tag: str | None) -> None:
     table = [[r["model"], r["ratio"], r["tool"],
               *(f"{r[k]:.3f}" if k in r else "-" for k in ("macs", "params", "latency")),
               r.get("shapes_same", "-"), f"{r['seconds']:.1f}" if "seconds" in r else "-", r.get("error", "")]
@@ -174,13 +163,12 @@ def write(out: Path, rows: list[dict], tools: dict) -> None:
         summary.append([tool, f"{len(ok)}/{len(mine)}", len([r for r in mine if "error" in r]),
                         len([r for r in mine if "error" not in r and not r["shapes_same"]])])
     text = "\n\n".join([
-        "# prune_channels benchmark", "Machine: " + ", ".join(f"{k}={v}" for k, v in machine_info().items()),
-        "Ratios are pruned / unpruned (MACs from FlopCounterMode, latency = median CPU forward).",
+        "Ratios are pruned / unpruned (MACs from FlopCounterMode, latency = median CPU forward, both timed interleaved).",
         tabulate(table, headers=["model", "ratio", "tool", "MACs", "params", "latency", "shapes same", "prune s", "error"],
                  tablefmt="github"),
         tabulate(summary, headers=["tool", "ok (no error, same shapes)", "errors", "changed output shapes"], tablefmt="github"),
     ])
-    (out / "prune_channels.md").write_text(text + "\n")
+    write_results("prune_channels", {"rows": rows}, text, tag)
     print(text)
 
 

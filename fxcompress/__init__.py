@@ -10,10 +10,11 @@ operators (``fxcompress.passes``) and the ``torch.compile`` backend (``backend``
 import importlib
 
 from .api import DEFAULT_PASSES, optimize
-from .apply import apply_to_model
+from .apply import apply_to_model, load_pretrained
 from .calibrate import calibrate
 from .capture import capture
-from .distill import distill
+from .distill import DistillConfig, distill
+from .generation import GenerationFidelity, generation_fidelity
 from .errors import (
     ArchiveError,
     CaptureError,
@@ -49,9 +50,10 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "DEFAULT_PASSES", "ArchiveError", "CaptureError", "FxCompressError", "FxCompressWarning", "InferenceOnlyError",
+    "DEFAULT_PASSES", "ArchiveError", "CaptureError", "DistillConfig", "FxCompressError", "FxCompressWarning", "InferenceOnlyError",
     "InputShapeError", "InvalidInputError", "IRDumper", "Instrumentation", "Pass", "PassConfigError", "PassContext",
     "PassManager", "PassResult", "PassTimer", "Report", "ReportConfig", "UnknownPassError", "VerificationError",
-    "apply_to_model", "backend", "calibrate", "capture", "distill", "load", "make_pass", "optimize", "register_pass", "registered_passes",
+    "GenerationFidelity", "apply_to_model", "backend", "calibrate", "capture", "distill", "generation_fidelity", "load",
+    "load_pretrained", "make_pass", "optimize", "register_pass", "registered_passes",
     "save",
 ]

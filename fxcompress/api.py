@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import time
 from typing import Any, Sequence
@@ -10,8 +9,10 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from .capture import ExampleInputs, capture, check_model_and_inputs, eval_copy, run_eagerly
+from .capture import capture, check_model_and_inputs, eval_copy, run_eagerly
+from .distill import RUN_OPTIONS, DistillConfig, distill
 from .errors import InvalidInputError
+from .inputs import Inputs
 from .instrument import Instrumentation, PassProgress, dumper_from_env_or
 from .manager import PassManager
 from .pass_base import Pass, PassContext, make_pass
@@ -33,7 +34,8 @@ def optimize(
     report: ReportConfig | bool = True,
     dump_dir: str | os.PathLike | None = None,
     instrumentations: Sequence[Instrumentation] = (),
-    recover: dict | None = None,
+    recover: DistillConfig | dict | None = None,
+    recover_data: Any = None,
     calibration: Any = None,
     progress: bool | None = None,
     dynamic: bool = True,
@@ -45,8 +47,9 @@ def optimize(
     (``fxcompress.passes.FoldBN()``). The result carries ``.report`` (a :class:`Report`) and
     ``.pipeline`` (the pass configurations as plain dicts). ``dump_dir`` (or the environment variable
     ``FXCOMPRESS_DUMP_DIR``) writes the graph code before and after each pass. ``recover`` runs
-    :func:`fxcompress.distill` with the original model as teacher after the pipeline, e.g.
-    ``recover=dict(data=loader, steps=200)``. ``calibration`` (a DataLoader or list of batches: tensors,
+    :func:`fxcompress.distill` with the original model as teacher after the pipeline on ``recover_data``, e.g.
+    ``recover=DistillConfig(steps=200), recover_data=loader`` (the older ``recover=dict(data=loader,
+    steps=200)`` is an alias: ``data`` plus :func:`fxcompress.distill`'s keywords). ``calibration`` (a DataLoader or list of batches: tensors,
     tuples, dicts; labels are ignored) is what data-aware passes (``LowRank(whiten=...)``,
     ``PruneChannels(importance="activation", compensate=...)``, ``Int8(gptq=True)``) measure their input
     statistics on, in one streaming pass per analysis; without it they use the example inputs.
@@ -69,7 +72,7 @@ def optimize(
     checks nothing (see :class:`fxcompress.PassManager`).
     """
     pipeline = [make_pass(p) for p in (DEFAULT_PASSES if passes is None else _as_sequence(passes))]
-    inputs = ExampleInputs.of(example_inputs)
+    inputs = Inputs.of(example_inputs)
     check_model_and_inputs(model, inputs)
     model = eval_copy(model)
     with progress_bar(progress, total=len(pipeline) + 1 + bool(recover), desc="fxcompress", unit="step") as bar:
@@ -93,7 +96,7 @@ def optimize(
         if recover:
             bar.set_postfix_str("recover")
             start = time.perf_counter()
-            gm = _recover(gm, teacher, {"progress": progress, **recover})
+            gm = _recover(gm, teacher, recover, recover_data, progress)
             with torch.no_grad():
                 outputs = ctx.run(gm)
             builder.add_stage("recover", gm, outputs, time.perf_counter() - start, "distilled from the input model")
@@ -117,17 +120,21 @@ def _as_sequence(passes: Any) -> Sequence:
     return passes
 
 
-def _recover(student: fx.GraphModule, teacher: torch.nn.Module, options: dict) -> fx.GraphModule:
-    from .distill import distill
-
-    if not isinstance(options, dict) or "data" not in options:
-        raise InvalidInputError("recover= needs at least `data` (an iterable of batches), e.g. recover=dict(data=loader, steps=100)")
-    valid = [name for name in inspect.signature(distill).parameters if name not in ("student", "teacher")]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise InvalidInputError(f"recover= has no option(s) {unknown}; it takes fxcompress.distill's: {', '.join(valid)}")
-    result = distill(student=student, teacher=teacher, **options)
-    return result[0] if isinstance(result, tuple) else result
+def _recover(student: fx.GraphModule, teacher: torch.nn.Module, recover: DistillConfig | dict, data: Any,
+             progress: bool | None) -> fx.GraphModule:
+    run_options: dict = {"progress": progress}
+    if isinstance(recover, dict):  # the alias: data and distill's keywords in one dict
+        options = dict(recover)
+        if "data" not in options:
+            raise InvalidInputError("recover= needs at least `data` (an iterable of batches), e.g. recover=dict(data=loader, steps=100)")
+        data = options.pop("data")
+        run_options.update({k: options.pop(k) for k in RUN_OPTIONS if k in options})
+        recover = DistillConfig.of(options, where="recover=")
+    elif not isinstance(recover, DistillConfig):
+        raise InvalidInputError(f"recover= takes a fxcompress.DistillConfig (or a dict of distill's options), not {type(recover).__name__}")
+    elif data is None:
+        raise InvalidInputError("recover=DistillConfig(...) trains on recover_data=; pass the batches, e.g. recover_data=loader")
+    return distill(student, teacher, data, recover, **run_options).student
 
 
 __all__ = ["DEFAULT_PASSES", "Report", "ReportConfig", "optimize"]

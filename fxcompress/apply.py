@@ -7,9 +7,13 @@ weights stay tied — and the modules' size attributes follow the new shapes (``
 ``nn.Embedding``, ``nn.LayerNorm``, HF ``Conv1D``, attention head counts). The result is the model's
 own class, so ``generate`` (with its KV cache), ``save_pretrained`` and fine-tuning keep working.
 
-Covered today: passes that only change the values or sizes of existing tensors (``eliminate_identity``,
-``prune_channels``). A graph holding tensors the model has no place for (``low_rank`` factors, ``int8``
-weights, folded BatchNorm) is refused with the names, until those layers get module replacements.
+Layers a pass rewrote into new tensors (``int8`` weights and scales, ``low_rank`` factors, both in turn)
+become :mod:`fxcompress.layers` modules in place of their ``nn.Linear`` / ``Conv1D``, built from the
+graph's own stages (the same custom op, lowering and tensors), and are listed in the config's
+``quantization_config`` (``quant_method="fxcompress"``, :func:`fxcompress.hf.register_quantizer`) so
+``save_pretrained`` + :func:`load_pretrained` rebuild them. A graph holding tensors the model has no
+place for otherwise (folded BatchNorm), or that rewrote a module that is not a Linear/Conv1D, is
+refused with the names.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import warnings
 import torch
 import torch.fx as fx
 
+from . import hf
 from .errors import FxCompressWarning, InvalidInputError
 
 
@@ -28,23 +33,28 @@ def apply_to_model(gm: fx.GraphModule, model: torch.nn.Module) -> torch.nn.Modul
     result = copy.deepcopy(model).eval()
     aliases = _aliases(result)
     graph_tensors = dict(gm.named_parameters()) | dict(gm.named_buffers())
-    foreign = sorted(name for name in graph_tensors if name not in aliases)
+    replaced, consumed = _replace_layers(gm, result, set(aliases))
+    foreign = sorted(name for name in graph_tensors if name not in aliases and name not in consumed)
     if foreign:
         raise InvalidInputError(
             f"apply_to_model: the graph holds tensors the model has no place for ({', '.join(foreign[:4])}"
-            f"{', ...' if len(foreign) > 4 else ''}): layers rewritten by low_rank/int8/fold_bn cannot be applied "
-            "back to the module yet. Apply a pipeline of eliminate_identity/prune_channels, or use the graph itself."
+            f"{', ...' if len(foreign) > 4 else ''}): only nn.Linear/Conv1D layers rewritten by low_rank/int8 get "
+            "replacement modules (fold_bn and other rewrites cannot be applied back). Use the graph itself."
         )
-    present = {id(aliases[name]) for name in graph_tensors}  # one holder list per tensor, shared by its aliases
-    dropped = sorted(name for name, _ in result.named_parameters() if id(aliases[name]) not in present)
+    alive = {id(m) for m in result.modules()}
+    present = {id(aliases[name]) for name in graph_tensors if name in aliases}  # one holder list per tensor
+    dropped = sorted(name for name, _ in result.named_parameters()
+                     if name in aliases and id(aliases[name]) not in present and not _under(name, replaced))
     if dropped:
         raise InvalidInputError(
             f"apply_to_model: the graph no longer reads the model's parameters {', '.join(dropped[:4])}"
             f"{', ...' if len(dropped) > 4 else ''} (folded or removed by a pass); the module would still apply them. "
-            "Apply a pipeline of eliminate_identity/prune_channels, or use the graph itself."
+            "Apply a pipeline of eliminate_identity/prune_channels/low_rank/int8, or use the graph itself."
         )
     for name, value in graph_tensors.items():
-        for owner, leaf in aliases[name]:
+        for owner, leaf in aliases.get(name, []):
+            if id(owner) not in alive:
+                continue
             old = getattr(owner, leaf)
             if isinstance(old, torch.nn.Parameter):
                 owner._parameters[leaf] = torch.nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad)
@@ -52,8 +62,39 @@ def apply_to_model(gm: fx.GraphModule, model: torch.nn.Module) -> torch.nn.Modul
                 owner._buffers[leaf] = value.detach().clone()
     for module in reversed(list(result.modules())):  # projections before the attention reading them
         _fit_sizes(module)
-    _fit_config(result)
+    _fit_config(result, replaced)
     return result
+
+
+def _replace_layers(gm: fx.GraphModule, result: torch.nn.Module, model_tensors: set[str]) -> tuple[dict[str, torch.nn.Module], set[str]]:
+    """Put a :mod:`fxcompress.layers` module in place of every Linear/Conv1D whose graph stages were
+    rewritten (int8 ops, low-rank factors); returns {path: new module} and the graph tensors they took."""
+    from . import layers
+
+    replaced, consumed = {}, set()
+    for path, stages in layers.stage_nodes(gm).items():
+        reads = [name for stage in stages for name in layers.stage_tensors(stage)]
+        if all(s.target is torch.ops.aten.linear.default for s in stages) and set(reads) <= model_tensors:
+            continue  # the model's own linear, at most resized
+        original = result.get_submodule(path) if path else result
+        if not path or not (isinstance(original, torch.nn.Linear) or type(original).__name__ == "Conv1D"):
+            raise InvalidInputError(
+                f"apply_to_model: {path or 'the model'} ({type(original).__name__}) was rewritten by low_rank/int8, but only "
+                "nn.Linear and transformers Conv1D submodules can be replaced by an fxcompress layer. Use the graph itself."
+            )
+        try:
+            layer = layers.layer_from_stages(gm, stages)
+        except ValueError as exc:
+            raise InvalidInputError(f"apply_to_model: cannot rebuild layer {path}: {exc}. Use the graph itself.") from exc
+        parent, _, leaf = path.rpartition(".")
+        setattr(result.get_submodule(parent), leaf, layer)
+        replaced[path] = layer
+        consumed.update(reads)
+    return replaced, consumed
+
+
+def _under(name: str, paths) -> bool:
+    return any(name.startswith(path + ".") for path in paths)
 
 
 def _aliases(model: torch.nn.Module) -> dict[str, list[tuple[torch.nn.Module, str]]]:
@@ -97,7 +138,7 @@ def _fit_attention(module: torch.nn.Module) -> None:
     elif type(module).__name__ == "Conv1D" or not hasattr(module, "c_attn"):
         return
     else:  # GPT-2: c_attn = q | k | v, split by split_size
-        module.split_size = module.embed_dim = module.c_attn.nf // 3
+        module.split_size = module.embed_dim = _width(module.c_attn) // 3
         module.num_heads = module.embed_dim // head_dim
         return
     if hasattr(module, "num_key_value_groups"):
@@ -107,12 +148,18 @@ def _fit_attention(module: torch.nn.Module) -> None:
             setattr(module, name, value)
 
 
-def _fit_config(model: torch.nn.Module) -> None:
+def _fit_config(model: torch.nn.Module, replaced: dict[str, torch.nn.Module]) -> None:
     """The HF config follows the new sizes where every layer agrees (``scope='local'`` prunes equal groups
-    equally), so ``save_pretrained`` + ``from_pretrained`` rebuild the pruned model."""
+    equally), so ``save_pretrained`` + ``from_pretrained`` rebuild the pruned model; replaced layers are
+    listed in ``config.quantization_config`` (``quant_method='fxcompress'``, see ``hf.register_quantizer``)."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return
+    if replaced:
+        config.quantization_config = hf.quantization_config({path: layer.spec() for path, layer in replaced.items()})
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if any(layer is head for layer in replaced.values()) and getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False  # the LM head is an int8/low-rank layer now, no longer the embedding
     found: dict[str, set[int]] = {}
     for module in model.modules():
         for field, value in _config_sizes(module):
@@ -158,6 +205,19 @@ def _config_sizes(module: torch.nn.Module) -> list[tuple[str, int]]:
         sizes.append(("intermediate_size", module.up_proj.out_features))
     elif hasattr(module, "gate_up_proj"):
         sizes.append(("intermediate_size", module.gate_up_proj.out_features // 2))
-    elif hasattr(module, "c_fc") and hasattr(module.c_fc, "nf"):
-        sizes.append(("n_inner", module.c_fc.nf))
+    elif hasattr(module, "c_fc") and _width(module.c_fc):
+        sizes.append(("n_inner", _width(module.c_fc)))
     return sizes
+
+
+def _width(layer: torch.nn.Module) -> int | None:
+    """Output features of a Linear, Conv1D (``nf``) or fxcompress layer."""
+    return getattr(layer, "out_features", None) or getattr(layer, "nf", None)
+
+
+def load_pretrained(model_class, directory, **kwargs) -> torch.nn.Module:
+    """``model_class.from_pretrained(directory, **kwargs)`` for a model saved after :func:`apply_to_model`:
+    registers ``quant_method="fxcompress"`` first, so its int8 / low-rank layers are rebuilt before their
+    tensors load (needed once per process; plain ``from_pretrained`` works after it)."""
+    hf.register_quantizer()
+    return model_class.from_pretrained(directory, **kwargs)

@@ -23,10 +23,15 @@ from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
+from torch.fx._pytree import tree_flatten_spec
 
-from .capture import ExampleInputs, capture
+from .capture import capture
 from .errors import InvalidInputError
+from .inputs import Inputs
+from .manager import apply_pass
+from .pass_base import PassContext
 from .quiet import progress_bar, quiet
+from .training import Batch
 
 METHODS = ("minmax", "percentile", "mse")
 MAX_PERCENTILE_SAMPLES = 1 << 22
@@ -45,8 +50,6 @@ def calibrate(
     a dict of keyword inputs (Hugging Face style; a ``"labels"`` entry is dropped), or
     ``(inputs, labels)`` as a ``DataLoader`` yields it (labels are dropped).
     """
-    from .training import Batch
-
     if method not in METHODS:
         raise InvalidInputError(f"calibrate: method must be one of {METHODS}, not {method!r}")
     if not 0 < percentile <= 100:
@@ -56,7 +59,7 @@ def calibrate(
     batches = [Batch.of(b) for b in batches]
     if not batches:
         raise InvalidInputError("calibrate: batches is empty; pass at least one batch of representative inputs")
-    first = ExampleInputs(batches[0].args, batches[0].kwargs)
+    first = Inputs.of(batches[0])
     gm = _folded(copy.deepcopy(model) if isinstance(model, fx.GraphModule) else capture(model, first), first)
     observer = _RangeObserver(gm, method, percentile)
     with torch.no_grad(), progress_bar(progress, total=len(batches), desc="calibrate", unit="batch") as bar:
@@ -66,14 +69,11 @@ def calibrate(
     return tuple((layer, max(r, 1e-8) / 127.0) for layer, r in sorted(observer.ranges().items()))
 
 
-def _folded(gm: fx.GraphModule, inputs: ExampleInputs) -> fx.GraphModule:
+def _folded(gm: fx.GraphModule, inputs: Inputs) -> fx.GraphModule:
     """``gm`` with BN folded (conv output ranges as the int8 pass sees them after ``fold_bn``)."""
-    from fxcompress.passes.fold_bn import FoldBN
+    from fxcompress.passes.fold_bn import FoldBN  # the passes load lazily (import fxcompress stays cheap)
 
-    from .pass_base import PassContext
-
-    if FoldBN().run(gm, PassContext(inputs.args, inputs.kwargs)).changed:
-        gm.recompile()
+    apply_pass(FoldBN(), gm, PassContext.of(inputs))
     return gm
 
 
@@ -84,8 +84,6 @@ def _positional(gm: fx.GraphModule, batch: Any) -> list:
         if batch.kwargs:
             raise InvalidInputError("calibrate: keyword inputs need a captured model (pass the nn.Module, not a graph)")
         return list(batch.args)
-    from torch.fx._pytree import tree_flatten_spec
-
     return list(tree_flatten_spec((batch.args, batch.kwargs), spec))
 
 

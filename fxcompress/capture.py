@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.utils import _pytree as pytree
 
 from .errors import CaptureError, FxCompressWarning, InferenceOnlyError, InvalidInputError
 from .hf import cache_hint, without_kv_cache
+from .inputs import Inputs
 from .quiet import quiet, stderr_kept_on_success, third_party_quiet
 from .shapes import EXPORT, PINNED, auto_dynamic_shapes, install_guard_errors, summarize, widen_size_one
 from .verify import default_rtol, fidelity, output_signature
@@ -28,36 +28,7 @@ from .verify import default_rtol, fidelity, output_signature
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@dataclass
-class ExampleInputs:
-    """Positional and keyword example inputs, normalised from what users pass."""
-
-    args: tuple
-    kwargs: dict
-
-    @classmethod
-    def of(cls, example_inputs: Any) -> "ExampleInputs":
-        if isinstance(example_inputs, ExampleInputs):
-            return example_inputs
-        if isinstance(example_inputs, torch.Tensor):
-            return cls((example_inputs,), {})
-        if isinstance(example_inputs, dict):
-            return cls((), dict(example_inputs))
-        if isinstance(example_inputs, list | tuple):
-            return cls(tuple(example_inputs), {})
-        raise InvalidInputError(
-            f"example_inputs must be a tensor, a tuple of positional inputs or a dict of keyword inputs, "
-            f"not {type(example_inputs).__name__}; pass e.g. `(torch.randn(1, 3, 224, 224),)`"
-        )
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for t in pytree.tree_leaves((self.args, self.kwargs)) if isinstance(t, torch.Tensor)]
-
-    def run(self, module: torch.nn.Module) -> Any:
-        return module(*self.args, **self.kwargs)
-
-
-def check_model_and_inputs(model: torch.nn.Module, inputs: ExampleInputs) -> None:
+def check_model_and_inputs(model: torch.nn.Module, inputs: Inputs) -> None:
     """Reject models and inputs fxcompress cannot handle, with the cause and the fix."""
     if not isinstance(model, torch.nn.Module):
         raise InvalidInputError(f"model must be a torch.nn.Module, not {type(model).__name__}")
@@ -121,7 +92,7 @@ def inference_only(gm: torch.nn.Module) -> torch.nn.Module:
     return gm
 
 
-def run_eagerly(model: torch.nn.Module, inputs: ExampleInputs) -> Any:
+def run_eagerly(model: torch.nn.Module, inputs: Inputs) -> Any:
     """Run the model once on the example inputs; a failure means the inputs are wrong for it."""
     try:
         with torch.no_grad():
@@ -166,7 +137,7 @@ class _ModuleTracker:
 class _Attempt:
     """One way to call export: on which inputs, with which ``dynamic_shapes``, and what a static dim then means."""
 
-    inputs: ExampleInputs
+    inputs: Inputs
     dynamic_shapes: Any
     widened: list[str] = field(default_factory=list)
     static_kind: str = ""
@@ -188,7 +159,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, *, dynamic: bool = True
     The capture runs on an eval-mode copy (see :func:`eval_copy`); the result is inference-only
     (see :func:`inference_only`).
     """
-    inputs = ExampleInputs.of(example_inputs)
+    inputs = Inputs.of(example_inputs)
     check_model_and_inputs(model, inputs)
     if dynamic_shapes is not None and not dynamic:
         raise InvalidInputError("pass either dynamic=False (all shapes static) or dynamic_shapes=..., not both")
@@ -222,7 +193,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, *, dynamic: bool = True
     return gm
 
 
-def _attempts(model: torch.nn.Module, inputs: ExampleInputs, dynamic: bool, dynamic_shapes: Any):
+def _attempts(model: torch.nn.Module, inputs: Inputs, dynamic: bool, dynamic_shapes: Any):
     """Export calls to try in order (lazily: widened examples are only built and run when reached)."""
     if dynamic_shapes is not None:
         yield _Attempt(inputs, dynamic_shapes, static_kind=PINNED, static_reason="static in the given dynamic_shapes")
@@ -235,7 +206,7 @@ def _attempts(model: torch.nn.Module, inputs: ExampleInputs, dynamic: bool, dyna
         args, kwargs, widened = widen_size_one(model, inputs.args, inputs.kwargs, batch_only)
         if widened and tuple(widened) not in tried and _runs(model, args, kwargs):
             tried.add(tuple(widened))
-            yield _Attempt(ExampleInputs(args, kwargs), auto_dynamic_shapes(model, args, kwargs), widened)
+            yield _Attempt(Inputs(args, kwargs), auto_dynamic_shapes(model, args, kwargs), widened)
     yield _Attempt(inputs, auto_dynamic_shapes(model, inputs.args, inputs.kwargs))
     yield _Attempt(inputs, None, static_kind=EXPORT, static_reason="static: dynamic capture failed")
 
@@ -249,7 +220,7 @@ def _runs(model: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
         return False
 
 
-def _reproduces(gm: fx.GraphModule, inputs: ExampleInputs, reference: Any) -> bool:
+def _reproduces(gm: fx.GraphModule, inputs: Inputs, reference: Any) -> bool:
     """A graph captured on a widened example must give the model's outputs on the original one."""
     try:
         with torch.no_grad():

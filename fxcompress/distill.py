@@ -1,8 +1,8 @@
 """Knowledge distillation: train a (compressed) student to match a frozen teacher.
 
-``distill(student, teacher, data, steps=...)`` is the recovery step after pruning or low-rank
-factorisation, and what ``fxcompress.optimize(..., recover=dict(data=..., steps=...))`` calls with
-the compressed graph as student and the original model as teacher. Under ``torchrun`` it trains
+``distill(student, teacher, data, DistillConfig(steps=...))`` is the recovery step after pruning or
+low-rank factorisation, and what ``fxcompress.optimize(..., recover=DistillConfig(...), recover_data=...)``
+calls with the compressed graph as student and the original model as teacher. Under ``torchrun`` it trains
 with ``DistributedDataParallel`` and shards the data with ``DistributedSampler``.
 
 A student captured with ``torch.export`` (any ``GraphModule`` fxcompress returns) cannot switch
@@ -19,7 +19,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, NamedTuple
 
 import torch
@@ -75,40 +75,12 @@ class StepInfo:
     is_main: bool
 
 
-def distill(
-    student: torch.nn.Module,
-    teacher: torch.nn.Module,
-    data: Any,
-    *,
-    steps: int | None = None,
-    epochs: int | None = None,
-    loss: str = "kl",
-    temperature: float = 2.0,
-    alpha: float | None = None,
-    optimizer: str = "adamw",
-    lr: float = 1e-3,
-    weight_decay: float = 0.0,
-    momentum: float = 0.9,
-    schedule: str = "cosine",
-    warmup_steps: int = 0,
-    max_grad_norm: float | None = None,
-    batch_size: int = 32,
-    device: str | torch.device | None = None,
-    output_key: OutputKey = None,
-    seed: int | None = None,
-    progress: bool | None = None,
-    checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int = 100,
-    resume: bool | str | os.PathLike = False,
-    callbacks: Sequence[Callable[[StepInfo], Any]] = (),
-) -> DistillResult:
-    """Train ``student`` to reproduce ``teacher`` on ``data``; return ``(student, history)``.
+@dataclass(frozen=True)
+class DistillConfig:
+    """How :func:`distill` trains: plain data, validated on construction (like a pass config), prints,
+    compares and saves (:meth:`config`).
 
-    Data: a ``Dataset`` (batched with ``batch_size``, shuffled), a ``DataLoader``, or a list of
-    batches; under ``torchrun`` a ``Dataset`` or ``DataLoader`` (``batch_size`` is per rank). A
-    batch is a tensor ``x``, a dict of keyword inputs with an optional ``"labels"`` entry, or
-    ``(inputs, labels)`` — see :mod:`fxcompress.training`. Train for ``steps`` optimiser steps or
-    ``epochs`` passes over the data (exactly one).
+    Train for ``steps`` optimiser steps or ``epochs`` passes over the data (exactly one).
 
     Loss: ``alpha * distillation + (1 - alpha) * cross_entropy(student, labels)``, the task term only
     for batches with labels. ``loss`` picks the distillation term: ``"kl"`` (KL divergence of the
@@ -120,42 +92,111 @@ def distill(
 
     Optimisation: ``optimizer`` (``torch.optim`` AdamW, Adam or SGD with ``momentum``) with ``lr``
     and ``weight_decay``; per-step ``schedule`` (cosine / step / constant) after ``warmup_steps``
-    of linear warm-up; optional gradient clipping at ``max_grad_norm``.
+    of linear warm-up; optional gradient clipping at ``max_grad_norm``. ``batch_size`` batches a
+    ``Dataset`` (per rank under ``torchrun``). ``seed`` makes runs repeatable. ``checkpoint_every``:
+    steps between checkpoints when :func:`distill` is given a ``checkpoint_dir``.
+    """
+
+    steps: int | None = None
+    epochs: int | None = None
+    loss: str = "kl"
+    temperature: float = 2.0
+    alpha: float | None = None
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = None
+    batch_size: int = 32
+    output_key: OutputKey = None
+    seed: int | None = None
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        _check_options(self)
+
+    @classmethod
+    def of(cls, options: Mapping[str, Any], where: str = "distill") -> "DistillConfig":
+        """Build from keyword options; an unknown one is an error listing the valid ones."""
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise InvalidInputError(f"{where} has no option(s) {unknown}; it takes: {', '.join(valid)}")
+        return cls(**options)
+
+    @property
+    def distill_weight(self) -> float:
+        """``alpha`` with its default filled in."""
+        return self.alpha if self.alpha is not None else (0.5 if self.loss == "kl+ce" else 1.0)
+
+    def config(self) -> dict:
+        return asdict(self)
+
+
+RUN_OPTIONS = ("device", "progress", "checkpoint_dir", "resume", "callbacks")
+"""The options of :func:`distill` that say where and how a run goes, not what it trains (not in the config)."""
+
+
+def distill(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    data: Any,
+    config: DistillConfig | None = None,
+    *,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool | str | os.PathLike = False,
+    callbacks: Sequence[Callable[[StepInfo], Any]] = (),
+    **options: Any,
+) -> DistillResult:
+    """Train ``student`` to reproduce ``teacher`` on ``data``; return ``(student, history)``.
+
+    ``config`` is a :class:`DistillConfig` (steps or epochs, loss, optimiser, schedule, ...); its
+    fields may instead be given as keywords (``distill(s, t, data, steps=100, lr=1e-3)`` is
+    ``distill(s, t, data, DistillConfig(steps=100, lr=1e-3))``).
+
+    Data: a ``Dataset`` (batched with ``batch_size``, shuffled), a ``DataLoader``, or a list of
+    batches; under ``torchrun`` a ``Dataset`` or ``DataLoader`` (``batch_size`` is per rank). A
+    batch is a tensor ``x``, a dict of keyword inputs with an optional ``"labels"`` entry, or
+    ``(inputs, labels)`` — see :mod:`fxcompress.training`.
 
     The teacher is frozen for the run (``requires_grad`` off, eval mode, run under ``no_grad``)
-    and restored afterwards. ``seed`` makes runs repeatable. ``checkpoint_dir`` gets a checkpoint
-    every ``checkpoint_every`` steps and at the end (student, optimiser, schedule, step, data
-    position, RNG states); ``resume=True`` continues from it (``resume=path`` from a given file),
-    giving the same result as an uninterrupted run. Each callback is called with a
-    :class:`StepInfo` after every step. Only rank 0 shows progress (by default when stderr is a terminal) and writes checkpoints.
+    and restored afterwards. ``checkpoint_dir`` gets a checkpoint every ``checkpoint_every`` steps
+    and at the end (student, optimiser, schedule, step, data position, RNG states); ``resume=True``
+    continues from it (``resume=path`` from a given file), giving the same result as an
+    uninterrupted run. Each callback is called with a :class:`StepInfo` after every step. Only rank
+    0 shows progress (by default when stderr is a terminal) and writes checkpoints.
     """
-    _check_options(steps, epochs, loss, temperature, alpha, optimizer, lr, schedule, warmup_steps, batch_size,
-                   checkpoint_every)
+    if config is None:
+        config = DistillConfig.of(options)
+    elif not isinstance(config, DistillConfig):
+        raise InvalidInputError(f"config must be a fxcompress.DistillConfig, not {type(config).__name__}")
+    elif options:
+        raise InvalidInputError(f"give the training options either in config= or as keywords, not both: {sorted(options)}")
     if student is teacher:
         raise InvalidInputError("student and teacher are the same module; distill a copy, e.g. copy.deepcopy(model)")
     device = torch.device(device) if device is not None else _device_of(student)
-    if seed is not None:
-        seed_everything(seed)
+    if config.seed is not None:
+        seed_everything(config.seed)
     ctx = DistributedContext.setup(device)
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)
     try:
-        loader = make_loader(data, batch_size, ctx, seed)
-        total_steps = steps if steps is not None else epochs * _batches_per_epoch(loader)
-        if warmup_steps >= total_steps:
-            raise InvalidInputError(f"warmup_steps={warmup_steps} must be smaller than the {total_steps} training steps")
-        trainer = _Trainer(
-            student.to(device), teacher.to(device), loader, ctx, device, total_steps,
-            loss=loss, temperature=temperature, alpha=alpha if alpha is not None else (0.5 if loss == "kl+ce" else 1.0),
-            output_key=output_key, max_grad_norm=max_grad_norm, callbacks=list(callbacks),
-        )
-        optim = make_optimizer(optimizer, _trainable_parameters(student), lr, weight_decay, momentum)
-        sched = make_schedule(optim, schedule, total_steps, warmup_steps)
+        loader = make_loader(data, config.batch_size, ctx, config.seed)
+        total_steps = config.steps if config.steps is not None else config.epochs * _batches_per_epoch(loader)
+        if config.warmup_steps >= total_steps:
+            raise InvalidInputError(f"warmup_steps={config.warmup_steps} must be smaller than the {total_steps} training steps")
+        trainer = _Trainer(student.to(device), teacher.to(device), loader, ctx, device, total_steps, config, list(callbacks))
+        optim = make_optimizer(config.optimizer, _trainable_parameters(student), config.lr, config.weight_decay, config.momentum)
+        sched = make_schedule(optim, config.schedule, total_steps, config.warmup_steps)
         path = checkpoint_path(checkpoint_dir, resume)
         if path is not None:
             trainer.restore(load_checkpoint(path), optim, sched)
         with frozen(teacher), training_mode(student):
-            trainer.run(optim, sched, checkpoint_dir, checkpoint_every, progress)
+            trainer.run(optim, sched, checkpoint_dir, config.checkpoint_every, progress)
         return DistillResult(student, trainer.history)
     finally:
         ctx.teardown()
@@ -164,12 +205,12 @@ def distill(
 class _Trainer:
     """The training loop and its resumable position (step, epoch, batches into the epoch)."""
 
-    def __init__(self, student, teacher, loader, ctx: DistributedContext, device, total_steps: int, *, loss: str,
-                 temperature: float, alpha: float, output_key: OutputKey, max_grad_norm, callbacks):
+    def __init__(self, student, teacher, loader, ctx: DistributedContext, device, total_steps: int,
+                 config: DistillConfig, callbacks: list):
         self.student, self.teacher, self.loader, self.ctx, self.device = student, teacher, loader, ctx, device
         self.total_steps = total_steps
-        self.loss, self.temperature, self.alpha, self.output_key = loss, temperature, alpha, output_key
-        self.max_grad_norm, self.callbacks = max_grad_norm, callbacks
+        self.loss, self.temperature, self.alpha, self.output_key = config.loss, config.temperature, config.distill_weight, config.output_key
+        self.max_grad_norm, self.callbacks = config.max_grad_norm, callbacks
         self.history = DistillHistory()
         self.step = self.epoch = self.batches_into_epoch = 0
         self.resume_rng: dict | None = None
@@ -321,8 +362,10 @@ def _select(output: Any, key: OutputKey) -> torch.Tensor:
     return selected
 
 
-def _check_options(steps, epochs, loss, temperature, alpha, optimizer, lr, schedule, warmup_steps, batch_size,
-                   checkpoint_every) -> None:
+def _check_options(config: DistillConfig) -> None:
+    steps, epochs, loss, temperature, alpha = config.steps, config.epochs, config.loss, config.temperature, config.alpha
+    optimizer, lr, schedule, warmup_steps = config.optimizer, config.lr, config.schedule, config.warmup_steps
+    batch_size, checkpoint_every = config.batch_size, config.checkpoint_every
     if (steps is None) == (epochs is None):
         raise InvalidInputError("give exactly one of steps= (optimiser steps) or epochs= (passes over the data)")
     for name, value in (("steps", steps), ("epochs", epochs)):
@@ -373,4 +416,4 @@ def _device_of(module: torch.nn.Module) -> torch.device:
     return next(module.parameters(), torch.empty(0)).device
 
 
-__all__ = ["LOSSES", "DistillHistory", "DistillResult", "StepInfo", "distill"]
+__all__ = ["LOSSES", "RUN_OPTIONS", "DistillConfig", "DistillHistory", "DistillResult", "StepInfo", "distill"]

@@ -37,8 +37,8 @@ from torch import Tensor
 from torch.library import custom_op, triton_op, wrap_triton
 from torch.utils.flop_counter import register_flop_formula
 
-EPS = 1e-8
-ACTIVATIONS = ("none", "relu", "gelu")
+from fxcompress.triton_kernels import ACTIVATIONS, EPS  # constants only: imports no Triton
+
 QUANTIZED_ENGINES = ("x86", "fbgemm", "onednn", "qnnpack")
 """PyTorch quantized engines with a prepacked dynamic linear; which exist depends on the build."""
 

@@ -12,6 +12,7 @@ import torch.fx as fx
 from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.fx.operator_schemas import normalize_function
 
 
 def get_attr(gm: torch.nn.Module, target: str) -> torch.Tensor:
@@ -120,16 +121,17 @@ def _schema_arguments(node: fx.Node) -> list:
 
 
 def call_arguments(node: fx.Node) -> dict:
-    """All arguments of an ATen call node by schema name, with schema defaults filled in."""
-    values = {}
-    for i, arg in enumerate(_schema_arguments(node)):
-        if i < len(node.args):
-            values[arg.name] = node.args[i]
-        elif arg.name in node.kwargs:
-            values[arg.name] = node.kwargs[arg.name]
-        else:
-            values[arg.name] = arg.default_value if arg.has_default_value() else None
-    return values
+    """All arguments of an ATen call node by schema name, with schema defaults filled in.
+
+    ``torch.fx.operator_schemas.normalize_function`` binds them; it calls a schema's ``self``
+    ``input`` (a Python signature cannot have ``self``), which is named back here.
+    """
+    normalized = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+    if normalized is None:
+        raise ValueError(f"cannot bind the arguments of {node.target} to its schema: args={node.args}, kwargs={node.kwargs}")
+    names = [a.name for a in _schema_arguments(node)]
+    python_name = {name: "input" if name == "self" and "input" not in names else name for name in names}
+    return {name: normalized.kwargs.get(python_name[name]) for name in names}
 
 
 def set_call_argument(node: fx.Node, name: str, value) -> None:

@@ -2,8 +2,12 @@
 
 Order of events for each pass (the hooks are :class:`fxcompress.instrument.Instrumentation`)::
 
-    before_pass -> pass.run -> after_run -> verification -> after_pass
-                                         \\-> after_failure (any exception), then re-raised
+    before_pass -> apply_pass -> after_run -> verification -> after_pass
+                                           \\-> after_failure (any exception), then re-raised
+
+``apply_pass`` is the part of the contract a pass does not repeat: ``requires`` → ``run`` (rewrite
+and report) → clean-up if the graph changed (dead code, unused attributes, lint, recompile) →
+``ensures``, as torch.fx's ``PassBase.__call__``/``PassManager`` own checks and recompilation.
 """
 
 from __future__ import annotations
@@ -79,6 +83,34 @@ class GraphSnapshot:
         return [t for t, version in self.versions if t._version != version]
 
 
+def apply_pass(pass_: Pass, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Run one pass on ``gm`` and clean up after it; ``result.changed`` is filled in (default ``bool(rewritten)``).
+
+    A failing ``requires``/``ensures`` hook, a result that is not a :class:`PassResult` and a graph
+    the clean-up cannot lint raise :class:`VerificationError` naming the pass.
+    """
+    _check_condition(pass_, "requires", gm)
+    result = pass_.run(gm, ctx)
+    if not isinstance(result, PassResult):
+        raise VerificationError(pass_.name, f"run() returned {type(result).__name__}, not a PassResult")
+    if result.changed is None:
+        result.changed = bool(result.rewritten)
+    if result.changed:
+        try:
+            ir.finalize(gm)
+        except Exception as exc:
+            raise VerificationError(pass_.name, f"the graph is malformed: {exc}") from exc
+    _check_condition(pass_, "ensures", gm)
+    return result
+
+
+def _check_condition(pass_: Pass, hook: str, gm: fx.GraphModule) -> None:
+    try:
+        getattr(pass_, hook)(gm)
+    except Exception as exc:
+        raise VerificationError(pass_.name, f"{hook}() failed: {type(exc).__name__}: {exc}") from exc
+
+
 class PassManager:
     """Run ``passes`` in order on a captured graph, verifying after each one.
 
@@ -135,9 +167,7 @@ class PassManager:
     def _run_one(self, index, pass_, gm, ctx, outputs, records):
         snapshot = GraphSnapshot.of(gm) if self.verify and pass_.lossless else None  # lossy: nothing to replay
         fingerprint = graph_fingerprint(gm)
-        result = pass_.run(gm, ctx)
-        if not isinstance(result, PassResult):
-            raise VerificationError(pass_.name, f"run() returned {type(result).__name__}, not a PassResult")
+        result = apply_pass(pass_, gm, ctx)
         for inst in self.instrumentations:
             inst.after_run(index, pass_, gm, result)
         if not result.changed and graph_fingerprint(gm) != fingerprint:

@@ -30,11 +30,14 @@ class BasicBlock(nn.Module):
 
 
 class ResNetSmall(nn.Module):
-    """ResNet-18-shaped (4 stages of 2 basic blocks) with configurable width."""
+    """ResNet-18-shaped (4 stages of 2 basic blocks) with configurable width; ``stem_kernel=7,
+    stem_stride=2`` and ``width=64`` give torchvision's ResNet-18 convolutions (without its max-pool)."""
 
-    def __init__(self, num_classes: int = 10, width: int = 32, blocks: tuple[int, ...] = (2, 2, 2, 2)):
+    def __init__(self, num_classes: int = 10, width: int = 32, blocks: tuple[int, ...] = (2, 2, 2, 2),
+                 stem_kernel: int = 3, stem_stride: int = 1):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(3, width, stem_kernel, stem_stride, stem_kernel // 2, bias=False),
+                                  nn.BatchNorm2d(width), nn.ReLU())
         stages, c_in = [], width
         for i, n in enumerate(blocks):
             c_out = width * 2**i

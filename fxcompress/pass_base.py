@@ -18,33 +18,30 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from torch.utils import _pytree as pytree
-
 from .errors import PassConfigError, UnknownPassError
+from .inputs import Inputs
 
 
 @dataclass
-class PassContext:
-    """What a pass may read besides the graph: the example inputs it is verified on, the calibration
-    data (an iterable of batches, ``None``: the example inputs) and cached analyses of the graph."""
+class PassContext(Inputs):
+    """What a pass may read besides the graph: the example inputs it is verified on (``args``,
+    ``kwargs``), the calibration data (an iterable of batches, ``None``: the example inputs) and
+    cached analyses of the graph."""
 
-    args: tuple
-    kwargs: dict
     calibration: Any = None
     analyses: dict = field(default_factory=dict)
-
-    def run(self, module: torch.nn.Module) -> Any:
-        return module(*self.args, **self.kwargs)
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for t in pytree.tree_leaves((self.args, self.kwargs)) if isinstance(t, torch.Tensor)]
 
 
 @dataclass
 class PassResult:
-    """What a pass did. ``changed`` is checked by the pass manager against the graph."""
+    """What a pass did: what it rewrote, what it skipped and why, per-layer details.
 
-    changed: bool
+    ``changed`` (``None``: ``bool(rewritten)``, filled in by the pass manager) is checked by the
+    manager against the graph; a pass that modifies the graph without naming a rewrite says
+    ``changed=True``.
+    """
+
+    changed: bool | None = None
     rewritten: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     details: list[dict] = field(default_factory=list)
@@ -65,8 +62,9 @@ class _PassType(type):
     """
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        cls, args, kwargs = cls.config_class(args, dict(kwargs))
         check_options(cls, args, kwargs)
-        return super().__call__(*args, **kwargs)
+        return super(_PassType, cls).__call__(*args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -77,7 +75,21 @@ class Pass(metaclass=_PassType):
     lossless: ClassVar[bool] = False
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        """Rewrite ``gm`` in place and say what was done; the manager cleans up (dead code,
+        unused attributes, lint, recompile) and checks the result (:func:`fxcompress.manager.apply_pass`)."""
         raise NotImplementedError
+
+    def requires(self, gm: torch.fx.GraphModule) -> None:
+        """Precondition on the input graph (torch.fx ``PassBase.requires``): raise to refuse it."""
+
+    def ensures(self, gm: torch.fx.GraphModule) -> None:
+        """Postcondition on the cleaned-up output graph (torch.fx ``PassBase.ensures``): raise if it does not hold."""
+
+    @classmethod
+    def config_class(cls, args: tuple, kwargs: dict) -> tuple[type, tuple, dict]:
+        """The class a call ``cls(*args, **kwargs)`` builds (itself), for a thin alias to override
+        (``Int8(mode=...)`` builds the mode's own config)."""
+        return cls, args, kwargs
 
     def config(self) -> dict:
         return {"pass": self.name, **dataclasses.asdict(self)}

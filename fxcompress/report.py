@@ -13,6 +13,7 @@ from tabulate import tabulate
 
 from . import tuning
 from .instrument import Instrumentation, PassTimer
+from .pass_base import PassResult
 from .shapes import ShapeSummary
 from .verify import fidelity
 
@@ -34,12 +35,19 @@ class ReportConfig:
     guard: bool = True
 
 
-def count_flops(model: torch.nn.Module, ctx: Any) -> int:
+def count_flops(model: torch.nn.Module, inputs: Any) -> int:
+    """FLOPs of one forward on ``inputs`` (an :class:`~fxcompress.inputs.Inputs`, e.g. a ``PassContext``),
+    by ``torch.utils.flop_counter`` (custom ops register their formulas)."""
     from torch.utils.flop_counter import FlopCounterMode  # imports triton: only when measuring
 
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        ctx.run(model)
+        inputs.run(model)
     return int(counter.get_total_flops())
+
+
+def count_macs(model: torch.nn.Module, inputs: Any) -> int:
+    """Multiply-accumulates of one forward on ``inputs``: FLOPs / 2."""
+    return count_flops(model, inputs) // 2
 
 
 def parameter_count(model: torch.nn.Module) -> int:
@@ -137,8 +145,6 @@ class Report:
     @classmethod
     def from_dict(cls, data: dict) -> "Report":
         """The inverse of :meth:`to_dict` (what :func:`fxcompress.load` gives back as ``.report``)."""
-        from .pass_base import PassResult
-
         results = {
             stage: PassResult(bool(r["rewritten"]), list(r["rewritten"]), [tuple(s) for s in r["skipped"]], list(r["details"]))
             for stage, r in data.get("passes", {}).items()

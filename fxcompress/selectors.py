@@ -18,6 +18,8 @@ import functools
 import re
 from typing import Iterable
 
+from .errors import PassConfigError
+
 
 @functools.lru_cache(maxsize=1024)
 def _compile(selector: str) -> re.Pattern:
@@ -55,8 +57,6 @@ def first_match(selectors: Iterable[str], name: str) -> str | None:
 
 def check_selectors(value: object, option: str) -> tuple[str, ...]:
     """``value`` as a tuple of selectors (a single string is one selector); a clear error otherwise."""
-    from .errors import PassConfigError
-
     selectors = (value,) if isinstance(value, str) else value
     if not isinstance(selectors, list | tuple) or not all(isinstance(s, str) and s for s in selectors):
         raise PassConfigError(

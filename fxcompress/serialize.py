@@ -10,9 +10,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .capture import ExampleInputs, capture, inference_only
+from .capture import capture, inference_only
 from .errors import ArchiveError, InvalidInputError
+from .inputs import Inputs
 from .quiet import quiet, third_party_quiet
+from .report import Report
 from .shapes import ShapeSummary, auto_dynamic_shapes, input_names, install_guard_errors, placeholders, summarize
 
 METADATA_FILE = "fxcompress.json"
@@ -33,7 +35,7 @@ def save(model: fx.GraphModule, path: str | os.PathLike, example_inputs: Any = N
                 "save() needs example inputs for a model that fxcompress did not capture; pass example_inputs="
             )
         model = capture(model, example_inputs)
-    inputs = ExampleInputs.of(example_inputs) if example_inputs is not None else model.meta["fxcompress_export_inputs"]
+    inputs = Inputs.of(example_inputs) if example_inputs is not None else model.meta["fxcompress_export_inputs"]
     program = _export_keeping_dynamic_dims(model, inputs)
     shapes = _merged_shapes(model.meta["fxcompress_shapes"], program, model.meta["fxcompress_example_inputs"])
     metadata = {
@@ -44,7 +46,7 @@ def save(model: fx.GraphModule, path: str | os.PathLike, example_inputs: Any = N
     torch.export.save(program, path, extra_files={METADATA_FILE: json.dumps(metadata, default=str)})
 
 
-def _export_keeping_dynamic_dims(model: fx.GraphModule, inputs: ExampleInputs) -> torch.export.ExportedProgram:
+def _export_keeping_dynamic_dims(model: fx.GraphModule, inputs: Inputs) -> torch.export.ExportedProgram:
     symbolic = {
         name: [d for d, size in enumerate(node.meta["val"].shape) if isinstance(size, torch.SymInt)]
         for node, name in zip(placeholders(model), input_names(model)) if isinstance(node.meta.get("val"), torch.Tensor)
@@ -54,7 +56,7 @@ def _export_keeping_dynamic_dims(model: fx.GraphModule, inputs: ExampleInputs) -
         return torch.export.export(model, inputs.args, inputs.kwargs, strict=False, dynamic_shapes=dynamic_shapes)
 
 
-def _merged_shapes(captured: ShapeSummary, program: torch.export.ExportedProgram, inputs: ExampleInputs) -> ShapeSummary:
+def _merged_shapes(captured: ShapeSummary, program: torch.export.ExportedProgram, inputs: Inputs) -> ShapeSummary:
     """The saved graph's dynamic dims, with the capture's reasons for the dims that are static."""
     saved = summarize(program.module(), inputs.args, inputs.kwargs)
     for new, old in zip(saved.inputs, captured.inputs):
@@ -73,7 +75,6 @@ def load(path: str | os.PathLike) -> fx.GraphModule:
     archive (empty, truncated, a ``torch.save`` checkpoint) raises :class:`ArchiveError`.
     """
     import fxcompress.passes  # noqa: F401  (registers custom ops the graph may call)
-    from .report import Report
 
     _check_archive(os.fspath(path))
     extra = {METADATA_FILE: ""}

@@ -255,7 +255,7 @@ def layer_statistics(gm: fx.GraphModule, ctx: Any, nodes: list[fx.Node], *, gram
         else:
             missing.append(node)
     if missing:
-        data = ctx.calibration if ctx.calibration is not None else [Batch(tuple(ctx.args), dict(ctx.kwargs), None)]
+        data = ctx.calibration if ctx.calibration is not None else [Batch(ctx.args, ctx.kwargs)]
         collected = collect_statistics(gm, data, missing, gram=gram)
         cache.collections += 1
         for node in missing:

@@ -12,6 +12,7 @@ Batch convention (what one item of ``data`` may be):
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import random
 from collections.abc import Iterable, Mapping
@@ -24,6 +25,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler
 
 from .errors import InvalidInputError
+from .inputs import Inputs
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 SCHEDULES = ("cosine", "step", "constant")
@@ -31,12 +33,10 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 
 @dataclass
-class Batch:
-    """One batch split into model inputs and (optional) labels."""
+class Batch(Inputs):
+    """One training batch: the model's inputs plus (optional) labels."""
 
-    args: tuple
-    kwargs: dict
-    labels: torch.Tensor | None
+    labels: torch.Tensor | None = None
 
     @classmethod
     def of(cls, item: Any) -> "Batch":
@@ -61,19 +61,8 @@ class Batch:
         )
 
     def to(self, device: torch.device) -> "Batch":
-        def move(value: Any) -> Any:
-            return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-
-        return Batch(
-            tuple(move(a) for a in self.args), {k: move(v) for k, v in self.kwargs.items()}, move(self.labels)
-        )
-
-    def size(self) -> int:
-        """Number of samples: the leading dimension of the first input tensor."""
-        for value in (*self.args, *self.kwargs.values()):
-            if isinstance(value, torch.Tensor) and value.ndim > 0:
-                return value.shape[0]
-        return 1
+        labels = self.labels.to(device, non_blocking=True) if isinstance(self.labels, torch.Tensor) else self.labels
+        return Batch(*self.moved(device), labels)
 
 
 @dataclass(frozen=True)
@@ -130,7 +119,13 @@ class DistributedContext:
         return gathered
 
     def teardown(self) -> None:
+        """Leave the group together: free the DDP reducers still referencing it (they sit in reference
+        cycles), wait for every rank, then destroy it. A Gloo group destroyed while a peer still works, or
+        left to the interpreter's exit, can abort the process ("terminate called without an active
+        exception")."""
         if self.created_group:
+            gc.collect()
+            dist.barrier()
             dist.destroy_process_group()
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from fxcompress.statistics import layer_statistics
+
 DAMP = 0.01
 BLOCK = 128
 
@@ -58,6 +60,4 @@ def smoothed_hessian(hessian: torch.Tensor, sigma: torch.Tensor | None) -> torch
 
 def layer_hessians(gm, ctx, nodes: list) -> dict[str, torch.Tensor]:
     """``H = XᵀX`` of each node's input on the calibration data (absent where only diagonal statistics exist)."""
-    from fxcompress.statistics import layer_statistics
-
     return {name: s.gram for name, s in layer_statistics(gm, ctx, nodes, gram=True).items() if s.gram is not None}

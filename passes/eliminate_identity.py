@@ -45,7 +45,7 @@ class EliminateIdentity(Pass):
     lossless = True
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        result = PassResult(changed=False)
+        result = PassResult()
         for node in list(gm.graph.nodes):
             if _is_identity(node):
                 node.replace_all_uses_with(node.args[0])
@@ -56,7 +56,9 @@ class EliminateIdentity(Pass):
         removed_dead = dead_before - len(gm.graph.nodes)
         if removed_dead:
             result.rewritten.append(f"{removed_dead} dead node(s)")
-        result.changed = bool(result.rewritten)
-        if result.changed:
-            ir.finalize(gm)
         return result
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        left = [node.name for node in gm.graph.nodes if _is_identity(node)]
+        if left:
+            raise AssertionError(f"identity ops left in the graph: {left}")

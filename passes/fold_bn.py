@@ -109,7 +109,7 @@ class FoldBN(Pass):
     lossless = True
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        result = PassResult(changed=False)
+        result = PassResult()
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target not in BATCH_NORMS:
                 continue
@@ -123,9 +123,6 @@ class FoldBN(Pass):
                 continue
             self._fold(gm, producer, bn)
             result.rewritten.append(f"{ir.module_path(producer) or producer.name} <- {where}")
-        result.changed = bool(result.rewritten)
-        if result.changed:
-            ir.finalize(gm)
         return result
 
     @staticmethod

@@ -1,7 +1,8 @@
 """Substitute int8 GEMMs for linear layers and 1×1 convolutions (lossy).
 
 Weights become int8, symmetric per output channel: ``W ≈ s_w ⊙ W_q`` with
-``s_w[n] = max_k |W[n, k]| / 127`` and ``W_q = round(W / s_w)``. The rewrites, by ``mode``:
+``s_w[n] = max_k |W[n, k]| / 127`` and ``W_q = round(W / s_w)``. The rewrites, by scheme (one frozen
+config each, ``passes/_int8_schemes.py``; ``Int8(mode=...)`` is an alias):
 
 * ``dynamic`` (W8A8):      ``linear(x, W, b) -> int8_linear(x, W_q, s_w, b)``; ``x`` is quantized
   per token at run time, the GEMM accumulates in int32 and dequantizes by ``s_x[m]·s_w[n]``;
@@ -23,25 +24,25 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
 import fxcompress.int8_ops  # noqa: F401  (registers torch.ops.fxcompress.*)
 from fxcompress import ir, selectors
-from fxcompress.errors import PassConfigError
-from fxcompress.pass_base import Pass, PassContext, PassResult, register_pass
+from fxcompress.pass_base import PassContext, PassResult
 from fxcompress.verify import node_values
 from fxcompress.passes._gptq import gptq_quantize, layer_hessians, smoothed_hessian
 
 from ._int8_conv_rewrite import lower_convs
+from ._int8_schemes import MODES, SCHEME_CONFIGS, Int8, Int8Dynamic, Int8Static, Int8WeightOnly, Scheme, register_scheme
 from ._int8_lowering import GemmProblem, Lowering, choose_lowering
 from ._projections import batched_weight_readers, gemm_arguments, is_projection, weight_matrix
 
+__all__ = ["MODES", "SCHEME_CONFIGS", "GemmScheme", "Int8", "Int8Dynamic", "Int8Static", "Int8WeightOnly", "register_scheme"]
+
 aten = torch.ops.aten
 fxops = torch.ops.fxcompress
-MODES = ("dynamic", "weight_only", "static")
 LINEAR = aten.linear.default
 CONV2D = aten.conv2d.default
 FUSABLE_ACTIVATIONS = {aten.relu.default: "relu", aten.gelu.default: "gelu"}
@@ -96,98 +97,20 @@ def _conv_problem(node: fx.Node, args: dict, weight: torch.Tensor) -> str:
     return ""
 
 
-@register_pass
-@dataclass(frozen=True)
-class Int8(Pass):
-    """Int8 linear layers and 1×1 convs (see the module docstring for the rewrite equations).
+class _GemmRewrite:
+    """One run of the int8 GEMM rewrite for ``config``, with its scheme's handler."""
 
-    ``skip``: module selectors (:mod:`fxcompress.selectors`; ``"pooler"`` also covers ``pooler.dense``)
-    kept in float. ``min_weight_numel``: smaller weights stay float (per-token quantization and
-    dequantization cost more than the int8 GEMM saves). ``activation_scales``: ``(layer, s_x)`` pairs from :func:`fxcompress.calibrate`,
-    required by ``mode="static"``. ``fuse_activation``: fold a following relu/gelu into the epilogue.
-    ``fuse_siblings``: linears that read the same input run as one GEMM. ``tune``: time every
-    candidate implementation of each node at its real shapes on this machine (cached per machine) and
-    use the fastest; ``tune=False`` uses the static table per CPU feature (``_int8_lowering``).
-    ``allow_slower``: the purpose is size — rewrite even where float measures faster (the fastest
-    int8 candidate is used; the report says if the model got slower). ``impl``: force one candidate
-    (``"int_mm"``, ``"qengine:fbgemm"``, ``"triton"``, ``"int8_weight_only"``, ...). ``error_factor``:
-    the fidelity contract — a candidate's output error may be at most this multiple of the mode's own
-    scheme (per-tensor engines vs per-token). ``tune_time_s``: timing per candidate. ``smooth_alpha``
-    (dynamic W8A8 linears): SmoothQuant — migrate activation outliers into the weights with per-input-channel
-    ``σ_j = max|X_j|^α / max|W_j|^(1−α)`` measured on the example inputs:
-    ``x Wᵀ = (x / σ)(W · σ)ᵀ``, so ``x / σ`` quantizes per token with less error.
-    ``gptq``: round weights with GPTQ on the calibration inputs' Hessian ``XᵀX`` (``passes/_gptq.py``)
-    instead of to nearest; layers without a Hessian (too many input features) round to nearest.
-    ``mode="static"``
-    lowers every conv1d/conv2d (any kernel, stride, dilation, groups) to ``fxcompress::int8_conv``
-    chains (BN folded first: run ``fold_bn`` before; relu/ReLU6 and residual add fused) that pass int8
-    values between them; ``conv_regions=False`` quantizes and dequantizes around every conv instead
-    (``passes/_int8_conv.py``).
-    """
-
-    name = "int8"
-    lossless = False
-
-    mode: str = "dynamic"
-    skip: tuple[str, ...] = ()
-    min_weight_numel: int = 65536
-    activation_scales: tuple[tuple[str, float], ...] = ()
-    fuse_activation: bool = True
-    fuse_siblings: bool = True
-    allow_slower: bool = False
-    smooth_alpha: float | None = None
-    tune: bool = True
-    impl: str | None = None
-    error_factor: float = 3.0
-    tune_time_s: float = 0.05
-    gptq: bool = False
-    conv_regions: bool = True
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise PassConfigError(f"int8: mode must be one of {MODES}, not {self.mode!r}")
-        if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
-            raise PassConfigError(f"int8: skip must be a list of module names or globs, e.g. skip=['pooler'], not {self.skip!r}")
-        object.__setattr__(self, "skip", tuple(self.skip))
-        if self.smooth_alpha is not None and not (0.0 <= self.smooth_alpha <= 1.0):
-            raise PassConfigError(f"int8: smooth_alpha must be in [0, 1] (typically 0.5), not {self.smooth_alpha!r}")
-        if self.smooth_alpha is not None and self.mode != "dynamic":
-            raise PassConfigError(
-                "int8: smooth_alpha needs mode='dynamic' (weight_only keeps activations float; static scales "
-                "are calibrated on unsmoothed activations)"
-            )
-        if not (isinstance(self.error_factor, int | float) and self.error_factor >= 1.0):
-            raise PassConfigError(f"int8: error_factor must be a number >= 1 (1 = exactly the mode's scheme), not {self.error_factor!r}")
-        if not (isinstance(self.tune_time_s, int | float) and self.tune_time_s > 0):
-            raise PassConfigError(f"int8: tune_time_s must be > 0 seconds, not {self.tune_time_s!r}")
-        if not isinstance(self.min_weight_numel, int) or self.min_weight_numel < 0:
-            raise PassConfigError(f"int8: min_weight_numel must be an integer >= 0, not {self.min_weight_numel!r}")
-        object.__setattr__(self, "activation_scales", self._checked_scales())
-        if self.mode == "static" and not self.activation_scales:
-            raise PassConfigError(
-                "int8: mode='static' needs activation_scales; compute them with "
-                "`scales = fxcompress.calibrate(model, batches)` and pass Int8(mode='static', activation_scales=scales)"
-            )
-
-    def _checked_scales(self) -> tuple[tuple[str, float], ...]:
-        pairs = tuple(self.activation_scales.items()) if isinstance(self.activation_scales, dict) else self.activation_scales
-        try:
-            checked = tuple((str(name), float(scale)) for name, scale in pairs)
-        except (TypeError, ValueError) as exc:
-            raise PassConfigError(f"int8: activation_scales must be (layer, scale) pairs from fxcompress.calibrate: {exc}") from exc
-        bad = [(n, s) for n, s in checked if not (math.isfinite(s) and s > 0)]
-        if bad:
-            raise PassConfigError(f"int8: activation scales must be finite and > 0; got {bad[:3]} (calibrate on non-degenerate batches)")
-        return checked
+    def __init__(self, config: Int8, scheme: "GemmScheme"):
+        self.config, self.scheme = config, scheme
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        result = PassResult(changed=False)
-        scales = dict(self.activation_scales)
-        if self.mode == "static":  # every conv1d/conv2d: static int8 convs and regions (passes/_int8_conv*.py)
-            lower_convs(gm, ctx, self, scales, result)
+        result = PassResult()
+        scheme, config = self.scheme, self.config
+        scales = scheme.activation_scales(config)
+        convs_lowered = scheme.lower_convs(gm, ctx, config, scales, result)
         eligible = []
         for node in gemm_candidates(gm):
-            if self.mode == "static" and node.target is CONV2D:
+            if convs_lowered and node.target is CONV2D:
                 continue
             problem = self._problem(gm, node, layer_name(node), scales)
             if problem:
@@ -199,7 +122,7 @@ class Int8(Pass):
         groups = self._sibling_groups(gm, eligible, scales)
         values = self._input_values(gm, ctx, groups)
         examples = [self._example(gm, group, values) for group in groups]  # before rewrites rename inputs
-        hessians = layer_hessians(gm, ctx, [g[0] for g in groups]) if self.gptq else {}
+        hessians = layer_hessians(gm, ctx, [g[0] for g in groups]) if self.config.gptq else {}
         for group, example in zip(groups, examples):
             hessian = hessians.get(group[0].name)
             details, lowering = self._rewrite(gm, group, scales.get(layer_name(group[0])), example, hessian)
@@ -209,24 +132,19 @@ class Int8(Pass):
                     result.skip(layer_name(node), f"kept float: {lowering.choice.reason} ({lowering.choice.timings_text() or 'not timed'})")
             else:
                 result.rewritten.extend(layer_name(n) for n in group)
-        result.changed = bool(result.rewritten)
-        if result.changed:
-            ir.finalize(gm)
         return result
 
     def _problem(self, gm: fx.GraphModule, node: fx.Node, layer: str, scales: dict) -> str:
-        if selectors.first_match(self.skip, layer):
+        if selectors.first_match(self.config.skip, layer):
             return "kept in float by skip="
         problem = gemm_problem(gm, node)
         if problem:
             return problem
         weight = weight_matrix(gm, node)
-        if weight.numel() < self.min_weight_numel:
-            return (f"weight has {weight.numel()} elements < min_weight_numel={self.min_weight_numel}: "
+        if weight.numel() < self.config.min_weight_numel:
+            return (f"weight has {weight.numel()} elements < min_weight_numel={self.config.min_weight_numel}: "
                     "quantizing activations costs more than the int8 GEMM saves")
-        if self.mode == "static" and layer not in scales:
-            return "no calibrated activation scale for this layer (calibrate on batches that reach it)"
-        return ""
+        return self.scheme.layer_problem(layer, scales)
 
     def _sibling_groups(self, gm: fx.GraphModule, nodes: list[fx.Node], scales: dict) -> list[list[fx.Node]]:
         """Linears reading the same input (q/k/v projections) become one GEMM: ``[x W_1ᵀ | x W_2ᵀ] = x [W_1; W_2]ᵀ``.
@@ -238,7 +156,7 @@ class Int8(Pass):
         for node in nodes:
             bias = gemm_arguments(node)["bias"]
             fusible = (
-                self.fuse_siblings and node.target is LINEAR and self._fused_activation(node)[0] == "none"
+                self.config.fuse_siblings and node.target is LINEAR and self._fused_activation(node)[0] == "none"
                 and (bias is None or bias.op == "get_attr")
             )
             key = (node.args[0], scales.get(layer_name(node))) if fusible else (node,)
@@ -256,9 +174,10 @@ class Int8(Pass):
                 names.add(args["bias"].name)
         return node_values(gm, ctx.args, ctx.kwargs, names)
 
-    def _smoothing(self, weights: list[torch.Tensor], activation_absmax: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _smoothing(alpha: float, weights: list[torch.Tensor], activation_absmax: torch.Tensor) -> torch.Tensor:
         weight_absmax = torch.stack([w.detach().abs().amax(0).float() for w in weights]).amax(0)
-        sigma = activation_absmax.pow(self.smooth_alpha) / weight_absmax.pow(1 - self.smooth_alpha)
+        sigma = activation_absmax.pow(alpha) / weight_absmax.pow(1 - alpha)
         return torch.where((activation_absmax > 0) & (weight_absmax > 0), sigma, torch.ones_like(sigma)).clamp(1e-5, 1e5)
 
     def _example(self, gm: fx.GraphModule, group: list[fx.Node], values: dict) -> tuple:
@@ -274,9 +193,9 @@ class Int8(Pass):
         args = [gemm_arguments(node) for node in group]
         x_value, computed_bias, float_run = example
         weights = [weight_matrix(gm, node) for node in group]
-        sigma = None
-        if self.smooth_alpha is not None and first.target is not CONV2D:
-            sigma = self._smoothing(weights, x_value.abs().reshape(-1, x_value.shape[-1]).amax(0).float())
+        sigma, alpha = None, self.scheme.smoothing_alpha(self.config)
+        if alpha is not None and first.target is not CONV2D:
+            sigma = self._smoothing(alpha, weights, x_value.abs().reshape(-1, x_value.shape[-1]).amax(0).float())
             weights = [w * sigma.to(w.dtype) for w in weights]
         quantized = [quantize_weight_per_channel(w.reshape(w.shape[0], -1)) if hessian is None
                      else gptq_quantize(w.reshape(w.shape[0], -1), smoothed_hessian(hessian, sigma)) for w in weights]
@@ -286,20 +205,20 @@ class Int8(Pass):
         activation, output = self._fused_activation(first) if len(group) == 1 else ("none", first)
         s_x = torch.tensor([input_scale]) if input_scale is not None else None
         problem = GemmProblem(
-            device=x_value.device, x=x_value, op_args=self._op_args(s_x, weight_q, weight_scale, bias_value, activation),
+            device=x_value.device, x=x_value, op_args=self.scheme.op_args(s_x, weight_q, weight_scale, bias_value, activation),
             float_run=float_run, prepare=self._prepare(first, sigma), finish=self._finish(first),
             key={"op": "conv1x1" if first.target is CONV2D else "linear", "x": list(x_value.shape), "N": [w.shape[0] for w in weights],
                  "dtype": str(x_value.dtype), "activation": activation, "bias": bias_value is not None, "smoothed": sigma is not None},
         )
-        lowering = choose_lowering(self.mode, problem, tune=self.tune, allow_slower=self.allow_slower, impl=self.impl,
-                                   error_factor=self.error_factor, min_run_time=self.tune_time_s)
+        lowering = choose_lowering(self.config.mode, problem, tune=self.config.tune, allow_slower=self.config.allow_slower, impl=self.config.impl,
+                                   error_factor=self.config.error_factor, min_run_time=self.config.tune_time_s)
         details = [
             {
-                "layer": layer_name(node), "mode": self.mode, "op": "conv1x1" if node.target is CONV2D else "linear",
+                "layer": layer_name(node), "mode": self.config.mode, "op": "conv1x1" if node.target is CONV2D else "linear",
                 "weight_shape": tuple(w.shape), "fused_activation": activation, "gemm_group": len(group),
                 "weight_rel_error": relative_error(w.reshape(w.shape[0], -1), q, sc),
                 "smoothed": sigma is not None,
-                **({"rounding": "gptq" if hessian is not None else "nearest (no input Hessian)"} if self.gptq else {}),
+                **({"rounding": "gptq" if hessian is not None else "nearest (no input Hessian)"} if self.config.gptq else {}),
                 **({"input_scale": input_scale} if input_scale is not None else {}),
                 **lowering.detail(),
             }
@@ -325,25 +244,17 @@ class Int8(Pass):
             if sigma is not None:
                 inverse = ir.add_constant(gm, f"{base}_smooth_inverse", sigma.reciprocal().to(weights[0].dtype), first)
                 x = _call(gm, aten.mul.Tensor, (x, inverse), first)
-            op_args = self._op_args(s_x_node, wq_node, scale_node, bias, activation)
+            op_args = self.scheme.op_args(s_x_node, wq_node, scale_node, bias, activation)
             gemm = _call(gm, lowering.candidate.op, (x, *op_args, *lowering.candidate.extra_args), first)
             if first.target is CONV2D:
                 gemm = _call(gm, aten.permute.default, (gemm, [0, 3, 1, 2]), first)
             outputs = [gemm]
             if len(group) > 1:
                 parts = _call(gm, aten.split_with_sizes.default, (gemm, [w.shape[0] for w in weights], -1), first)
-                outputs = [_call(gm, operator.getitem, (parts, i), first) for i in range(len(group))]
+                outputs = [_call(gm, operator.getitem, (parts, i), node) for i, node in enumerate(group)]  # each its layer's name
         (output if len(group) == 1 else first).replace_all_uses_with(outputs[0])
         for node, out in zip(group[1:], outputs[1:]):
             node.replace_all_uses_with(out)
-
-    def _op_args(self, input_scale, weight_q, weight_scale, bias, activation) -> tuple:
-        """The op's arguments after ``x`` for this mode (graph nodes when emitting, tensors when timing)."""
-        if self.mode == "dynamic":
-            return weight_q, weight_scale, bias, activation
-        if self.mode == "static":
-            return input_scale, weight_q, weight_scale, bias, activation
-        return weight_q, weight_scale, bias
 
     def _float_run(self, gm, group, args, x_value, values):
         """The unrewritten nodes (and a fused activation) on the example input: the ``float`` candidate."""
@@ -396,7 +307,7 @@ class Int8(Pass):
     def _fused_activation(self, node: fx.Node) -> tuple[str, fx.Node]:
         """("relu"/"gelu", the activation node) when it is the sole user and can go into the epilogue."""
         users = list(node.users)
-        if not self.fuse_activation or self.mode == "weight_only" or node.target is CONV2D or len(users) != 1:
+        if not self.scheme.fuses_activation(self.config) or node.target is CONV2D or len(users) != 1:
             return "none", node
         user = users[0]
         activation = FUSABLE_ACTIVATIONS.get(user.target)
@@ -404,6 +315,69 @@ class Int8(Pass):
             return "none", node
         return activation, user
 
+
+class GemmScheme(Scheme):
+    """The int8 GEMM rewrite every built-in scheme shares; subclasses say what differs."""
+
+    def run(self, config: Int8, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        return _GemmRewrite(config, self).run(gm, ctx)
+
+    def activation_scales(self, config: Int8) -> dict[str, float]:
+        return {}
+
+    def lower_convs(self, gm: fx.GraphModule, ctx: PassContext, config: Int8, scales: dict, result: PassResult) -> bool:
+        """Rewrite the convolutions this scheme lowers itself; True if it took every conv2d."""
+        return False
+
+    def layer_problem(self, layer: str, scales: dict) -> str:
+        return ""
+
+    def smoothing_alpha(self, config: Int8) -> float | None:
+        return None
+
+    def fuses_activation(self, config: Int8) -> bool:
+        return False
+
+    def op_args(self, input_scale, weight_q, weight_scale, bias, activation) -> tuple:
+        """The op's arguments after ``x`` (graph nodes when emitting, tensors when timing)."""
+        raise NotImplementedError
+
+
+@register_scheme(Int8Dynamic)
+class _Dynamic(GemmScheme):
+    def smoothing_alpha(self, config: Int8Dynamic) -> float | None:
+        return config.smooth_alpha
+
+    def fuses_activation(self, config: Int8Dynamic) -> bool:
+        return config.fuse_activation
+
+    def op_args(self, input_scale, weight_q, weight_scale, bias, activation) -> tuple:
+        return weight_q, weight_scale, bias, activation
+
+
+@register_scheme(Int8Static)
+class _Static(GemmScheme):
+    def activation_scales(self, config: Int8Static) -> dict[str, float]:
+        return dict(config.activation_scales)
+
+    def lower_convs(self, gm, ctx, config, scales, result) -> bool:
+        lower_convs(gm, ctx, config, scales, result)  # every conv1d/conv2d: static int8 convs and regions
+        return True
+
+    def layer_problem(self, layer: str, scales: dict) -> str:
+        return "" if layer in scales else "no calibrated activation scale for this layer (calibrate on batches that reach it)"
+
+    def fuses_activation(self, config: Int8Static) -> bool:
+        return config.fuse_activation
+
+    def op_args(self, input_scale, weight_q, weight_scale, bias, activation) -> tuple:
+        return input_scale, weight_q, weight_scale, bias, activation
+
+
+@register_scheme(Int8WeightOnly)
+class _WeightOnly(GemmScheme):
+    def op_args(self, input_scale, weight_q, weight_scale, bias, activation) -> tuple:
+        return weight_q, weight_scale, bias
 
 def _call(gm: fx.GraphModule, target, args: tuple, origin: fx.Node) -> fx.Node:
     """Insert ``target(*args)`` with ``origin``'s module stack and a fake value computed from its inputs."""

@@ -20,7 +20,8 @@ and ``Ŵ = U_r (U_rᵀ W)`` (see :mod:`fxcompress.passes._whitening`); the white
 layer's output error on the calibration data, so ranks and the ``target_macs`` budget follow it.
 k×k convs stay data-free (reported in ``details``).
 
-Ranks come from ``rank``, ``energy`` or a global ``target_macs`` budget (see
+Each factorization is one class in :mod:`fxcompress.passes._factorizations` (its matrices, stages,
+reconstruction and MACs). Ranks come from ``rank``, ``energy`` or a global ``target_macs`` budget (see
 :mod:`fxcompress.passes._rank_selection`). A layer is rewritten only when the factorized form has
 fewer MACs (and, with ``min_speedup``, is measured faster); every other layer is reported skipped.
 Grouped and depthwise convs are left alone.
@@ -29,32 +30,29 @@ Grouped and depthwise convs are left alone.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 
-from fxcompress.ir import add_constant, attr_use_count, fake_value, finalize, get_attr, module_path
+from fxcompress import tuning
+from fxcompress.errors import FxCompressWarning, PassConfigError
+from fxcompress.ir import add_constant, attr_use_count, fake_value, get_attr, module_path
 from fxcompress.pass_base import Pass, PassContext, PassResult, register_pass
 from fxcompress.selectors import first_match
 from fxcompress.verify import node_values
 from fxcompress.passes import _rank_selection as rs
+from fxcompress.passes._rank_budget import RankOption, allocate_budget
 from fxcompress.passes import _whitening
+from fxcompress.passes._factorizations import FACTORIZATIONS, Factorization, Geometry, Stage
 from fxcompress.passes._projections import batched_weight_readers, gemm_arguments, is_projection, weight_matrix
 
 _LINEAR = torch.ops.aten.linear.default
 _CONV_DIMS = {torch.ops.aten.conv1d.default: 1, torch.ops.aten.conv2d.default: 2}
 _CONV_OPS = {dims: op for op, dims in _CONV_DIMS.items()}
 METHODS = ("tucker2", "separable")
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One layer of the factorized chain; ``geometry`` is (stride, padding, dilation) for convs."""
-
-    weight: torch.Tensor
-    geometry: tuple[list[int], list[int], list[int]] | None = None
 
 
 @dataclass
@@ -65,7 +63,7 @@ class _Layer:
     weight: torch.Tensor
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
-    geometry: tuple[list[int], list[int], list[int]] | None
+    geometry: Geometry | None
     svds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None  # vh None: whitened basis
     whitening: str = "none"
 
@@ -77,21 +75,15 @@ class _Layer:
     def full_ranks(self) -> tuple[int, ...]:
         return tuple(len(s) for s in self.spectra)
 
+    @property
+    def factorization(self) -> Factorization:
+        return FACTORIZATIONS[self.kind]
+
     def macs(self, ranks: tuple[int, ...] | None = None) -> int:
         """Analytic MACs at the recorded shapes: original (``ranks=None``) or factorized."""
-        out_ch, in_ch = self.weight.shape[:2]
-        kernel = self.weight.shape[2:]
-        out_positions = math.prod(self.out_shape) // out_ch
-        if ranks is None:
-            return out_positions * out_ch * in_ch * math.prod(kernel)
-        if self.kind in ("linear", "pointwise"):
-            return out_positions * ranks[0] * (in_ch + out_ch)
-        if self.kind == "tucker2":
-            r_in, r_out = ranks
-            in_positions = math.prod(self.in_shape) // in_ch
-            return in_positions * in_ch * r_in + out_positions * (r_in * r_out * math.prod(kernel) + r_out * out_ch)
-        mid_positions = out_positions // self.out_shape[-1] * self.in_shape[-1]
-        return mid_positions * in_ch * kernel[0] * ranks[0] + out_positions * ranks[0] * out_ch * kernel[1]
+        if ranks is not None:
+            return self.factorization.macs(self.weight.shape, self.in_shape, self.out_shape, ranks)
+        return math.prod(self.out_shape) // self.weight.shape[0] * self.weight.numel()  # output positions × N·C·k
 
 
 @register_pass
@@ -129,15 +121,48 @@ class LowRank(Pass):
     whiten: str | None = None
 
     def __post_init__(self) -> None:
-        rs.validate_options(self, METHODS, _whitening.METHODS)
+        """Exactly one of rank/energy/target_macs, each in range; ``include``/``ignore`` normalised to tuples."""
+        chosen = [n for n in ("rank", "energy", "target_macs") if getattr(self, n) is not None]
+        if len(chosen) != 1:
+            raise PassConfigError(
+                f"low_rank needs exactly one of rank=, energy=, target_macs=; got {chosen or 'none'}. "
+                f"Fix: e.g. LowRank(rank=0.25) or LowRank(energy=0.9) or LowRank(target_macs=0.5)"
+            )
+        rank = self.rank
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int | float)):
+            raise PassConfigError(f"low_rank rank={rank!r} must be an int >= 1 or a float fraction in (0, 1]")
+        if isinstance(rank, int) and rank < 1:
+            raise PassConfigError(f"low_rank rank={rank} must be >= 1; for a fraction of full rank pass a float, e.g. 0.25")
+        if isinstance(rank, float) and not 0 < rank <= 1:
+            raise PassConfigError(f"low_rank rank={rank} as a float is a fraction of full rank and must be in (0, 1]")
+        _check_fraction("energy", self.energy, closed_top=True)
+        _check_fraction("target_macs", self.target_macs, closed_top=False)
+        if self.method not in METHODS:
+            raise PassConfigError(f"low_rank method={self.method!r} is unknown; use one of {METHODS}")
+        if self.whiten is not None and self.whiten not in _whitening.METHODS:
+            raise PassConfigError(f"low_rank whiten={self.whiten!r} is unknown; use None or one of {_whitening.METHODS}")
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
+            raise PassConfigError(f"low_rank round_to={self.round_to!r} must be an int >= 1, e.g. 8 (1: no rounding)")
+        speedup = self.min_speedup
+        if speedup is not None and (isinstance(speedup, bool) or not isinstance(speedup, int | float) or speedup <= 0):
+            raise PassConfigError(f"low_rank min_speedup={speedup!r} must be a number > 0, e.g. 1.1, or None")
+        for field_name in ("include", "ignore"):
+            patterns = getattr(self, field_name)
+            patterns = (patterns,) if isinstance(patterns, str) else patterns
+            if not isinstance(patterns, list | tuple) or not all(isinstance(p, str) for p in patterns):
+                raise PassConfigError(
+                    f"low_rank {field_name}={patterns!r} must be glob patterns on module names, "
+                    f"e.g. ('encoder.layer.*.output.dense',)"
+                )
+            object.__setattr__(self, field_name, tuple(patterns))
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        result = PassResult(changed=False)
+        result = PassResult()
         layers = self._collect(gm, ctx, result)
         for weight, op in batched_weight_readers(gm):
             result.skip(weight, f"batched (mixture-of-experts) weights read by {op} are not factorized")
         for layer in layers:
-            layer.svds = _svds(layer.weight, layer.kind)
+            layer.svds = [_svd(m) for m in layer.factorization.matrices(layer.weight)]
         if self.whiten is not None:
             _whitening.whiten_layers(gm, ctx, layers, self.whiten)
         for layer, ranks in zip(layers, self._choose_ranks(layers)):
@@ -145,10 +170,7 @@ class LowRank(Pass):
                 result.skip(layer.name, "target_macs budget met without it (other layers lose less energy per MAC)")
                 continue
             self._rewrite_if_cheaper(gm, layer, ranks, result)
-        rs.warn_rank_one(result.details)
-        if result.rewritten:
-            finalize(gm)
-            result.changed = True
+        _warn_rank_one(result.details)
         return result
 
     def _collect(self, gm: fx.GraphModule, ctx: PassContext, result: PassResult) -> list[_Layer]:
@@ -204,7 +226,7 @@ class LowRank(Pass):
     def _choose_ranks(self, layers: list[_Layer]) -> list[tuple[int, ...] | None]:
         if self.target_macs is not None:
             options = [_rank_options(layer, rs.candidate_ranks(layer.spectra, self.round_to)) for layer in layers]
-            chosen = rs.allocate_budget([layer.macs() for layer in layers], options, self.target_macs)
+            chosen = allocate_budget([layer.macs() for layer in layers], options, self.target_macs)
             return [option.ranks if option else None for option in chosen]
         ranks = []
         for layer in layers:
@@ -263,22 +285,6 @@ def _kind(node: fx.Node, weight: torch.Tensor, method: str) -> str:
     return "pointwise" if math.prod(weight.shape[2:]) == 1 else method
 
 
-def _matrices(weight: torch.Tensor, kind: str) -> list[torch.Tensor]:
-    """The matrices whose SVDs define the factorization (float32 for the decomposition)."""
-    w = weight.float()
-    out_ch, in_ch = w.shape[:2]
-    if kind in ("linear", "pointwise"):
-        return [w.reshape(out_ch, in_ch)]
-    if kind == "tucker2":
-        return [w.transpose(0, 1).reshape(in_ch, -1), w.reshape(out_ch, -1)]
-    k_h, k_w = w.shape[2:]
-    return [w.permute(1, 2, 0, 3).reshape(in_ch * k_h, out_ch * k_w)]
-
-
-def _svds(weight: torch.Tensor, kind: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    return [_svd(m) for m in _matrices(weight, kind)]
-
-
 def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD through a QR of the tall orientation: T = Q R, R = U' S Vᵀ ⇒ T = (Q U') S Vᵀ.
 
@@ -294,10 +300,10 @@ def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return (vh.T, s, u.T) if wide else (u, s, vh)
 
 
-def _rank_options(layer: _Layer, candidates: list[tuple[int, ...]]) -> list[rs.RankOption]:
+def _rank_options(layer: _Layer, candidates: list[tuple[int, ...]]) -> list[RankOption]:
     """MACs and discarded energy (summed over the spectra) of every candidate, from one cumulative sum per spectrum."""
     kept = [rs.energy_kept(s).tolist() for s in layer.spectra]
-    return [rs.RankOption(ranks, layer.macs(ranks), sum(1.0 - k[r - 1] if r > 0 else 1.0 for k, r in zip(kept, ranks)))
+    return [RankOption(ranks, layer.macs(ranks), sum(1.0 - k[r - 1] if r > 0 else 1.0 for k, r in zip(kept, ranks)))
             for ranks in candidates]
 
 
@@ -305,48 +311,17 @@ def factorize(
     weight: torch.Tensor,
     kind: str,
     ranks: tuple[int, ...],
-    geometry: tuple[list[int], list[int], list[int]] | None = None,
+    geometry: Geometry | None = None,
     svds: list | None = None,
 ) -> list[Stage]:
     """The chain of layers replacing one with ``weight`` (the bias goes on the last one).
 
-    ``kind``: "linear", "pointwise" (1×1 conv), "tucker2" (ranks = (r_in, r_out)) or "separable";
-    ``geometry``: the conv's (stride, padding, dilation), one entry per spatial dim.
+    ``kind``: a key of :data:`~fxcompress.passes._factorizations.FACTORIZATIONS`; ``geometry``: the
+    conv's (stride, padding, dilation), one entry per spatial dim.
     """
-    svds = svds if svds is not None else _svds(weight, kind)
-    dtype = weight.dtype
-    out_ch, in_ch = weight.shape[:2]
-    ones = [1] * (weight.dim() - 2)
-    pointwise = (ones, [0] * len(ones), ones)
-    if kind in ("linear", "pointwise"):
-        (u, s, vh), r = svds[0], ranks[0]
-        if vh is None:  # a whitened output basis U: Ŵ = U_r (U_rᵀ W)
-            first, second = _whitening.basis_factors(weight.reshape(out_ch, in_ch), u, r)
-        else:
-            first, second = vh[:r], u[:, :r] * s[:r]
-        first = first.reshape(r, in_ch, *ones).to(dtype)
-        second = second.reshape(out_ch, r, *ones).to(dtype)
-        if kind == "linear":
-            return [Stage(first), Stage(second)]
-        return [Stage(first, geometry), Stage(second, pointwise)]
-    if kind == "tucker2":
-        r_in, r_out = ranks
-        u_in, u_out = svds[0][0][:, :r_in], svds[1][0][:, :r_out]
-        core = torch.einsum("nc...,nr,cs->rs...", weight.float(), u_out, u_in)
-        return [
-            Stage(u_in.T.reshape(r_in, in_ch, *ones).to(dtype), pointwise),
-            Stage(core.to(dtype), geometry),
-            Stage(u_out.reshape(out_ch, r_out, *ones).to(dtype), pointwise),
-        ]
-    (u, s, vh), r = svds[0], ranks[0]
-    k_h, k_w = weight.shape[2:]
-    (s_h, s_w), (p_h, p_w), (d_h, d_w) = geometry
-    vertical = (u[:, :r] * s[:r]).reshape(in_ch, k_h, r).permute(2, 0, 1).unsqueeze(-1)
-    horizontal = vh[:r].reshape(r, out_ch, k_w).permute(1, 0, 2).unsqueeze(2)
-    return [
-        Stage(vertical.contiguous().to(dtype), ([s_h, 1], [p_h, 0], [d_h, 1])),
-        Stage(horizontal.contiguous().to(dtype), ([1, s_w], [0, p_w], [1, d_w])),
-    ]
+    factorization = FACTORIZATIONS[kind]
+    svds = svds if svds is not None else [_svd(m) for m in factorization.matrices(weight)]
+    return factorization.stages(weight, svds, ranks, geometry)
 
 
 def run_stages(x: torch.Tensor, stages: list[Stage], bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -359,15 +334,7 @@ def run_stages(x: torch.Tensor, stages: list[Stage], bias: torch.Tensor | None =
 
 def reconstruct(kind: str, stages: list[Stage]) -> torch.Tensor:
     """Ŵ, the single weight equivalent to the chain of stages (bias excluded)."""
-    weights = [stage.weight.float() for stage in stages]
-    if kind in ("linear", "pointwise"):
-        first, second = weights
-        return (second.flatten(1) @ first.flatten(1)).reshape(second.shape[0], first.shape[1], *first.shape[2:])
-    if kind == "tucker2":
-        first, core, last = weights
-        return torch.einsum("rs...,nr,sc->nc...", core, last.flatten(1), first.flatten(1))
-    vertical, horizontal = weights
-    return torch.einsum("rci,nrj->ncij", vertical.squeeze(-1), horizontal.squeeze(2))
+    return FACTORIZATIONS[kind].reconstruct([stage.weight.float() for stage in stages])
 
 
 def _relative_error(layer: _Layer, stages: list[Stage]) -> float:
@@ -422,8 +389,29 @@ def _measured_speedup(layer: _Layer, stages: list[Stage]) -> float:
     def factorized() -> torch.Tensor:
         return run_stages(x, stages)
 
-    return rs.latency_ratio(original, factorized, x.device)
+    timings = tuning.compare({"original": original, "factorized": factorized}, x.device, min_run_time=0.05)
+    return timings["original"].median_ms / timings["factorized"].median_ms
 
 
 def _fmt_ranks(ranks: tuple[int, ...]) -> int | str:
     return ranks[0] if len(ranks) == 1 else "/".join(map(str, ranks))
+
+
+def _check_fraction(field_name: str, value: Any, closed_top: bool) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (0 < value and (value <= 1 if closed_top else value < 1)):
+        interval = "(0, 1]" if closed_top else "(0, 1)"
+        raise PassConfigError(f"low_rank {field_name}={value!r} must be a fraction in {interval}, e.g. 0.9")
+
+
+def _warn_rank_one(details: Sequence[dict]) -> None:
+    """Warn once when layers were factorized down to rank 1 (one singular vector: little of the layer is left)."""
+    ranked_one = [d["layer"] for d in details if 1 in [int(r) for r in str(d["rank"]).split("/")]]
+    if ranked_one:
+        shown = ", ".join(ranked_one[:3]) + (", ..." if len(ranked_one) > 3 else "")
+        warnings.warn(
+            f"low_rank: {len(ranked_one)} layer(s) factorized to rank 1 ({shown}): each keeps a single "
+            f"direction of its weight. Use a larger rank/energy/target_macs, or recover with fxcompress.distill.",
+            FxCompressWarning, stacklevel=3,
+        )

@@ -1,6 +1,6 @@
 """``prune_channels``: structured channel pruning with dependency propagation.
 
-For every group of coupled channel spaces (see ``_prune_graph``) the pass removes the least
+For every group of coupled channel spaces (see :mod:`fxcompress.passes.prune`) the pass removes the least
 important units and rewrites the model so that, for kept index sets ``K``,
 ``W'_conv = W_conv[K_out][:, K_in]``, ``b' = b[K_out]``, BN/LN/GN parameters and statistics
 ``p' = p[K]``, embedding tables ``E' = E[:, K]``, head counts and view/reshape sizes follow
@@ -24,11 +24,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fxcompress.errors import FxCompressWarning, PassConfigError
 from fxcompress.pass_base import Pass, PassContext, PassResult, register_pass
-from fxcompress.passes._prune_graph import ChannelGraph, analyze
-from fxcompress.passes._prune_importance import IMPORTANCE, choose_units, group_scores
-from fxcompress.passes._prune_rewrite import apply_pruning
-from fxcompress.passes import _prune_compensate as compensation
-from fxcompress.passes._prune_compensate import COMPENSATIONS
+from fxcompress.passes.prune import compensate as compensation
+from fxcompress.passes.prune.compensate import COMPENSATIONS
+from fxcompress.passes.prune.graph import ChannelGraph, analyze
+from fxcompress.passes.prune.importance import IMPORTANCE, choose_units, group_scores
+from fxcompress.passes.prune.rewrite import apply_pruning, refusal
 from fxcompress.statistics import layer_statistics
 
 SCOPES = ("local", "global")
@@ -52,7 +52,7 @@ class PruneChannels(Pass):
     maps the model's outputs to a scalar for ``importance="taylor"`` (default: sum of squares).
     ``importance="activation"`` scores channels by weight × input activation norm on the calibration
     data; ``compensate`` ("bias" | "lstsq", ridge ``ridge``) rewrites the layers reading pruned channels
-    to reproduce their unpruned outputs on it (see ``_prune_compensate``).
+    to reproduce their unpruned outputs on it (see :mod:`fxcompress.passes.prune.compensate`).
     """
 
     name: ClassVar[str] = "prune_channels"
@@ -104,7 +104,7 @@ class PruneChannels(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         graph = analyze(gm, self.ignore, self.prune_outputs)
-        result = PassResult(changed=False, skipped=list(graph.blocked))
+        result = PassResult(changed=False, skipped=list(graph.blocked) + frozen_summary(graph))
         stats = self._statistics(gm, ctx)
         scores = group_scores(gm, graph, self.importance, ctx, self.taylor_loss, self.seed, stats, self.compensate is not None)
         summary: dict[str, Any] = {"groups": len(graph.groups), "prunable_groups": sum(bool(g.units) for g in graph.groups)}
@@ -114,7 +114,8 @@ class PruneChannels(Pass):
             ratio, summary["macs_before"], summary["macs_after"] = self._search_ratio(gm, graph, scores, ctx)
         summary["ratio"] = ratio
         chosen = choose_units(graph, scores, ratio, self.scope, self.max_ratio_per_group, self.round_to)
-        removed = removed_indices(graph, chosen)
+        chosen, removed, refused = consistent_removal(gm, graph, chosen)
+        result.skipped += refused
         result.details = [summary] + _group_details(graph, chosen)
         compensations, rows = compensation.plan(gm, graph, removed, stats, self.compensate, self.ridge) if self.compensate else ([], [])
         result.details += rows
@@ -152,7 +153,7 @@ class PruneChannels(Pass):
     def _macs_at(self, gm, graph: ChannelGraph, scores, ctx: PassContext, ratio: float) -> int:
         chosen = choose_units(graph, scores, ratio, self.scope, self.max_ratio_per_group, self.round_to)
         trial = copy.deepcopy(gm)
-        removed = removed_indices(graph, chosen)
+        _, removed, _ = consistent_removal(trial, graph, chosen)
         if removed:
             apply_pruning(trial, graph, removed, refresh_meta=False)
         return count_macs(trial, ctx)
@@ -166,6 +167,41 @@ def removed_indices(graph: ChannelGraph, chosen: list[np.ndarray]) -> dict[int, 
             for sid, idx in group.units[u].elements.items():
                 removed.setdefault(sid, []).append(idx)
     return {sid: np.unique(np.concatenate(parts)) for sid, parts in removed.items()}
+
+
+def consistent_removal(
+    gm: fx.GraphModule, graph: ChannelGraph, chosen: list[np.ndarray]
+) -> tuple[list[np.ndarray], dict[int, np.ndarray], list[tuple[str, str]]]:
+    """The chosen units without those of every group whose rewrite is refused (see
+    :func:`~fxcompress.passes.prune.refusal`), their removed indices, and one reason per refusal."""
+    chosen, refused = list(chosen), []
+    while removed := removed_indices(graph, chosen):
+        problem = refusal(gm, graph, removed)
+        if problem is None:
+            break
+        node, reason = problem
+        hit = _groups_at(gm, graph, node, chosen)
+        for gid in hit:
+            chosen[gid] = chosen[gid][:0]
+        refused.append((node, f"pruning refused ({reason}); {len(hit)} channel group(s) kept whole"))
+    return chosen, removed, refused
+
+
+def _groups_at(gm: fx.GraphModule, graph: ChannelGraph, node_name: str, chosen: list[np.ndarray]) -> list[int]:
+    """Groups losing units whose channels pass through ``node_name`` (its inputs or outputs); all of them if none."""
+    node = next(n for n in gm.graph.nodes if n.name == node_name)
+    names = {node.name} | {n.name for n in node.all_input_nodes}
+    losing = [gid for gid, units in enumerate(chosen) if len(units)]
+    hit = [gid for gid in losing if any(graph.spaces[s].node in names for s in graph.groups[gid].spaces)]
+    return hit or losing
+
+
+def frozen_summary(graph: ChannelGraph) -> list[tuple[str, str]]:
+    """One ``(example, what)`` entry per reason units of parameterized groups were kept whole."""
+    return [
+        (row["example"], f"{row['units']} units ({row['channels']} channels) kept whole: {reason}")
+        for reason, row in sorted(graph.frozen.items(), key=lambda kv: -kv[1]["channels"])
+    ]
 
 
 def count_macs(module: torch.nn.Module, ctx: PassContext) -> int:
@@ -204,4 +240,4 @@ def _group_details(graph: ChannelGraph, chosen: list[np.ndarray]) -> list[dict]:
     return details
 
 
-__all__ = ["PruneChannels", "count_macs", "removed_indices"]
+__all__ = ["PruneChannels", "consistent_removal", "count_macs", "frozen_summary", "removed_indices"]

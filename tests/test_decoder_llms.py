@@ -286,14 +286,6 @@ def test_lossless_pipeline_generates_the_original_greedy_tokens():
     assert torch.equal(generate(apply_to_model(gm, model), prompt), generate(model, prompt))
 
 
-def test_apply_to_model_refuses_tensors_it_has_no_place_for(captured):
-    model, inputs, graph = captured("llama")
-    gm = copy.deepcopy(graph)
-    PassManager([LowRank(rank=0.25)]).run(gm, PassContext((), inputs))
-    with pytest.raises(InvalidInputError, match="low_rank/int8"):
-        apply_to_model(gm, model)
-
-
 def test_apply_to_model_refuses_a_graph_that_dropped_parameters():
     import fxcompress
 

@@ -274,3 +274,32 @@ def test_optimize_recover_distills_after_the_passes_and_reports_it():
     assert err_recovered < 0.8 * err_plain  # measured 0.65: rank 4 cannot match the teacher exactly
     assert recovered.report.rows[-1]["stage"] == "recover"
     assert recovered.report.rows[-1]["max_abs_err"] < plain.report.rows[-1]["max_abs_err"]
+
+
+def test_distill_config_is_plain_data_and_the_keywords_are_its_alias():
+    config = fxcompress.DistillConfig(steps=5, lr=1e-2, seed=3)
+    assert config == fxcompress.DistillConfig(steps=5, lr=1e-2, seed=3) and hash(config)
+    assert config.config()["lr"] == 1e-2 and "steps=5" in repr(config)
+    with pytest.raises(Exception):
+        config.lr = 1.0  # frozen
+    with pytest.raises(InvalidInputError, match="alpha"):
+        fxcompress.DistillConfig(steps=5, alpha=2.0)  # validated on construction
+    typed, _ = distill(make_student(), make_teacher(), make_dataset(), config, progress=False)
+    keywords, _ = distill(make_student(), make_teacher(), make_dataset(), steps=5, lr=1e-2, seed=3, progress=False)
+    assert_same_params(params(typed), params(keywords))
+    with pytest.raises(InvalidInputError, match="not both"):
+        distill(make_student(), make_teacher(), make_dataset(), config, steps=5)
+    with pytest.raises(InvalidInputError, match=r"no option\(s\) \['stepz'\]"):
+        distill(make_student(), make_teacher(), make_dataset(), stepz=5)
+
+
+def test_optimize_recover_takes_a_distill_config_like_the_dict_alias():
+    teacher = make_teacher()
+    data = [torch.randn(8, FEATURES, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    config = fxcompress.DistillConfig(steps=3, lr=1e-2, seed=0)
+    typed = fxcompress.optimize(teacher, (data[0],), report=False, recover=config, recover_data=data, progress=False)
+    alias = fxcompress.optimize(teacher, (data[0],), report=False, recover=dict(data=data, steps=3, lr=1e-2, seed=0, progress=False))
+    assert typed.report.rows[-1]["stage"] == "recover"
+    assert_same_params(params(typed), params(alias))
+    with pytest.raises(InvalidInputError, match="recover_data"):
+        fxcompress.optimize(teacher, (data[0],), report=False, recover=config)

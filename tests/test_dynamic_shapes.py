@@ -32,7 +32,7 @@ def run(module, inputs):
 
 
 def context(inputs) -> PassContext:
-    return PassContext((), inputs) if isinstance(inputs, dict) else PassContext(inputs, {})
+    return PassContext.of(inputs)
 
 
 @pytest.fixture(scope="module")

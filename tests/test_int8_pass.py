@@ -248,3 +248,22 @@ def test_smoothquant_moves_outliers_into_weights():
     assert aten.mul.Tensor in _targets(smooth)
     with pytest.raises(PassConfigError, match="smooth_alpha needs mode='dynamic'"):
         Int8(mode="weight_only", smooth_alpha=0.5)
+
+
+def test_one_frozen_config_per_scheme_and_int8_mode_is_an_alias():
+    from fxcompress.passes import Int8Dynamic, Int8Static, Int8WeightOnly
+
+    scales = (("fc", 0.1),)
+    assert type(Int8()) is Int8Dynamic and Int8() == Int8Dynamic()
+    assert Int8(mode="static", activation_scales=scales) == Int8Static(activation_scales=scales)
+    assert type(Int8("weight_only")) is Int8WeightOnly and isinstance(Int8WeightOnly(), Int8)
+    # another scheme's option at its default is dropped (old Int8(...) calls keep working); set, it is an error
+    assert Int8(mode="weight_only", smooth_alpha=None, conv_regions=True) == Int8WeightOnly()
+    with pytest.raises(PassConfigError, match="conv_regions needs mode='static'"):
+        Int8(conv_regions=False)
+    assert not hasattr(Int8WeightOnly(), "fuse_activation")  # fields apply to every mode of their config
+    for config in (Int8(gptq=True), Int8Static(activation_scales=scales, conv_regions=False), Int8WeightOnly(skip=("a",))):
+        saved = config.config()
+        assert saved["pass"] == "int8" and saved["mode"] == config.mode
+        assert fxcompress.make_pass(saved.pop("pass"), **saved) == config  # a saved pipeline entry rebuilds it
+    assert "only mode='static'" in Int8.options_help() and "conv_regions" in Int8.options_help()

@@ -43,6 +43,26 @@ class ChangeOutputShape(Pass):
         return PassResult(changed=True)
 
 
+@dataclass(frozen=True)
+class DropReluOnly(Pass):
+    """Rewrites and reports; leaves the dead node and the recompile to the manager."""
+
+    name = "drop_relu_only"
+    lossless = False
+    postcondition_holds: bool = True
+
+    def run(self, gm, ctx):
+        relu = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.relu.default)
+        relu.replace_all_uses_with(relu.args[0])
+        return PassResult(rewritten=[relu.name])
+
+    def requires(self, gm):
+        assert any(n.target is torch.ops.aten.relu.default for n in gm.graph.nodes), "no relu to drop"
+
+    def ensures(self, gm):
+        assert self.postcondition_holds, "the postcondition does not hold"
+
+
 def model_and_inputs():
     make_model, make_inputs = ZOO["plain_cnn"]
     return make_model(), make_inputs()
@@ -206,3 +226,24 @@ def test_report_has_a_row_per_pass_with_all_fields():
     assert json.loads(out.report.to_json())["rows"][2]["stage"] == "fold_bn"
     assert "fold_bn" in str(out.report) and "latency ms" in str(out.report)
     assert out.pipeline == [{"pass": "eliminate_identity"}, {"pass": "fold_bn"}]
+
+
+def test_manager_cleans_up_and_fills_in_changed():
+    model, inputs = model_and_inputs()
+    gm = fxcompress.capture(model, inputs)
+    relus = sum(n.target is torch.ops.aten.relu.default for n in gm.graph.nodes)
+    (record,) = fxcompress.PassManager([DropReluOnly()]).run(gm, fxcompress.PassContext(inputs, {}))
+    assert record.result.changed is True  # from rewritten=[...]
+    assert sum(n.target is torch.ops.aten.relu.default for n in gm.graph.nodes) == relus - 1  # dead relu removed
+    assert gm.code.count("aten.relu.default") == relus - 1  # recompiled
+    assert fxcompress.PassResult().changed is None
+
+
+def test_requires_and_ensures_hooks_fail_by_pass_name():
+    model, inputs = model_and_inputs()
+    gm = fxcompress.capture(model, inputs)
+    with pytest.raises(fxcompress.VerificationError, match="drop_relu_only.*ensures.*postcondition does not hold"):
+        fxcompress.PassManager([DropReluOnly(postcondition_holds=False)]).run(gm, fxcompress.PassContext(inputs, {}))
+    no_relu = fxcompress.capture(nn.Sequential(nn.Linear(4, 4)).eval(), (torch.randn(2, 4),))
+    with pytest.raises(fxcompress.VerificationError, match="requires.*no relu to drop"):
+        fxcompress.PassManager([DropReluOnly()]).run(no_relu, fxcompress.PassContext((torch.randn(2, 4),), {}))

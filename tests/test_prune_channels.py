@@ -21,9 +21,8 @@ from fxcompress import ir
 from fxcompress.capture import capture
 from fxcompress.errors import PassConfigError
 from fxcompress.pass_base import PassContext
-from fxcompress.passes._prune_graph import analyze
-from fxcompress.passes._prune_importance import choose_units
-from fxcompress.passes._prune_rewrite import apply_pruning
+from fxcompress.passes.prune import analyze, apply_pruning
+from fxcompress.passes.prune.importance import choose_units
 from fxcompress.passes.prune_channels import PruneChannels, count_macs, removed_indices
 from tests import prune_zoo
 
@@ -42,7 +41,7 @@ def randomize_norms(model: nn.Module) -> nn.Module:
 
 
 def ctx_of(inputs) -> PassContext:
-    return PassContext(*((inputs, {}) if isinstance(inputs, tuple) else ((), inputs)))
+    return PassContext.of(inputs)
 
 
 def outputs(module, ctx: PassContext) -> list[torch.Tensor]:

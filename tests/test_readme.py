@@ -19,7 +19,7 @@ BLOCK = re.compile(r"```(python|bash)\n(.*?)```", re.DOTALL)
 # Lines of the bash blocks that are not fxcompress examples, or that another line covers.
 NOT_RUN = {
     'pip install "torch==2.13.0" -e ".[dev]"': "the install itself (CI does it)",
-    "python -m pytest -q": "this suite",
+    "python -m pytest -q -n auto": "this suite",
     "fxcompress demo": "all three example models (~100 s); `python -m fxcompress demo --model resnet` runs the same code",
 }
 

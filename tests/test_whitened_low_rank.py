@@ -9,6 +9,7 @@ import torch.nn as nn
 import fxcompress
 from fxcompress.capture import capture
 from fxcompress.errors import PassConfigError
+from fxcompress.manager import apply_pass
 from fxcompress.pass_base import PassContext
 from fxcompress.passes.low_rank import LowRank
 
@@ -51,7 +52,7 @@ def run(gm, calibration, **options):
 
     gm = copy.deepcopy(gm)
     ctx = PassContext((calibration[0],), {}, calibration=calibration)
-    return gm, LowRank(**options).run(gm, ctx)
+    return gm, apply_pass(LowRank(**options), gm, ctx)
 
 
 def linear_name(gm) -> str:

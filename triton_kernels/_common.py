@@ -8,8 +8,7 @@ from typing import Callable
 import triton
 import triton.language as tl
 
-ACTIVATIONS = ("none", "relu", "gelu")
-"""Activations the GEMM epilogues can fuse; ``gelu`` is the exact (erf) form of ``aten.gelu``."""
+from fxcompress.triton_kernels import ACTIVATIONS
 
 
 def interpreting() -> bool:

@@ -12,9 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fxcompress.triton_kernels import EPS
 from fxcompress.triton_kernels._common import identity_launch, interpreting
-
-EPS = 1e-8
 
 
 @triton.jit

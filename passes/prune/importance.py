@@ -5,7 +5,7 @@ A unit's score sums a per-index statistic over every parameter index it would re
 of squares of all outputs, on the example inputs), ``bn_scale = sum |gamma|`` over BatchNorm
 weights (``l1`` for groups without BatchNorm), ``random`` a seeded uniform draw,
 ``activation = sum ‖W[:, c]‖ · ‖x_c‖`` over the input channels ``c`` the unit removes from consumer
-layers, on calibration inputs (see ``_prune_compensate``; ``l1`` for groups no consumer reads).
+layers, on calibration inputs (see :mod:`.compensate`; ``l1`` for groups no consumer reads).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from torch.utils import _pytree as pytree
 
 from fxcompress import ir
 from fxcompress.pass_base import PassContext
-from fxcompress.passes._prune_graph import ChannelGraph, Group
-from fxcompress.passes._prune_graph import op_name
-from fxcompress.passes._prune_compensate import channel_importance, consumers
+from fxcompress.passes.prune.compensate import channel_importance, consumers
+from fxcompress.passes.prune.graph import ChannelGraph, Group
 
 IMPORTANCE = ("l1", "l2", "bn_scale", "taylor", "random", "activation")
+BATCH_NORMS = (torch.ops.aten.batch_norm, torch.ops.aten._native_batch_norm_legit_no_training)
 
 
 def group_scores(
@@ -91,7 +91,7 @@ def _unit_score(unit, graph: ChannelGraph, per_index, stat: str, only_targets: s
 def _bn_weight_targets(gm: fx.GraphModule) -> set[str]:
     targets = set()
     for node in gm.graph.nodes:
-        if node.op == "call_function" and op_name(node) in ("aten.batch_norm", "aten._native_batch_norm_legit_no_training"):
+        if node.op == "call_function" and getattr(node.target, "overloadpacket", None) in BATCH_NORMS:
             weight = node.args[1]
             if isinstance(weight, fx.Node) and weight.op == "get_attr":
                 targets.add(weight.target)

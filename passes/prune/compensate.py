@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from fxcompress import ir
-from fxcompress.passes._prune_graph import ChannelGraph
+from fxcompress.passes.prune.graph import ChannelGraph
 from fxcompress.statistics import LAYER_OPS, InputStatistics
 
 COMPENSATIONS = ("bias", "lstsq")

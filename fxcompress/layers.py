@@ -1,0 +1,193 @@
+"""Modules that run a compressed projection as the graph runs it: what :func:`fxcompress.apply_to_model`
+puts in place of an ``nn.Linear`` / HF ``Conv1D`` that a pass rewrote.
+
+* :class:`Int8Linear` — one fxcompress int8 op (``torch.ops.fxcompress.int8_linear`` and its static,
+  weight-only and quantized-engine siblings), the very op and lowering the ``int8`` pass chose for the
+  node on this machine, with the node's int8 weight, scales, bias and SmoothQuant ``1/σ``;
+* :class:`LowRankLinear` — the chain of stages a factorized layer became (``x → x V_rᵀ → · (U_r S_r)ᵀ + b``),
+  each an ``nn.Linear`` (trainable) or an :class:`Int8Linear` when ``int8`` ran after ``low_rank``.
+
+:func:`stage_nodes` finds the rewritten stages in a graph, per module path; :func:`layer_from_stages`
+builds the module from them. Every module has ``in_features``/``out_features`` and a JSON ``spec()`` from
+which :func:`layer_from_spec` rebuilds an empty one of the same shapes (the loader fills it from the
+saved state dict). A fused activation of the graph (``int8_linear(..., "relu")``) is not carried over:
+the model's own activation module follows the projection and applies it.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from . import int8_ops, ir  # noqa: F401  (int8_ops registers torch.ops.fxcompress.*)
+
+aten = torch.ops.aten
+INT8_OPS = ("int8_linear", "int8_linear_static", "int8_weight_only_linear", "int8_linear_qengine")
+_INT8_TARGETS = {getattr(torch.ops.fxcompress, name).default: name for name in INT8_OPS}
+
+
+class Int8Linear(torch.nn.Module):
+    """``y = op(x / σ, [s_x,] W_q, s_w, b[, engine])`` for one fxcompress int8 ``op`` (see ``fxcompress.int8_ops``)."""
+
+    def __init__(self, op: str, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                 input_scale: torch.Tensor | None = None, smooth_inverse: torch.Tensor | None = None, engine: str | None = None):
+        super().__init__()
+        if op not in INT8_OPS:
+            raise ValueError(f"Int8Linear: op must be one of {INT8_OPS}, not {op!r}")
+        self.op, self.engine = op, engine
+        self.out_features, self.in_features = weight_q.shape
+        for name, value in (("weight_q", weight_q), ("weight_scale", weight_scale), ("bias", bias),
+                            ("input_scale", input_scale), ("smooth_inverse", smooth_inverse)):
+            self.register_buffer(name, value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.smooth_inverse is not None:
+            x = x * self.smooth_inverse
+        op = getattr(torch.ops.fxcompress, self.op)
+        if self.op == "int8_weight_only_linear":
+            return op(x, self.weight_q, self.weight_scale, self.bias)
+        if self.op == "int8_linear_static":
+            return op(x, self.input_scale, self.weight_q, self.weight_scale, self.bias, "none")
+        if self.op == "int8_linear_qengine":
+            return op(x, self.weight_q, self.weight_scale, self.bias, "none", self.engine)
+        return op(x, self.weight_q, self.weight_scale, self.bias, "none")
+
+    def spec(self) -> dict:
+        return {"kind": "int8", "op": self.op, "engine": self.engine, "in": self.in_features, "out": self.out_features,
+                **{name: getattr(self, name) is not None for name in ("bias", "input_scale", "smooth_inverse")}}
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, op={self.op}" + (f", engine={self.engine}" if self.engine else "")
+
+
+class LowRankLinear(torch.nn.Sequential):
+    """A factorized projection: its stages in order (``nn.Linear`` or :class:`Int8Linear`), bias on the last."""
+
+    def __init__(self, *stages: torch.nn.Module):
+        super().__init__(*stages)
+        self.in_features, self.out_features = stages[0].in_features, stages[-1].out_features
+
+    def spec(self) -> dict:
+        return {"kind": "low_rank", "stages": [_stage_spec(stage) for stage in self]}
+
+
+def _stage_spec(stage: torch.nn.Module) -> dict:
+    if isinstance(stage, Int8Linear):
+        return stage.spec()
+    return {"kind": "linear", "in": stage.in_features, "out": stage.out_features, "bias": stage.bias is not None}
+
+
+def layer_from_spec(spec: dict) -> torch.nn.Module:
+    """An empty module of ``spec``'s kind and shapes (values come from a state dict, loaded with ``assign=True``)."""
+    if spec["kind"] == "low_rank":
+        return LowRankLinear(*(layer_from_spec(stage) for stage in spec["stages"]))
+    if spec["kind"] == "linear":
+        return torch.nn.Linear(spec["in"], spec["out"], bias=spec["bias"])
+    n, k = spec["out"], spec["in"]
+    return Int8Linear(spec["op"], torch.zeros(n, k, dtype=torch.int8), torch.ones(n),
+                      torch.zeros(n) if spec["bias"] else None, torch.ones(1) if spec["input_scale"] else None,
+                      torch.ones(k) if spec["smooth_inverse"] else None, spec["engine"])
+
+
+def stage_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
+    """Module path -> the graph's projection stages computed for it, in order: ``aten.linear`` calls with a
+    stored weight, int8 op calls, and the ``getitem`` slices of int8 GEMMs fused over sibling layers
+    (``int8`` names each slice by its layer)."""
+    found: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in _INT8_TARGETS and not any(_fused_siblings(user) for user in node.users):
+            found.setdefault(ir.module_path(node), []).append(node)
+        elif node.target is operator.getitem and _fused_int8_slice(node) is not None:
+            found.setdefault(ir.module_path(node), []).append(node)
+        elif node.target is aten.linear.default and isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr":
+            found.setdefault(ir.module_path(node), []).append(node)
+    return found
+
+
+def _fused_int8_slice(node: fx.Node) -> tuple[fx.Node, slice] | None:
+    """(int8 op node, its output rows) of ``getitem(split_with_sizes(int8_op(...), sizes), i)``."""
+    split = node.args[0]
+    if not _fused_siblings(split):
+        return None
+    sizes = split.args[1]
+    start = sum(sizes[: node.args[1]])
+    return split.args[0], slice(start, start + sizes[node.args[1]])
+
+
+def _fused_siblings(split: fx.Node) -> bool:
+    """``split_with_sizes(int8_op(...), sizes, -1)`` whose parts are distinct layers (the first the op's own):
+    the ``int8`` pass's GEMM over sibling linears, not a split the model itself makes (Phi-3's ``chunk``)."""
+    if not (isinstance(split, fx.Node) and split.target is aten.split_with_sizes.default):
+        return False
+    gemm = split.args[0]
+    if not (isinstance(gemm, fx.Node) and gemm.target in _INT8_TARGETS) or split.args[2] not in (-1, len(ir.fake_shape(gemm) or ()) - 1):
+        return False
+    parts = sorted(split.users, key=lambda user: user.args[1] if user.target is operator.getitem else -1)
+    paths = [ir.module_path(part) for part in parts]
+    return all(p.target is operator.getitem for p in parts) and len(set(paths)) == len(paths) and paths[0] == ir.module_path(gemm)
+
+
+def stage_input(node: fx.Node) -> fx.Node:
+    """The value a stage reads: the linear's input, the int8 op's ``x`` (before SmoothQuant's ``x · 1/σ``)."""
+    sliced = _fused_int8_slice(node) if node.target is operator.getitem else None
+    gemm = sliced[0] if sliced else node
+    x = gemm.args[0]
+    smooth = _smooth_inverse(gemm)
+    return x.args[0] if smooth is not None else x
+
+
+def _smooth_inverse(gemm: fx.Node) -> fx.Node | None:
+    x = gemm.args[0]
+    if gemm.target in _INT8_TARGETS and x.target is aten.mul.Tensor and isinstance(x.args[1], fx.Node) \
+            and x.args[1].op == "get_attr" and ir.module_path(x) == ir.module_path(gemm):
+        return x.args[1]
+    return None
+
+
+def stage_tensors(node: fx.Node) -> list[str]:
+    """The stored tensors (get_attr targets) a stage reads."""
+    sliced = _fused_int8_slice(node) if node.target is operator.getitem else None
+    gemm = sliced[0] if sliced else node
+    reads = [a for a in gemm.args[1:] if isinstance(a, fx.Node)] + [s for s in [_smooth_inverse(gemm)] if s is not None]
+    return [a.target for a in reads if a.op == "get_attr"]
+
+
+def layer_from_stages(gm: fx.GraphModule, stages: list[fx.Node]) -> torch.nn.Module:
+    """The module computing ``stages`` (a chain: each reads the previous one's output)."""
+    for previous, stage in zip(stages, stages[1:]):
+        if stage_input(stage) is not previous:
+            raise ValueError(f"{stage.name} does not read {previous.name}: the layer's stages are not one chain")
+    modules = [_stage_module(gm, stage) for stage in stages]
+    return modules[0] if len(modules) == 1 else LowRankLinear(*modules)
+
+
+def _stage_module(gm: fx.GraphModule, node: fx.Node) -> torch.nn.Module:
+    sliced = _fused_int8_slice(node) if node.target is operator.getitem else None
+    gemm, rows = sliced if sliced else (node, slice(None))
+    args = ir.call_arguments(gemm)
+    computed = [name for name, a in args.items() if name not in ("input", "x") and isinstance(a, fx.Node) and a.op != "get_attr"]
+    if computed:
+        raise ValueError(f"{gemm.name} reads {', '.join(computed)} computed in the graph, not stored")
+
+    def stored(name: str) -> torch.Tensor | None:
+        arg = args.get(name)
+        return None if arg is None else ir.get_attr(gm, arg.target).detach().clone()
+
+    if gemm.target is aten.linear.default:
+        weight, bias = stored("weight"), stored("bias")
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype, device=weight.device)
+        linear.weight = torch.nn.Parameter(weight)
+        if bias is not None:
+            linear.bias = torch.nn.Parameter(bias)
+        return linear
+    bias = stored("bias")
+    smooth = _smooth_inverse(gemm)
+    return Int8Linear(
+        _INT8_TARGETS[gemm.target], stored("weight_q")[rows].contiguous(), stored("weight_scale")[rows].contiguous(),
+        None if bias is None else bias[rows].contiguous(), stored("input_scale"),
+        None if smooth is None else ir.get_attr(gm, smooth.target).detach().clone(), args.get("engine"),
+    )
