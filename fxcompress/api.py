@@ -89,6 +89,8 @@ def optimize(
         bar.set_postfix_str("capture")
         reference = run_eagerly(model, inputs)
         gm = capture(model, inputs, dynamic=dynamic, dynamic_shapes=dynamic_shapes)
+        teacher = model if recover else None
+        del model  # the eval copy: only recovery needs it after capture (one model's weights less during the passes)
         bar.update(1)
         ctx = PassContext(inputs.args, inputs.kwargs, calibration=check_calibration(calibration))
         report_config = report if isinstance(report, ReportConfig) else ReportConfig(latency=bool(report))
@@ -104,7 +106,7 @@ def optimize(
         if recover:
             bar.set_postfix_str("recover")
             start = time.perf_counter()
-            gm = _recover(gm, model, recover, recover_data, progress)
+            gm = _recover(gm, teacher, recover, recover_data, progress)
             with torch.no_grad():
                 outputs = ctx.run(gm)
             builder.add_stage("recover", gm, outputs, time.perf_counter() - start, "distilled from the input model")

@@ -127,8 +127,9 @@ class PassManager:
     instrumentation (the report).
 
     Cost per pass: the reference is the previous pass's outputs (kept, never recomputed), and the
-    pre-pass graph is kept as a :class:`GraphSnapshot` (graph nodes only, weights shared), replayed
-    only when a lossless check fails, to name the first diverging node. No weight is copied.
+    pre-pass graph of a lossless pass is kept as a :class:`GraphSnapshot` (graph nodes only, weights
+    shared), replayed only when the lossless check fails, to name the first diverging node. No weight
+    is copied; a lossy pass keeps no snapshot, so the weights it replaces are freed before verification.
     """
 
     def __init__(
@@ -164,7 +165,7 @@ class PassManager:
         return records
 
     def _run_one(self, index, pass_, gm, ctx, outputs, records):
-        snapshot = GraphSnapshot.of(gm) if self.verify else None
+        snapshot = GraphSnapshot.of(gm) if self.verify and pass_.lossless else None  # lossy: nothing to replay
         fingerprint = graph_fingerprint(gm)
         result = apply_pass(pass_, gm, ctx)
         for inst in self.instrumentations:
@@ -181,7 +182,7 @@ class PassManager:
     def _run_model(gm: torch.nn.Module, ctx: PassContext) -> Any:
         return _run_at(gm, ctx.args, ctx.kwargs)
 
-    def _verify(self, pass_: Pass, gm: fx.GraphModule, ctx: PassContext, before: Any, snapshot: GraphSnapshot) -> Any:
+    def _verify(self, pass_: Pass, gm: fx.GraphModule, ctx: PassContext, before: Any, snapshot: GraphSnapshot | None) -> Any:
         try:
             gm.graph.lint()
             gm.recompile()
@@ -209,7 +210,7 @@ class PassManager:
             self._verify_second_shape(pass_, gm, snapshot)
         return after
 
-    def _verify_second_shape(self, pass_: Pass, gm: fx.GraphModule, snapshot: GraphSnapshot) -> None:
+    def _verify_second_shape(self, pass_: Pass, gm: fx.GraphModule, snapshot: GraphSnapshot | None) -> None:
         probe = self.probe
         where = f"at a second shape ({probe.description})"
         hint = "; a size of the example inputs is probably baked into the graph instead of read from the input"

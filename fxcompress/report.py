@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import warnings
@@ -218,8 +217,10 @@ class ReportBuilder(Instrumentation):
         self._ctx = ctx
         if self.config.latency:
             self.report.machine = tuning.device_description(next((t.device for t in ctx.tensors()), torch.device("cpu")))
-            if self._baseline is None:
-                self._baseline = copy.deepcopy(gm)
+            if self._baseline is None:  # the graph before the passes, sharing its weights (passes replace them)
+                from .manager import GraphSnapshot
+
+                self._baseline = GraphSnapshot.of(gm).module
         self.report.rows.append({**self._measure("input", gm, outputs), "pass_time_s": None, "changes": None})
 
     def before_pass(self, index, pass_, gm):
