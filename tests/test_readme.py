@@ -56,17 +56,36 @@ def test_the_readme_has_examples():
     assert len(blocks("python")) >= 4 and len(command_lines()) >= 3
 
 
-def test_python_examples_run_as_written(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    namespace = stand_ins()
+def chain_and_standalone() -> tuple[list[str], list[str]]:
+    """The quickstart's chain of blocks (one namespace), and the standalone blocks (each its own)."""
+    base: dict = {}
+    pairs = namespaces(blocks("python"), base)
+    return [code for code, scope in pairs if scope is base], [code for code, scope in pairs if scope is not base]
+
+
+def run_blocks(codes: list[str], namespace: dict) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an example that warns is an example that surprises
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        for code, scope in namespaces(blocks("python"), namespace):
-            exec(compile(code, str(README), "exec"), scope)  # noqa: S102
+        for code in codes:
+            exec(compile(code, str(README), "exec"), namespace)  # noqa: S102
+
+
+def test_python_examples_run_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = stand_ins()
+    run_blocks(chain_and_standalone()[0], namespace)
     assert (tmp_path / "model.pt2").exists()
     assert namespace["restored"].report.rows == namespace["compressed"].report.rows
     assert namespace["student"].report.rows[-1]["stage"] == "recover"
+
+
+@pytest.mark.parametrize("index", range(len(chain_and_standalone()[1])))
+def test_standalone_python_examples_run_as_written(index, tmp_path, monkeypatch):
+    """Each block that starts with ``import torch`` runs alone, in a fresh namespace (its own test, so
+    the suite's workers can run them side by side)."""
+    monkeypatch.chdir(tmp_path)
+    run_blocks([chain_and_standalone()[1][index]], {})
 
 
 @pytest.mark.parametrize("line", command_lines())
