@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import copy
 import os
 import sys
 import time
@@ -75,19 +74,6 @@ def result_row(model_name: str, name: str, timing: tuning.Timing, base: tuning.T
             "lowering": lowering_summary(variant), **fidelity_columns}
 
 
-def torchao_variants(model: torch.nn.Module) -> dict:
-    try:
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
-    except ImportError:
-        return {}
-    variants = {}
-    for name, config in (("torchao int8 dynamic", Int8DynamicActivationInt8WeightConfig()), ("torchao int8 weight-only", Int8WeightOnlyConfig())):
-        quantized = copy.deepcopy(model)
-        quantize_(quantized, config)
-        variants[name] = quantized
-    return variants
-
-
 def encoder_table(layers: int, batch: int, seq: int, min_run_time: float, rounds: int) -> list[dict]:
     model = bert_base_like(layers)
     inputs = token_batch(batch, seq, model.cfg.vocab_size)
@@ -105,7 +91,7 @@ def encoder_table(layers: int, batch: int, seq: int, min_run_time: float, rounds
     }
     for name, config in selected(configs).items():
         variants[name] = fxcompress.optimize(model, inputs, passes=[config], report=False)
-    variants.update(selected(torchao_variants(model)))
+    variants.update(selected(common.torchao_variants(model)))
     latency = interleaved_timings(variants, lambda m: m(*inputs), min_run_time, rounds)
     with torch.no_grad():
         reference = model(*inputs)["last_hidden_state"]

@@ -76,19 +76,6 @@ def compressed_variants(model, example: dict, prune_ratio: float, progress) -> t
     return variants, lowerings
 
 
-def torchao_variants(model) -> dict:
-    try:
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
-    except ImportError:
-        return {}
-    variants = {}
-    for name, config in (("torchao int8 dynamic", Int8DynamicActivationInt8WeightConfig()), ("torchao int8 weight-only", Int8WeightOnlyConfig())):
-        quantized = copy.deepcopy(model)
-        quantize_(quantized, config)
-        variants[name] = quantized
-    return variants
-
-
 def weight_bytes(module: torch.nn.Module) -> int:
     tensors = {t.data_ptr(): t for t in list(module.parameters()) + list(module.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())
@@ -126,7 +113,7 @@ def run(args) -> None:
     generator = torch.Generator().manual_seed(1)
     prompt = torch.randint(3, args.vocab, (1, args.prefill), generator=generator)
     variants, lowerings = compressed_variants(model, {"input_ids": prompt}, args.prune_ratio, progress)
-    variants.update(torchao_variants(model))
+    variants.update(common.torchao_variants(model))
     steps = {name: step_functions(m, prompt) for name, m in variants.items()}
     progress("timing prefill")
     prefill = tuning.compare({n: s[0] for n, s in steps.items()}, "cpu", args.min_run_time, args.rounds)

@@ -7,6 +7,7 @@ from different CPUs never end up in one table.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -79,3 +80,17 @@ def write_results(name: str, data: dict, table: str, tag: str | None = None) -> 
     header = ", ".join(f"{k}: {v}" for k, v in machine.items() if v is not None)
     (out / f"{name}.md").write_text(f"# {name}\n\nMachine: {header}\n\n{table}\n")
     return out / f"{name}.md"
+
+
+def torchao_variants(model: torch.nn.Module) -> dict:
+    """torchao's int8 dynamic and weight-only configs applied to copies of ``model`` (none without torchao)."""
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        return {}
+    variants = {}
+    for name, config in (("torchao int8 dynamic", Int8DynamicActivationInt8WeightConfig()), ("torchao int8 weight-only", Int8WeightOnlyConfig())):
+        quantized = copy.deepcopy(model)
+        quantize_(quantized, config)
+        variants[name] = quantized
+    return variants
