@@ -3,8 +3,8 @@
 ``fxcompress.optimize(model, example_inputs)`` captures the model as an ATen-level torch.fx graph,
 runs verified rewrite passes on it and returns a smaller/faster ``GraphModule`` with a per-pass report.
 
-Heavy parts load on first use (``import fxcompress`` stays cheap): the passes and their custom
-operators (``fxcompress.passes``) and the ``torch.compile`` backend (``backend``).
+Heavy parts load on first use (``import fxcompress`` stays cheap): the passes (``fxcompress.passes``),
+the custom operators they lower to (``fxcompress.ops``) and the ``torch.compile`` backend (``backend``).
 """
 
 import importlib
@@ -34,7 +34,7 @@ from .report import Report, ReportConfig
 from .serialize import load, save
 
 _LAZY = {"backend": ("dynamo_backend", "backend"), "Target": ("search", "Target")}
-_LAZY_MODULES = ("passes", "int8_ops", "int8_conv_ops", "dynamo_backend", "models", "cli", "search")
+_LAZY_MODULES = ("passes", "ops", "dynamo_backend", "models", "cli", "search")
 
 
 def __getattr__(name: str):

@@ -21,7 +21,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from . import int8_ops, ir  # noqa: F401  (int8_ops registers torch.ops.fxcompress.*)
+from . import ir, ops  # noqa: F401  (ops registers torch.ops.fxcompress.*)
 
 aten = torch.ops.aten
 INT8_OPS = ("int8_linear", "int8_linear_static", "int8_weight_only_linear", "int8_linear_qengine")
@@ -29,7 +29,7 @@ _INT8_TARGETS = {getattr(torch.ops.fxcompress, name).default: name for name in I
 
 
 class Int8Linear(torch.nn.Module):
-    """``y = op(x / σ, [s_x,] W_q, s_w, b[, engine])`` for one fxcompress int8 ``op`` (see ``fxcompress.int8_ops``)."""
+    """``y = op(x / σ, [s_x,] W_q, s_w, b[, engine])`` for one fxcompress int8 ``op`` (see ``fxcompress.ops.int8_linear``)."""
 
     def __init__(self, op: str, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
                  input_scale: torch.Tensor | None = None, smooth_inverse: torch.Tensor | None = None, engine: str | None = None):

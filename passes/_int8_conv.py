@@ -35,8 +35,8 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from fxcompress import int8_conv_ops, ir, tuning
-from fxcompress.int8_conv_ops import CONV_ENGINES, FUSED_ADD_ENGINES
+from fxcompress import ir, tuning
+from fxcompress.ops.int8_conv import CONV_ENGINES, FUSED_ADD_ENGINES, conv_engine_available
 
 from ._int8_lowering import relative_error
 
@@ -263,7 +263,7 @@ class ConvProblem:
 
 def _engine_candidate(engine: str) -> tuning.Candidate:
     return tuning.Candidate(f"qengine:{engine}", run=lambda p: p.int8(engine),
-                            available=lambda p: p.device.type == "cpu" and int8_conv_ops.conv_engine_available(engine))
+                            available=lambda p: p.device.type == "cpu" and conv_engine_available(engine))
 
 
 def _static_rule(problem: ConvProblem, names: list[str]) -> str:

@@ -33,7 +33,8 @@ from typing import Any, Callable
 
 import torch
 
-from fxcompress import int8_ops, tuning
+from fxcompress import tuning
+from fxcompress.ops import qengine
 
 fxops = torch.ops.fxcompress
 FAMILIES = {"dynamic": "int8_linear_dynamic", "static": "int8_linear_static", "weight_only": "int8_weight_only"}
@@ -82,7 +83,7 @@ def _float_candidate() -> OpCandidate:
 
 
 def _engine_available(engine: str) -> Callable[[GemmProblem], bool]:
-    return lambda problem: problem.device.type == "cpu" and int8_ops.engine_available(engine)
+    return lambda problem: problem.device.type == "cpu" and qengine.engine_available(engine)
 
 
 def _has(*flags: str) -> bool:
@@ -119,7 +120,7 @@ def _register() -> None:
     for device, name in SCHEME.items():
         tuning.register_candidate(dynamic.name, _op_candidate(name, fxops.int8_linear.default, available=_on(device)))
         tuning.register_candidate(static.name, _op_candidate(name, fxops.int8_linear_static.default, available=_on(device)))
-    for engine in int8_ops.QUANTIZED_ENGINES:
+    for engine in qengine.QUANTIZED_ENGINES:
         tuning.register_candidate(dynamic.name, _op_candidate(
             f"qengine:{engine}", fxops.int8_linear_qengine.default, (engine,), available=_engine_available(engine)))
     tuning.register_candidate(weight_only.name, _op_candidate("int8_weight_only", fxops.int8_weight_only_linear.default))

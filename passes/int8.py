@@ -28,7 +28,7 @@ import operator
 import torch
 import torch.fx as fx
 
-import fxcompress.int8_ops  # noqa: F401  (registers torch.ops.fxcompress.*)
+import fxcompress.ops  # noqa: F401  (registers torch.ops.fxcompress.*)
 from fxcompress import ir, selectors
 from fxcompress.pass_base import PassContext, PassResult
 from fxcompress.verify import node_values

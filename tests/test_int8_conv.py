@@ -12,14 +12,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxcompress
-from fxcompress import int8_conv_ops, tuning
+from fxcompress import tuning
+from fxcompress.ops.int8_conv import CONV_ENGINES, conv_engine_available
 from fxcompress.calibrate import mse_optimal_range
 from fxcompress.models import ResNetSmall, mobilenet_small
 from fxcompress.passes import FoldBN, Int8
 from fxcompress.passes import _int8_conv
 
 fxops = torch.ops.fxcompress
-ENGINE = next(e for e in int8_conv_ops.CONV_ENGINES if int8_conv_ops.conv_engine_available(e))
+ENGINE = next(e for e in CONV_ENGINES if conv_engine_available(e))
 IMPL = f"qengine:{ENGINE}"
 
 
