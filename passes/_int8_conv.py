@@ -27,8 +27,6 @@ region, and then the whole model, is measured against float afterwards (``_int8_
 
 from __future__ import annotations
 
-import functools
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -37,8 +35,9 @@ import torch.fx as fx
 
 from fxcompress import ir, tuning
 from fxcompress.ops.int8_conv import CONV_ENGINES, FUSED_ADD_ENGINES, conv_engine_available
+from fxcompress.ops.int8_linear import quantize_weight_per_channel
 
-from ._int8_lowering import relative_error
+from ._int8_lowering import Lowering, measured_choice, relative_error
 
 aten = torch.ops.aten
 fxops = torch.ops.fxcompress
@@ -212,8 +211,6 @@ def qparams(absmax_scale: float, nonnegative: bool, clip: float | None = None) -
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per output channel, symmetric: ``W ≈ s_w[n] · W_q[n]`` (the same rule as the GEMM lowering)."""
-    from .int8 import quantize_weight_per_channel
-
     q, scale = quantize_weight_per_channel(weight.reshape(weight.shape[0], -1))
     return q.reshape(weight.shape), scale
 
@@ -283,37 +280,11 @@ def _register() -> None:
 _register()
 
 
-@dataclass(frozen=True)
-class ConvLowering:
-    impl: str
-    choice: tuning.Choice
-    errors: dict[str, float]
-    rejected: dict[str, str]
-
-    @property
-    def engine(self) -> str | None:
-        return self.impl.split(":", 1)[1] if self.impl.startswith("qengine:") else None
-
-
 def choose_conv_lowering(problem: ConvProblem, *, tune: bool, allow_slower: bool, impl: str | None,
-                         error_factor: float, min_run_time: float) -> ConvLowering:
-    """Fidelity check of every available engine against the simulated scheme, then the measured choice."""
-    candidates = tuning.family(FAMILY).candidates
-    available = [c.name for c in candidates.values() if c.available(problem)]
-    with torch.no_grad():
-        reference = problem.float_run()
-        scheme_error = relative_error(problem.simulated(), reference)
-        errors = {n: relative_error(problem.as_float(candidates[n].run(problem)), reference) for n in available if n != "float"}
-    budget = max(error_factor * scheme_error, 1e-6)
-    rejected = {n: f"output error {e:.2g} > {error_factor:g}x the scheme's {scheme_error:.2g}" for n, e in errors.items() if e > budget}
-    errors["float"] = 0.0
-    names = [n for n in available if n not in rejected]
-    if impl is not None and impl in candidates:
-        names = [n for n in names if n == impl]
-    elif allow_slower:
-        names = [n for n in names if n != "float"] or names
-    if not names:
-        return ConvLowering("float", tuning.Choice("float", f"impl={impl!r} is not available or rejected here"), errors, rejected)
-    key = {**problem.key, "candidates": sorted(names)}
-    choice = tuning.choose(FAMILY, problem, names, key, tune=tune, min_run_time=min_run_time)
-    return ConvLowering(choice.impl, choice, errors, rejected)
+                         error_factor: float, min_run_time: float) -> Lowering:
+    """The measured choice for a conv; the budget is the error of the scheme simulated in float.
+    An ``impl`` that names no conv candidate (a GEMM's) does not apply to convs."""
+    return measured_choice(
+        FAMILY, problem, problem.key, scheme="scheme", scheme_error=lambda _, reference: relative_error(problem.simulated(), reference),
+        as_float=problem.as_float, tune=tune, allow_slower=allow_slower,
+        impl=impl if impl in tuning.family(FAMILY).candidates else None, error_factor=error_factor, min_run_time=min_run_time)

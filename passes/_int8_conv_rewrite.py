@@ -158,10 +158,7 @@ class ConvLowerer:
             "weight_shape": tuple(weight.shape), "weight_rel_error": ((w - weight_q.double() * scale).norm() / w.norm().clamp(min=1e-30)).item(),
             "input_qparams": x_qparams, "impl": lowering.impl,
             "timed_as": "+".join(p for p, on in (("quantize", enters_float), ("int8_conv", True), ("dequantize", exits_float)) if on),
-            "chosen_by": lowering.choice.reason + (" (cached)" if lowering.choice.cached else ""),
-            "timings": lowering.choice.timings_text() or "-",
-            "output_rel_error": lowering.errors.get(lowering.impl),
-            **({"rejected": "; ".join(f"{n}: {why}" for n, why in lowering.rejected.items())} if lowering.rejected else {}),
+            **lowering.detail(),
         }
         return lowering, detail
 

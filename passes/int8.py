@@ -22,13 +22,13 @@ candidates' timings are in the pass's ``details``.
 
 from __future__ import annotations
 
-import math
 import operator
 
 import torch
 import torch.fx as fx
 
 import fxcompress.ops  # noqa: F401  (registers torch.ops.fxcompress.*)
+from fxcompress.ops.int8_linear import quantize_weight_per_channel
 from fxcompress import ir, selectors
 from fxcompress.pass_base import PassContext, PassResult
 from fxcompress.verify import node_values
@@ -46,13 +46,6 @@ fxops = torch.ops.fxcompress
 LINEAR = aten.linear.default
 CONV2D = aten.conv2d.default
 FUSABLE_ACTIVATIONS = {aten.relu.default: "relu", aten.gelu.default: "gelu"}
-
-
-def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``W [N, K] -> (W_q int8, s_w fp32 [N])`` with ``W ≈ s_w[:, None] · W_q``."""
-    w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
 def relative_error(weight: torch.Tensor, weight_q: torch.Tensor, scale: torch.Tensor) -> float:

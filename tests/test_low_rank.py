@@ -288,7 +288,7 @@ def test_include_string_is_accepted_as_one_pattern():
 
 
 def test_registered_and_configured_by_name():
-    from fxcompress.pass_base import make_pass
+    from fxcompress.registry import make_pass
 
     low_rank = make_pass("low_rank", energy=0.9, round_to=8, include=["encoder.**"])
     assert isinstance(low_rank, LowRank) and low_rank.include == ("encoder.**",)

@@ -16,7 +16,8 @@ import fxcompress
 from fxcompress import tuning
 from fxcompress.ops import qengine
 from fxcompress.pass_base import Pass, PassResult
-from fxcompress.passes.int8 import Int8, quantize_weight_per_channel
+from fxcompress.passes.int8 import Int8
+from fxcompress.ops.int8_linear import quantize_weight_per_channel
 from fxcompress.report import ReportConfig, latency_guard
 from fxcompress.verify import fidelity
 

@@ -92,6 +92,13 @@ def _check_activation(activation: str) -> None:
 
 # --- ATen (CPU) building blocks -------------------------------------------------------------------
 
+def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W [N, K] -> (W_q int8, s_w fp32 [N])`` with ``W ≈ s_w[:, None] · W_q``: the weight format of every int8 op."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
 def quantize_rows_aten(x: Tensor, static_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """``x [M, K] -> (q int8, s fp32 [M, 1])`` with ``x ≈ s ⊙ q``; ``s = absmax/127`` per row unless static.
 

@@ -26,7 +26,8 @@ import torch.fx as fx
 from ..capture import capture, check_model_and_inputs, eval_copy
 from ..inputs import Inputs
 from ..errors import FxCompressWarning
-from ..pass_base import PassContext, make_pass
+from ..pass_base import PassContext
+from ..registry import make_pass
 from ..quiet import quiet
 from ..statistics import check_calibration
 from ..training import Batch

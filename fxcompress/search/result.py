@@ -16,7 +16,8 @@ from typing import Any
 from tabulate import tabulate
 
 from ..errors import InvalidInputError
-from ..pass_base import Pass, make_pass
+from ..pass_base import Pass
+from ..registry import make_pass
 
 
 @dataclass

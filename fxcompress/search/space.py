@@ -20,7 +20,8 @@ import torch.fx as fx
 
 from ..errors import FxCompressWarning
 from ..manager import PassManager
-from ..pass_base import Pass, PassContext, make_pass
+from ..pass_base import Pass, PassContext
+from ..registry import make_pass
 
 LOSSLESS = ("eliminate_identity", "fold_bn")
 
