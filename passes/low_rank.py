@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
@@ -46,12 +46,12 @@ from fxcompress.verify import node_values
 from fxcompress.passes import _rank_selection as rs
 from fxcompress.passes._rank_budget import RankOption, allocate_budget
 from fxcompress.passes import _whitening
-from fxcompress.passes._factorizations import FACTORIZATIONS, Factorization, Geometry, Stage
+from fxcompress.passes._factorizations import (
+    FACTORIZATIONS, LINEAR, Factorization, Geometry, Stage, factorize, reconstruct, run_stages, stage_call, svd,
+)
 from fxcompress.passes._projections import batched_weight_readers, gemm_arguments, is_projection, weight_matrix
 
-_LINEAR = torch.ops.aten.linear.default
 _CONV_DIMS = {torch.ops.aten.conv1d.default: 1, torch.ops.aten.conv2d.default: 2}
-_CONV_OPS = {dims: op for op, dims in _CONV_DIMS.items()}
 METHODS = ("tucker2", "separable")
 
 
@@ -166,7 +166,7 @@ class LowRank(Pass):
         for weight, op in batched_weight_readers(gm):
             result.skip(weight, f"batched (mixture-of-experts) weights read by {op} are not factorized")
         for layer in layers:
-            layer.svds = [_svd(m) for m in layer.factorization.matrices(layer.weight)]
+            layer.svds = [svd(m) for m in layer.factorization.matrices(layer.weight)]
         if self.whiten is not None:
             _whitening.whiten_layers(gm, ctx, layers, self.whiten)
         for layer, ranks in zip(layers, self._choose_ranks(layers)):
@@ -293,56 +293,11 @@ def _kind(node: fx.Node, weight: torch.Tensor, method: str) -> str:
     return "pointwise" if math.prod(weight.shape[2:]) == 1 else method
 
 
-def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD through a QR of the tall orientation: T = Q R, R = U' S Vᵀ ⇒ T = (Q U') S Vᵀ.
-
-    The SVD then runs on the small square R. LAPACK's gesdd does this itself for tall inputs but not
-    for wide ones, whose thin SVD was 5-6x slower than their transpose's (512 x 4608, 1 thread);
-    QR first is as fast as the better orientation whichever LAPACK is installed.
-    """
-    wide = matrix.shape[0] < matrix.shape[1]
-    tall = matrix.T if wide else matrix
-    q, r = torch.linalg.qr(tall)
-    u_r, s, vh = torch.linalg.svd(r, full_matrices=False)
-    u = q @ u_r
-    return (vh.T, s, u.T) if wide else (u, s, vh)
-
-
 def _rank_options(layer: _Layer, candidates: list[tuple[int, ...]]) -> list[RankOption]:
     """MACs and discarded energy (summed over the spectra) of every candidate, from one cumulative sum per spectrum."""
     kept = [rs.energy_kept(s).tolist() for s in layer.spectra]
     return [RankOption(ranks, layer.macs(ranks), sum(1.0 - k[r - 1] if r > 0 else 1.0 for k, r in zip(kept, ranks)))
             for ranks in candidates]
-
-
-def factorize(
-    weight: torch.Tensor,
-    kind: str,
-    ranks: tuple[int, ...],
-    geometry: Geometry | None = None,
-    svds: list | None = None,
-) -> list[Stage]:
-    """The chain of layers replacing one with ``weight`` (the bias goes on the last one).
-
-    ``kind``: a key of :data:`~fxcompress.passes._factorizations.FACTORIZATIONS`; ``geometry``: the
-    conv's (stride, padding, dilation), one entry per spatial dim.
-    """
-    factorization = FACTORIZATIONS[kind]
-    svds = svds if svds is not None else [_svd(m) for m in factorization.matrices(weight)]
-    return factorization.stages(weight, svds, ranks, geometry)
-
-
-def run_stages(x: torch.Tensor, stages: list[Stage], bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Evaluate a factorized chain eagerly (as the rewritten graph does)."""
-    for i, stage in enumerate(stages):
-        op, tail = _stage_call(stage)
-        x = op(x, stage.weight, bias if i == len(stages) - 1 else None, *tail)
-    return x
-
-
-def reconstruct(kind: str, stages: list[Stage]) -> torch.Tensor:
-    """Ŵ, the single weight equivalent to the chain of stages (bias excluded)."""
-    return FACTORIZATIONS[kind].reconstruct([stage.weight.float() for stage in stages])
 
 
 def _relative_error(layer: _Layer, stages: list[Stage]) -> float:
@@ -352,13 +307,6 @@ def _relative_error(layer: _Layer, stages: list[Stage]) -> float:
     return float(error / norm) if norm > 0 else 0.0
 
 
-def _stage_call(stage: Stage) -> tuple[Callable, tuple]:
-    """(op, trailing args after (input, weight, bias)) for one stage."""
-    if stage.geometry is None:
-        return _LINEAR, ()
-    return _CONV_OPS[stage.weight.dim() - 2], (*stage.geometry, 1)
-
-
 def _emit(gm: fx.GraphModule, layer: _Layer, stages: list[Stage]) -> None:
     node, graph = layer.node, gm.graph
     args = gemm_arguments(node)
@@ -366,7 +314,7 @@ def _emit(gm: fx.GraphModule, layer: _Layer, stages: list[Stage]) -> None:
     for i, stage in enumerate(stages):
         weight = add_constant(gm, f"{layer.name or node.name}_lowrank{i}", stage.weight, before=node)
         bias = args["bias"] if i == len(stages) - 1 else None
-        op, tail = _stage_call(stage)
+        op, tail = stage_call(stage)
         with graph.inserting_before(node):
             value = graph.call_function(op, (value, weight, bias, *tail))
         value.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
@@ -392,7 +340,7 @@ def _measured_speedup(layer: _Layer, stages: list[Stage]) -> float:
     original_tail = (*layer.geometry, 1) if layer.geometry else ()
 
     def original() -> torch.Tensor:
-        return (layer.node.target if layer.geometry else _LINEAR)(x, layer.weight, None, *original_tail)
+        return (layer.node.target if layer.geometry else LINEAR)(x, layer.weight, None, *original_tail)
 
     def factorized() -> torch.Tensor:
         return run_stages(x, stages)

@@ -15,7 +15,8 @@ from fxcompress.manager import PassManager, apply_pass
 from fxcompress.models import BasicBlock
 from fxcompress.pass_base import PassContext
 from fxcompress.passes import _rank_selection as rs
-from fxcompress.passes.low_rank import LowRank, factorize, reconstruct, run_stages
+from fxcompress.passes._factorizations import factorize, reconstruct, run_stages
+from fxcompress.passes.low_rank import LowRank
 from fxcompress.report import count_flops
 
 
