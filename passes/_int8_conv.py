@@ -289,6 +289,7 @@ def choose_conv_lowering(problem: ConvProblem, *, tune: bool, allow_slower: bool
     """The measured choice for a conv; the budget is the error of the scheme simulated in float.
     An ``impl`` that names no conv candidate (a GEMM's) does not apply to convs."""
     return measured_choice(
-        FAMILY, problem, problem.key, scheme="scheme", scheme_error=lambda _, reference: relative_error(problem.simulated(), reference),
-        as_float=problem.as_float, tune=tune, allow_slower=allow_slower,
-        impl=impl if impl in tuning.family(FAMILY).candidates else None, error_factor=error_factor, min_run_time=min_run_time)
+        FAMILY, problem, problem.key, scheme="scheme",
+        scheme_error=lambda _, reference: relative_error(problem.simulated(), reference), as_float=problem.as_float,
+        impl=impl if impl in tuning.family(FAMILY).candidates else None,
+        tune=tune, allow_slower=allow_slower, error_factor=error_factor, min_run_time=min_run_time)

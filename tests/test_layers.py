@@ -11,9 +11,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_DIRS = {"fxcompress": "fxcompress", "passes": "fxcompress.passes", "triton_kernels": "fxcompress.triton_kernels"}
-API = {"fxcompress", "fxcompress.__main__", "fxcompress.api", "fxcompress.apply", "fxcompress.calibrate",
-       "fxcompress.cli", "fxcompress.distill", "fxcompress.distill_config", "fxcompress.dynamo_backend", "fxcompress.generation",
-       "fxcompress.hf_quantizer", "fxcompress.layers", "fxcompress.manager", "fxcompress.models", "fxcompress.registry", "fxcompress.serialize"}
+API = {f"fxcompress{suffix}" for suffix in (
+    "", ".__main__", ".api", ".apply", ".calibrate", ".cli", ".distill", ".distill_config", ".dynamo_backend",
+    ".generation", ".hf_quantizer", ".layers", ".manager", ".models", ".registry", ".serialize")}
 MAY_IMPORT = {
     "kernels": {"kernels"},
     "core": {"core"},
@@ -67,6 +67,14 @@ def test_every_import_points_down_the_layers():
             if layer(target) not in MAY_IMPORT[layer(module)]:
                 upward.append(f"{module} ({layer(module)}) imports {target} ({layer(target)})")
     assert not upward, "\n".join(upward)
+
+
+def test_an_import_inside_a_function_is_read_too(tmp_path):
+    source = tmp_path / "ir.py"
+    source.write_text("def lookup():\n    from .passes import int8\n    import fxcompress.ops\n")
+    found = imported("fxcompress.ir", source, set(modules()))
+    assert found == {"fxcompress.passes.int8", "fxcompress.ops"}
+    assert {layer(m) for m in found} - MAY_IMPORT[layer("fxcompress.ir")] == {"passes", "ops"}
 
 
 def test_import_fxcompress_loads_neither_passes_nor_ops_nor_kernels():

@@ -1,8 +1,8 @@
 """The int8 custom operators that the ``int8`` pass rewrites linear layers into.
 
 Registered under the ``fxcompress`` namespace when this module is imported (``fxcompress.ops`` imports
-it: the passes and :func:`fxcompress.load` do), so ``torch.export`` keeps them as single nodes (save/load round-trips them) and
-``torch.compile`` traces them without graph breaks. Where CUDA and Triton exist they are
+it: the passes and :func:`fxcompress.load` do), so ``torch.export`` keeps them as single nodes
+(save/load round-trips them) and ``torch.compile`` traces them without graph breaks. Where CUDA and Triton exist they are
 ``torch.library.triton_op`` s (Inductor sees the Triton kernels and can fuse around them); elsewhere
 plain ``torch.library.custom_op`` s with the same schemas, because ``triton_op`` scans its body with
 Inductor's utilities when it is defined (importing Inductor costs ~2 s that a CPU-only user would
