@@ -135,3 +135,21 @@ def test_bad_out_dtype_is_refused():
     x, w, z = _case((1, 4, 3, 3), 16, 1, 1, 0)
     with pytest.raises(ValueError, match="out_dtype"):
         _run(x, w, 1, 0, 1, 1, z, out_dtype=torch.float16)
+
+
+def test_cuda_body_of_the_int8_conv_op_packs_the_weight_and_fuses_the_residual():
+    """``fxcompress::int8_conv``'s CUDA kernel (called here on CPU tensors, which the interpreter runs)."""
+    from fxcompress import int8_conv_ops
+
+    shape, c_out, kernel, stride, padding, dilation, groups = GEOMETRIES["3x3 groups 2"]
+    x, w, z = _case(shape, c_out, kernel, groups, 128)
+    w_scale, bias = torch.rand(c_out) / 100, torch.randn(c_out)
+    geometry = (stride, padding, dilation, groups)
+    residual = torch.randint(0, 256, _integer_conv(x, z, w, *geometry).shape, dtype=torch.uint8)
+    ref = _fused_reference(x, z, w, geometry, w_scale, bias, residual, relu=True)
+    out_scale = ref.max().item() / 255
+    args = (x, 0.02, z, w, w_scale, bias, [stride] * 2, [padding] * 2, [dilation] * 2, groups, out_scale, 0, True)
+    q = int8_conv_ops._int8_conv_triton(*args, "triton", residual, 0.05, 128)
+    assert ((q.double() - torch.floor(ref / out_scale + 0.5).clamp(0, 255)).abs() <= 1).all()
+    with pytest.raises(RuntimeError, match="engine='triton'"):
+        int8_conv_ops._int8_conv_triton(*args, "x86")
