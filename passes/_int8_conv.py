@@ -13,13 +13,14 @@ chain of its own). ``max_pool`` of an int8 value stays int8 (``max`` commutes wi
 *Regions*: chain outputs are ``uint8`` values with calibrated ``(s, z)``; a chain reading one takes
 it as is, so ``quantize_u8`` sits only where a float tensor enters and ``dequantize_u8`` only where a
 float op reads an int8 value. The ``(s, z)`` of a value: the ``"<layer>:out"`` range of its chain
-(``z = 0, s = r/255`` after relu/hardtanh, else ``z = 128, s = r/127``), the ``"<layer>"`` input range
+(``z = 0, s = r/255`` after relu/hardtanh, else ``z = 128, s = r/127``; 7-bit, ``r/127`` and ``z = 64, s = r/63``,
+where the CPU's engines saturate at full range: :func:`int8_conv_ops.saturates_full_range`), the ``"<layer>"`` input range
 at a region entry, ``"<layer>:conv"`` for the pre-add output where an engine adds in a second op;
 ``fxcompress.calibrate`` measures them all on a BN-folded copy of the model (:func:`calibration_sites`).
 
 *Engine choice*: per conv, ``float``, ``qengine:<x86|fbgemm|onednn>`` (CPU) and ``triton`` (CUDA: the
-Triton implicit-GEMM conv) (``int8_conv_static`` family of ``fxcompress.tuning``) are timed at the conv's real shapes, int8 from and to int8 inside a
-region, with the quantize/dequantize where the conv sits at a region boundary (planned with every
+Triton implicit-GEMM conv; ``int8_conv_static`` family of ``fxcompress.tuning``) are timed at the
+conv's real shapes, int8 from and to int8 inside a region, with the quantize/dequantize where the conv sits at a region boundary (planned with every
 eligible conv int8, e.g. each conv between two SiLUs is an island); a candidate whose output error exceeds ``error_factor`` × the error of the
 scheme simulated in float is rejected. Float wins → the conv stays ATen and ends a region. Each
 region, and then the whole model, is measured against float afterwards (``_int8_conv_regions``).
@@ -201,30 +202,22 @@ def is_nonnegative(node: Any) -> bool:
 
 
 def qparams(absmax_scale: float, nonnegative: bool, clip: float | None = None) -> tuple[float, int]:
-    """``(s, z)`` of a uint8 value from a symmetric calibrated scale ``r/127``."""
+    """``(s, z)`` of a uint8 value from a symmetric calibrated scale ``r/127``, on the grid ``0..top``:
+    ``top`` is 255, or 127 where this CPU's engines saturate at full range (see ``activation_quant_max``)."""
     r = absmax_scale * 127.0
+    top = int8_conv_ops.activation_quant_max(CONV_ENGINES)
     if nonnegative:
         r = min(r, clip) if clip is not None else r
-        return max(r, 1e-8) / 255.0, 0
-    return max(r, 1e-8) / 127.0, 128
+        return max(r, 1e-8) / top, 0
+    half = (top + 1) // 2
+    return max(r, 1e-8) / (half - 1), half
 
 
-VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-
-
-def weight_qmax(device: torch.device) -> int:
-    """127, or 63 on a CPU without VNNI: there the engines' u8·s8 kernels multiply with VPMADDUBSW, which
-    saturates the int16 sum of two products (255·127·2 > 32767; measured 8 % output error on a 1×1 conv);
-    ±63 weights keep every pair sum ≤ 32130, exact. PyTorch's x86 qconfig halves the activation range
-    instead; one bit of a per-channel weight costs less than one of a per-tensor activation."""
-    return 63 if device.type == "cpu" and not set(VNNI_FLAGS) & set(tuning.cpu_description()[1]) else 127
-
-
-def quantize_weight(weight: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per output channel, symmetric: ``W ≈ s_w[n] · W_q[n]``, ``|W_q| ≤ qmax`` (the GEMM lowering's rule)."""
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per output channel, symmetric: ``W ≈ s_w[n] · W_q[n]`` (the same rule as the GEMM lowering)."""
     from .int8 import quantize_weight_per_channel
 
-    q, scale = quantize_weight_per_channel(weight.reshape(weight.shape[0], -1), qmax)
+    q, scale = quantize_weight_per_channel(weight.reshape(weight.shape[0], -1))
     return q.reshape(weight.shape), scale
 
 

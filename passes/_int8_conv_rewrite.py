@@ -22,7 +22,7 @@ from fxcompress.verify import node_values
 
 from ._int8_conv import (
     CONV_OPS, FUSED_ADD_ENGINES, Chain, ConvProblem, choose_conv_lowering, conv_problem, is_nonnegative, layer_name,
-    plan_chains, qparams, quantize_weight, weight_qmax,
+    plan_chains, qparams, quantize_weight,
 )
 
 fxops = torch.ops.fxcompress
@@ -127,8 +127,7 @@ class ConvLowerer:
         args = ir.call_arguments(node)
         weight = ir.get_attr(self.gm, args["weight"].target).detach()
         bias = ir.get_attr(self.gm, args["bias"].target).detach() if args["bias"] is not None else None
-        qmax = weight_qmax(weight.device)
-        weight_q, weight_scale = quantize_weight(weight, qmax)
+        weight_q, weight_scale = quantize_weight(weight)
         self.weights[node.name] = (weight_q, weight_scale)
         activation = next(iter(node.users)) if len(node.users) == 1 else None
         relu = activation is not None and activation.target in {torch.ops.aten.relu.default, torch.ops.aten.relu_.default}
@@ -156,7 +155,7 @@ class ConvLowerer:
         detail = {
             "layer": layer, "mode": "static", "op": f"{conv.__name__.split('.')[0]} {'x'.join(map(str, weight.shape[2:]))}"
             f" stride {geometry[0]} dilation {geometry[2]} groups {geometry[3]}",
-            "weight_shape": tuple(weight.shape), "weight_qmax": qmax, "weight_rel_error": ((w - weight_q.double() * scale).norm() / w.norm().clamp(min=1e-30)).item(),
+            "weight_shape": tuple(weight.shape), "weight_rel_error": ((w - weight_q.double() * scale).norm() / w.norm().clamp(min=1e-30)).item(),
             "input_qparams": x_qparams, "impl": lowering.impl,
             "timed_as": "+".join(p for p, on in (("quantize", enters_float), ("int8_conv", True), ("dequantize", exits_float)) if on),
             "chosen_by": lowering.choice.reason + (" (cached)" if lowering.choice.cached else ""),

@@ -48,11 +48,11 @@ CONV2D = aten.conv2d.default
 FUSABLE_ACTIVATIONS = {aten.relu.default: "relu", aten.gelu.default: "gelu"}
 
 
-def quantize_weight_per_channel(weight: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
-    """``W [N, K] -> (W_q int8 in [-qmax, qmax], s_w fp32 [N])`` with ``W ≈ s_w[:, None] · W_q``."""
+def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W [N, K] -> (W_q int8, s_w fp32 [N])`` with ``W ≈ s_w[:, None] · W_q``."""
     w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / float(qmax)
-    return torch.round(w / scale[:, None]).clamp(-qmax, qmax).to(torch.int8), scale
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
 def relative_error(weight: torch.Tensor, weight_q: torch.Tensor, scale: torch.Tensor) -> float:
