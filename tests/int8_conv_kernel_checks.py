@@ -54,10 +54,11 @@ def _run(x, w, stride, padding, dilation, groups, zero_point=128, **kwargs):
                              **kwargs)
 
 
-@pytest.mark.parametrize("zero_point", [0, 128])
 @pytest.mark.parametrize("name", list(GEOMETRIES))
-def test_int32_accumulator_is_exact(name, zero_point):
+def test_int32_accumulator_is_exact(name):
+    """Zero points 0 (after ReLU) and 128 alternate over the geometries: both kernels see both."""
     shape, c_out, kernel, stride, padding, dilation, groups = GEOMETRIES[name]
+    zero_point = 128 * (list(GEOMETRIES).index(name) % 2)
     x, w, z = _case(shape, c_out, kernel, groups, zero_point)
     acc = _run(x, w, stride, padding, dilation, groups, z, out_dtype=torch.int32)
     assert acc.dtype == torch.int32

@@ -31,4 +31,4 @@ def test_int8_kernels_under_triton_interpreter():
 
 
 def test_int8_conv_kernels_under_triton_interpreter():
-    _run_interpreted(HERE / "int8_conv_kernel_checks.py", at_least=30)
+    _run_interpreted(HERE / "int8_conv_kernel_checks.py", at_least=20)
