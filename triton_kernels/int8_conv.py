@@ -30,16 +30,12 @@ import torch
 import triton
 import triton.language as tl
 
-from fxcompress.triton_kernels._common import grouped_tile, identity_launch, pick_configs
+from fxcompress.triton_kernels._common import gemm_config, grouped_tile, identity_launch, pick_configs
 
 OUT_DTYPES = (torch.uint8, torch.float32, torch.int32)
 """uint8: requantized at ``(s_y, z_y)``; float32: the dequantized ``y``; int32: the raw accumulator."""
 MIN_DOT = 16
 """Smallest per-group output channels and GEMM depth the implicit GEMM takes (``tl.dot`` tile minimum)."""
-
-
-def _gemm_config(bm, bn, bk, stages, warps, group_m=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}, num_stages=stages, num_warps=warps)
 
 
 def _direct_config(bm, bc, warps):
@@ -48,13 +44,13 @@ def _direct_config(bm, bc, warps):
 
 # M (pixels) is large for every CNN layer; N is 16..2048 channels; K from 27 (stem 3×3×3) to 4608.
 _GEMM_CONFIGS = [
-    _gemm_config(128, 128, 64, 4, 8),
-    _gemm_config(128, 64, 64, 4, 4),
-    _gemm_config(64, 128, 64, 4, 4),
-    _gemm_config(128, 256, 64, 3, 8),
-    _gemm_config(64, 64, 64, 4, 4),
-    _gemm_config(128, 32, 64, 4, 4),
-    _gemm_config(64, 32, 32, 5, 2),
+    gemm_config(128, 128, 64, 4, 8),
+    gemm_config(128, 64, 64, 4, 4),
+    gemm_config(64, 128, 64, 4, 4),
+    gemm_config(128, 256, 64, 3, 8),
+    gemm_config(64, 64, 64, 4, 4),
+    gemm_config(128, 32, 64, 4, 4),
+    gemm_config(64, 32, 32, 5, 2),
 ]
 _DIRECT_CONFIGS = [_direct_config(64, 64, 4), _direct_config(128, 32, 4), _direct_config(32, 128, 4), _direct_config(16, 256, 4)]
 
@@ -88,7 +84,7 @@ def _epilogue(acc, rows, oc, M, C_OUT, wscale_ptr, bias_ptr, res_ptr, y_ptr,
             tl.store(y_tile, y, mask=mask)
 
 
-@triton.autotune(configs=pick_configs(_GEMM_CONFIGS, [_gemm_config(16, 16, 32, 1, 4, group_m=2)]),
+@triton.autotune(configs=pick_configs(_GEMM_CONFIGS, [gemm_config(16, 16, 32, 1, 4, group_m=2)]),
                  key=["M_BUCKET", "N_G", "K", "C_G", "OUT_KIND"])
 @triton.jit
 def _conv_gemm_kernel(
