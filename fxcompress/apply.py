@@ -222,8 +222,8 @@ def _config_sizes(module: torch.nn.Module) -> list[tuple[str, int]]:
         sizes += [("num_attention_heads", module.num_heads), ("attention_width", module.split_size)]
     if hasattr(module, "gate_proj") and hasattr(module, "up_proj"):
         sizes.append(("intermediate_size", module.up_proj.out_features))
-    elif hasattr(module, "gate_up_proj"):
-        sizes.append(("intermediate_size", module.gate_up_proj.out_features // 2))
+    elif isinstance(getattr(module, "gate_up_proj", None), torch.nn.Module):  # Phi-3's fused Linear, not MoE experts' [E, 2I, H]
+        sizes.append(("intermediate_size", _width(module.gate_up_proj) // 2))
     elif hasattr(module, "c_fc") and _width(module.c_fc):
         sizes.append(("n_inner", _width(module.c_fc)))
     return sizes

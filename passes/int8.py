@@ -38,7 +38,7 @@ from ._int8_conv_regions import lower_convs
 from ._int8_embeddings import quantize_embeddings
 from ._int8_schemes import MODES, SCHEME_CONFIGS, Int8, Int8Dynamic, Int8Static, Int8WeightOnly, Scheme, register_scheme
 from ._int8_lowering import GemmProblem, Lowering, choose_lowering
-from ._projections import batched_weight_readers, gemm_arguments, is_projection, weight_matrix
+from ._projections import ROUTER_REASON, batched_weight_readers, gemm_arguments, is_projection, routes_experts, weight_matrix
 
 __all__ = ["MODES", "SCHEME_CONFIGS", "GemmScheme", "Int8", "Int8Dynamic", "Int8Static", "Int8WeightOnly", "register_scheme"]
 
@@ -144,6 +144,8 @@ class _GemmRewrite:
         problem = gemm_problem(gm, node)
         if problem:
             return problem
+        if routes_experts(node):
+            return ROUTER_REASON
         weight = weight_matrix(gm, node)
         if weight.numel() < self.config.min_weight_numel:
             return (f"weight has {weight.numel()} elements < min_weight_numel={self.config.min_weight_numel}: "
