@@ -272,7 +272,17 @@ def test_pruned_graph_applied_to_the_model_generates_with_its_kv_cache_and_reloa
         assert any("save_pretrained" in str(w.message) for w in caught)
         return
     pruned.save_pretrained(tmp_path)
+    config = type(model.config).from_pretrained(tmp_path)  # scope="local" (default): every layer alike, one size per field
+    widths = {_mlp_width(layer.mlp) for layer in pruned.model.layers}
+    assert widths == {config.intermediate_size} and config.intermediate_size < model.config.intermediate_size
+    groups = {layer.self_attn.num_key_value_groups for layer in pruned.model.layers}
+    assert groups == {config.num_attention_heads // config.num_key_value_heads}
+    assert config.num_attention_heads < model.config.num_attention_heads
     assert torch.equal(generate(type(model).from_pretrained(tmp_path), prompt), tokens)
+
+
+def _mlp_width(mlp) -> int:
+    return mlp.up_proj.out_features if hasattr(mlp, "up_proj") else mlp.gate_up_proj.out_features // 2
 
 
 def test_lossless_pipeline_generates_the_original_greedy_tokens():
