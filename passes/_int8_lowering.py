@@ -35,6 +35,7 @@ import torch
 
 from fxcompress import tuning
 from fxcompress.ops import qengine
+from fxcompress.ops.int8_conv import TRITON_ENGINE
 
 fxops = torch.ops.fxcompress
 FAMILIES = {"dynamic": "int8_linear_dynamic", "static": "int8_linear_static", "weight_only": "int8_weight_only"}
@@ -152,7 +153,9 @@ class Lowering:
 
     @property
     def engine(self) -> str | None:
-        """The quantized engine of a ``qengine:<engine>`` candidate."""
+        """The ``engine`` argument of the op node (``qengine:<engine>`` → ``engine``, ``triton``); ``None``: not an engine op."""
+        if self.impl == TRITON_ENGINE:
+            return TRITON_ENGINE
         return self.impl.split(":", 1)[1] if self.impl.startswith("qengine:") else None
 
     def detail(self) -> dict:

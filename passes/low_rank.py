@@ -49,7 +49,9 @@ from fxcompress.passes import _whitening
 from fxcompress.passes._factorizations import (
     FACTORIZATIONS, LINEAR, Factorization, Geometry, Stage, factorize, reconstruct, run_stages, stage_call, svd,
 )
-from fxcompress.passes._projections import batched_weight_readers, gemm_arguments, is_projection, weight_matrix
+from fxcompress.passes._projections import (
+    ROUTER_REASON, batched_weight_readers, gemm_arguments, is_projection, routes_experts, weight_matrix,
+)
 
 _CONV_DIMS = {torch.ops.aten.conv1d.default: 1, torch.ops.aten.conv2d.default: 2}
 METHODS = ("tucker2", "separable")
@@ -216,6 +218,8 @@ class LowRank(Pass):
         weight = args["weight"]
         if not isinstance(weight, fx.Node) or weight.op != "get_attr":
             return "weight is computed in the graph, not a stored parameter; cannot factorize it"
+        if routes_experts(node):
+            return ROUTER_REASON
         uses = attr_use_count(gm, weight.target)
         if uses > 1:
             return f"weight {weight.target!r} is used {uses} times; factorizing one use would duplicate it"
