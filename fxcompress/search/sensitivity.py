@@ -4,14 +4,12 @@ Error by default is ``1 − cosine`` of the candidate's outputs against the base
 calibration batches (:func:`fxcompress.verify.fidelity`, the pass manager's measure); with a
 ``metric`` (quality, higher is better) it is the drop of the metric. For small independent
 perturbations both add up over sites (``1 − cos ≈ ½‖δ‖²/‖y‖²``), which is what the allocator assumes.
-Each option's graph is also profiled for the cost model. A whole analysis is cached in the process by
-the base graph's content, the calibration data and the search space, so several targets on one
-model (the benchmark's 0.7/0.5/0.35) measure once.
+Each option's graph is also profiled for the cost model. A whole analysis is cached in the process
+(:mod:`.cache`), so several targets on one model (the benchmark's 0.7/0.5/0.35) measure once.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -25,10 +23,6 @@ from ..training import Batch
 from ..verify import fidelity
 from .cost_model import CostModel, GraphProfile, static_costs
 from .space import Setting, Space, apply
-
-_CACHE: dict[str, "Analysis"] = {}
-_CACHE_SIZE = 4
-
 
 class ErrorMeter:
     """The error of a graph relative to the base graph: ``1 − cosine`` on the batches, or a metric drop."""
@@ -59,6 +53,18 @@ class Measured:
 
 
 @dataclass
+class Built:
+    """A pipeline built on the input graph and measured: error, size and MACs (fractions of the input
+    model), and its latency fraction once timed. Kept with the analysis, so later targets reuse it."""
+
+    gm: fx.GraphModule
+    error: float
+    size: float
+    macs: float
+    latency: float | None = None
+
+
+@dataclass
 class Analysis:
     """Everything measured on one model: the space, the base graph's profile, every option's measurement."""
 
@@ -69,7 +75,7 @@ class Analysis:
     failed: dict[Setting, str] = field(default_factory=dict)
     unmeasured: list[Setting] = field(default_factory=list)
     seconds: float = 0.0
-    built: dict[str, tuple] = field(default_factory=dict)  # pipeline configs -> (graph, error, size, MACs)
+    built: dict[str, "Built"] = field(default_factory=dict)  # pipeline configs (JSON) -> the built candidate
 
 
 def analyze(base: fx.GraphModule, input_gm: fx.GraphModule, ctx: PassContext, space: Space, meter: ErrorMeter,
@@ -103,38 +109,3 @@ def analyze(base: fx.GraphModule, input_gm: fx.GraphModule, ctx: PassContext, sp
         costs.measure(lambda: ctx.run(base), analysis.base)
     analysis.seconds = time.perf_counter() - start
     return analysis
-
-
-def cached_analysis(key: str, compute: Callable[[], Analysis]) -> Analysis:
-    if key not in _CACHE:
-        while len(_CACHE) >= _CACHE_SIZE:
-            _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = compute()
-    return _CACHE[key]
-
-
-def content_digest(*parts: Any) -> str:
-    """A digest of graphs (code and tensors), tensors, batches and plain values, for the analysis cache."""
-    digest = hashlib.sha1()
-
-    def feed(value: Any) -> None:
-        if isinstance(value, fx.GraphModule):
-            digest.update(value.code.encode())
-            for name, tensor in sorted(value.state_dict(keep_vars=False).items()):
-                digest.update(name.encode())
-                feed(tensor)
-        elif isinstance(value, torch.Tensor):
-            digest.update(str((tuple(value.shape), value.dtype)).encode())
-            digest.update(value.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(value, Batch):
-            feed(value.args)
-            feed(sorted(value.kwargs.items()))
-        elif isinstance(value, list | tuple):
-            for v in value:
-                feed(v)
-        else:
-            digest.update(repr(value).encode())
-
-    for part in parts:
-        feed(part)
-    return digest.hexdigest()
