@@ -61,8 +61,8 @@ class Search:
         batches = [Batch.of(b) for b in calibration] if calibration is not None else [Batch(inputs.args, inputs.kwargs, None)]
         self.timed = target.resource in (None, "latency")
         key = content_digest(self.base, batches, target.passes, target.prune_ratios, target.ranks, repr(target.metric),
-                             repr(clock), self.timed)
-        self.meter, self.costs, self.analysis = ANALYSES.get(key, lambda: self._analyze(batches))
+                             repr(clock), target.resource)
+        self.meter, self.costs, self.analysis = ANALYSES.get(key, lambda: self._analyze(batches, Batch(inputs.args, inputs.kwargs, None)))
         self.candidates: list[Candidate] = []
         self.rounds: list[Round] = []
         self._models: dict[str, fx.GraphModule] = {}
@@ -71,13 +71,13 @@ class Search:
         input_gm = capture(model, inputs)
         return input_gm, apply(input_gm, [make_pass(p) for p in LOSSLESS], self.ctx)
 
-    def _analyze(self, batches: list[Batch]) -> tuple[ErrorMeter, CostModel, Analysis]:
+    def _analyze(self, batches: list[Batch], example: Batch) -> tuple[ErrorMeter, CostModel, Analysis]:
         t = self.target
-        meter = ErrorMeter(self.base, batches, t.metric)
+        meter = ErrorMeter(self.base, batches, t.metric, example)
         costs = CostModel(self.device, self.clock)
         space = find_space(self.base, self.ctx, t.passes, t.prune_ratios, t.ranks)
         analysis = analyze(self.base, self.input_gm, self.ctx, space, meter, costs if self.timed else None,
-                           t.time_budget_s, self.progress)
+                           t.resource == "macs", t.time_budget_s, self.progress)
         return meter, costs, analysis
 
     # -- quantities -----------------------------------------------------------------------------------
