@@ -22,7 +22,7 @@ from fxcompress.passes import LowRank, PruneChannels
 from fxcompress.report import count_flops
 from fxcompress.search import Target, driver, load_pipeline, search
 from fxcompress.search.allocate import Choice, Front
-from fxcompress.search.cache import ANALYSES
+from fxcompress.search.cache import ANALYSES, CAPTURES
 from fxcompress.search.cost_model import CostModel
 from fxcompress.pass_base import PassContext
 
@@ -176,6 +176,29 @@ def test_correction_rounds_meet_the_budget_a_biased_cost_model_misses(monkeypatc
     assert len(found.rounds) >= 2 and last.aim < first.aim
     assert found.chosen.source == "search" and found.chosen.meets and found.chosen.latency <= 0.6 * 1.05
     assert found.message == "" and "correction rounds" in str(found)
+
+
+def test_several_targets_on_one_model_share_the_capture_and_the_analysis(monkeypatch):
+    model, x = LowRankThenFullRank(64).eval(), (torch.randn(8, 64),)
+    calls = {"capture": 0, "analyze": 0}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    CAPTURES.clear()
+    ANALYSES.clear()
+    monkeypatch.setattr(driver, "capture", counted("capture", driver.capture))
+    monkeypatch.setattr(driver, "analyze", counted("analyze", driver.analyze))
+    results = [search(model, x, Target(macs=budget, passes=("low_rank",), ranks=(0.25, 0.125))) for budget in (0.9, 0.75, 0.6)]
+    assert calls == {"capture": 1, "analyze": 1}
+    assert [r.chosen.macs <= b for r, b in zip(results, (0.9, 0.75, 0.6))] == [True] * 3
+    with torch.no_grad():
+        model.a.weight.mul_(2)  # new weights: a new capture and analysis
+    search(model, x, Target(macs=0.75, passes=("low_rank",), ranks=(0.25, 0.125)))
+    assert calls == {"capture": 2, "analyze": 2}
 
 
 def test_unreachable_target_returns_the_best_reachable_point_with_a_message(synthetic):

@@ -135,7 +135,7 @@ class Search:
         if not new:
             return
         fns = {name: (lambda gm=self._models[name]: self.ctx.run(gm)) for name in ["input", *(c.name for c in new)]}
-        timings = (self.clock or measured_clock(self.device, min_run_time=0.2, warmup=1))(fns)
+        timings = (self.clock or measured_clock(self.device, min_run_time=0.2, rounds=7))(fns)
         for c in new:
             c.latency = timings[c.name].median_ms / timings["input"].median_ms
             self.analysis.built[json.dumps(c.pipeline, sort_keys=True, default=str)].latency = c.latency
