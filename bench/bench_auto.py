@@ -162,7 +162,8 @@ def main() -> None:
         print(tabulate(summary, headers="keys", tablefmt="github", floatfmt=".4g"), flush=True)
         plots.append(_plot(found[0.5], key, args.tag))
         print(f"{case['name']}: search {sum(r['search s'] for r in summary):.1f} s for the {len(TARGETS)} targets "
-              f"(the first includes the analysis the others reuse); Pareto plot {plots[-1]}", flush=True)
+              f"(the first includes the analysis the others reuse); Pareto plot: {plots[-1] or 'none (pip install matplotlib)'}",
+              flush=True)
         path = _write(all_summary, all_rows, searches, plots, args)  # after every model: a timeout keeps what is done
     print(f"\nwritten: {path}")
 

@@ -223,7 +223,7 @@ class Search:
             self.rounds.append(Round(aim, candidate.predicted, measured, candidate.name, reachable))
             if low <= measured <= high or (not reachable and measured > high) or not measured > 0:
                 break
-            aim = t.budget * candidate.predicted / measured
+            aim = _next_aim(aim, candidate.predicted, measured, t.budget)
 
     def _allocation(self, front: Front, reference: float, aim: float, tried: list[Allocation]) -> tuple[Allocation | None, bool]:
         """The least-error allocation predicted at ``aim`` (``reachable=False``: the largest saving, which
@@ -284,10 +284,21 @@ class Search:
         if not self.rounds or not self.rounds[-1].reachable:
             return (f"target {t.resource}<={t.budget:g} of the input model is not reachable with {', '.join(t.passes)} "
                     f"in this search space: the best reachable point measures {closest}")
-        ratios = ", ".join(f"{r.measured / r.predicted:.3g}" for r in self.rounds if r.predicted)
+        rounds = "; ".join(f"{r.predicted:.3g} -> {r.measured:.3g}" for r in self.rounds)
         return (f"target {t.resource}<={t.budget:g} not met after {len(self.rounds)} correction round(s): the closest "
-                f"measures {closest}; measured/predicted per round: {ratios} (the additive cost model misses what the "
+                f"measures {closest}; predicted -> measured per round: {rounds} (the additive cost model misses what "
                 f"rewrites change together, and timing noise; more rounds: Target(verify_candidates=...))")
+
+
+MAX_AIM_STEP = 2.0  # one round moves the aim by at most this factor (a noisy measurement is one sample)
+
+
+def _next_aim(aim: float, predicted: float, measured: float, budget: float) -> float:
+    """``budget · predicted / measured``: the prediction that, under the measured/predicted factor, lands
+    on the budget. A prediction <= 0 (savings summed past the whole model: the additive model broke
+    down) scales the aim itself instead; the step is bounded by :data:`MAX_AIM_STEP` either way."""
+    proposed = budget * predicted / measured if predicted > 0 else aim * budget / measured
+    return min(max(proposed, aim / MAX_AIM_STEP), aim * MAX_AIM_STEP)
 
 
 @quiet
