@@ -191,13 +191,15 @@ class LowRank(Pass):
         chosen = dict(zip((layer.name for layer in layers), self._choose_ranks(gm, ctx, layers)))
         sequential = []
         for layer in layers:
-            if chosen[layer.name] is None:
-                result.skip(layer.name, "target_macs budget met without it (other layers lose less energy per MAC)")
-            elif self.refit == "sequential" and layer.fit is not None and layer.macs(chosen[layer.name]) < layer.macs():
+            ranks = chosen[layer.name]
+            if self.refit == "sequential" and layer.fit is not None and (ranks is None or layer.macs(ranks) < layer.macs()):
                 sequential.append(layer)
+            elif ranks is None:
+                result.skip(layer.name, "target_macs budget met without it (other layers lose less energy per MAC)")
             else:
-                self._rewrite_if_cheaper(gm, layer, chosen[layer.name], result)
-        _refit.sequential_refit(gm, ctx, sequential, lambda layer: self._rewrite_if_cheaper(gm, layer, chosen[layer.name], result))
+                self._rewrite_if_cheaper(gm, layer, ranks, result)
+        _refit.sequential_refit(gm, ctx, sequential, lambda layer: self._rewrite_if_cheaper(gm, layer, chosen[layer.name], result)
+                                if chosen[layer.name] else _refit_whole(gm, layer, result))
         rs.warn_rank_one(result.details)
         return result
 
@@ -362,6 +364,22 @@ def _approximation(gm: fx.GraphModule, layer: _Layer, ranks: tuple[int, ...]) ->
         old = gemm_arguments(layer.node)["bias"]
         bias = get_attr(gm, old.target) if isinstance(old, fx.Node) else None
     return reconstruct(layer.kind, stages).to(layer.weight.dtype), bias
+
+
+def _refit_whole(gm: fx.GraphModule, layer: _Layer, result: PassResult) -> None:
+    """A layer the budget keeps whole, refit at full rank to the original outputs on its (changed) inputs: same MACs."""
+    node, args = layer.node, gemm_arguments(layer.node)
+    weight = layer.fit.target.reshape(layer.weight.shape).to(layer.weight.dtype)
+    old = get_attr(gm, args["bias"].target).detach() if isinstance(args["bias"], fx.Node) else None
+    bias = layer.fit.bias(layer.weight.reshape(len(weight), -1), old, layer.fit.target).to(weight.dtype)
+    prefix = layer.name or node.name
+    node.args = (node.args[0], add_constant(gm, f"{prefix}_refit", weight, before=node),
+                 add_constant(gm, f"{prefix}_refit_bias", bias, before=node), *node.args[3:])
+    result.rewritten.append(layer.name)
+    result.details.append({"layer": layer.name, "kind": "refit (kept whole)", "full_rank": _fmt_ranks(layer.full_ranks),
+                           "rank": _fmt_ranks(layer.full_ranks), "macs_before": layer.macs(), "macs_after": layer.macs(),
+                           "rel_error": float(torch.linalg.vector_norm(weight - layer.weight) / torch.linalg.vector_norm(layer.weight)),
+                           "whitening": layer.whitening})
 
 
 def _refit_bias(gm: fx.GraphModule, layer: _Layer, stages: list[Stage]) -> torch.Tensor | None:

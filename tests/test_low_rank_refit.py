@@ -133,3 +133,20 @@ def test_model_budget_error_spends_rank_where_the_output_needs_it():
         errors[budget_error] = output_error(compressed, model, calibration)
     assert ranks["model"]["quiet"] < ranks["model"]["loud"]
     assert errors["model"] < 0.8 * errors["layer"]
+
+
+def test_sequential_budget_is_honest_and_refits_whole_layers(mlp):
+    from fxcompress.report import count_macs
+
+    model, gm, calibration = mlp
+    ctx = PassContext((calibration[0],), {})
+    compressed, result = compress(gm, calibration, target_macs=0.5, whiten="svd-llm", refit="sequential")
+    assert count_macs(compressed, ctx) <= 0.5 * count_macs(gm, ctx)
+    whole = [d for d in result.details if d["kind"] == "refit (kept whole)"]
+    factorized = [d for d in result.details if d["kind"] == "linear"]
+    assert factorized and all(d["macs_after"] < d["macs_before"] for d in factorized)
+    assert whole and all(d["macs_after"] == d["macs_before"] for d in whole)  # fc3 (16 outputs) stays whole
+    assert {d["layer"] for d in result.details} == {"fc1", "fc2", "fc3"}
+    x = torch.cat(calibration)
+    independent, _ = compress(gm, calibration, target_macs=0.5, whiten="svd-llm", refit="independent")
+    assert (compressed(x) - model(x)).norm() < (independent(x) - model(x)).norm()
