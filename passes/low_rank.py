@@ -49,7 +49,7 @@ from fxcompress.passes._rank_sensitivity import model_sensitivities
 from fxcompress.passes._factorizations import (
     FACTORIZATIONS, Factorization, Geometry, Stage, factorize, reconstruct, run_stages, stage_call, thin_svd,
 )
-from fxcompress.passes._projections import batched_weight_readers, gemm_arguments, is_projection, weight_matrix
+from fxcompress.passes._projections import ROUTER_REASON, batched_weight_readers, gemm_arguments, is_projection, routes_experts, weight_matrix
 
 _LINEAR = torch.ops.aten.linear.default
 _CONV_DIMS = {torch.ops.aten.conv1d.default: 1, torch.ops.aten.conv2d.default: 2}
@@ -242,6 +242,8 @@ class LowRank(Pass):
         weight = args["weight"]
         if not isinstance(weight, fx.Node) or weight.op != "get_attr":
             return "weight is computed in the graph, not a stored parameter; cannot factorize it"
+        if routes_experts(node):
+            return ROUTER_REASON
         uses = attr_use_count(gm, weight.target)
         if uses > 1:
             return f"weight {weight.target!r} is used {uses} times; factorizing one use would duplicate it"
