@@ -219,3 +219,8 @@ def stage_call(stage: Stage) -> tuple[Callable, tuple]:
     if stage.geometry is None:
         return LINEAR, ()
     return CONV_OPS[stage.weight.dim() - 2], (*stage.geometry, 1)
+
+
+def format_ranks(ranks: tuple[int, ...]) -> int | str:
+    """A layer's ranks for the report: one number, or ``r_in/r_out``."""
+    return ranks[0] if len(ranks) == 1 else "/".join(map(str, ranks))

@@ -295,7 +295,8 @@ def test_registered_and_configured_by_name():
     assert isinstance(low_rank, LowRank) and low_rank.include == ("encoder.**",)
     assert low_rank.config() == {
         "pass": "low_rank", "rank": None, "energy": 0.9, "target_macs": None, "method": "tucker2",
-        "round_to": 8, "min_speedup": None, "include": ("encoder.**",), "ignore": (), "whiten": None, "layer_ranks": (),
+        "round_to": 8, "min_speedup": None, "include": ("encoder.**",), "ignore": (), "whiten": None, "refit": None,
+        "budget_error": "layer", "layer_ranks": (),
     }
     with pytest.raises(PassConfigError):
         make_pass("low_rank", energy=0.9, ranks=4)
