@@ -139,6 +139,9 @@ class Pooling(Reduction):
 
 @channel_rule(aten.cat)
 class Cat(ChannelHandler):
+    """Input k holds output indices [offset_k, offset_k + size_k); the output's channels are the union of
+    the inputs' (DenseNet's features, Inception's branches), so each input is pruned at its own ratio."""
+
     def link(self, node, b, inputs, outputs):
         tensors, out = arg(node, "tensors"), outputs[0]
         dim = arg(node, "dim", 0) % b.ndim(out)
@@ -153,6 +156,7 @@ class Cat(ChannelHandler):
                 else:
                     b.identity(x, d, out, d)
             offset += size
+        b.union_of_inputs(out, dim)
 
 
 @channel_rule(aten.stack)

@@ -1,0 +1,66 @@
+"""What keeps ``prune_channels`` linear: the MAC model ``target_macs`` bisects over, the one incremental shape
+check whose values become the metadata, and concatenations whose inputs are chosen independently."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from fxcompress.passes.prune import analyze, apply_pruning
+from fxcompress.passes.prune.importance import choose_units
+from fxcompress.passes.prune.macs import MacModel
+from fxcompress.passes.prune_channels import count_macs, removed_indices
+from tests import prune_zoo
+from tests.test_prune_channels import capture, ctx_of, run_pass
+
+
+def _half_removed(gm):
+    graph = analyze(gm)
+    scores = [np.random.default_rng(0).random(len(g.units)) for g in graph.groups]
+    chosen = choose_units(graph, scores, 0.5, "local", 1.0, 1)
+    return graph, removed_indices(graph, chosen)
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenet_v2", "densenet", "hf_bert"])
+def test_mac_model_predicts_the_pruned_models_macs(name):
+    factory, inputs = prune_zoo.zoo()[name]
+    x = inputs()
+    gm, ctx = capture(factory().eval(), x), ctx_of(x)
+    graph, removed = _half_removed(gm)
+    model = MacModel(gm, graph, ctx)
+    assert model.exact and model.total == count_macs(gm, ctx)
+    apply_pruning(gm, graph, removed)
+    assert model.macs(removed) == count_macs(gm, ctx) < model.total
+
+
+@pytest.mark.parametrize("name", ["resnet", "swin"])
+def test_metadata_after_pruning_is_what_fake_propagation_gives(name):
+    factory, inputs = prune_zoo.zoo()[name]
+    x = inputs()
+    gm = capture(factory().eval(), x)
+    graph, removed = _half_removed(gm)
+    apply_pruning(gm, graph, removed)
+    written = {n.name: n.meta.get("val") for n in gm.graph.nodes}
+    fresh = copy.deepcopy(gm)
+    fakes = [n.meta["val"] for n in fresh.graph.nodes if n.op == "placeholder"]
+    FakeTensorProp(fresh, fakes[0].fake_mode).propagate_dont_convert_inputs(*fakes)
+    for node in fresh.graph.nodes:
+        if isinstance(node.meta.get("val"), torch.Tensor):
+            assert tuple(written[node.name].shape) == tuple(node.meta["val"].shape), node.name
+            assert written[node.name].dtype == node.meta["val"].dtype
+
+
+def test_each_concatenated_input_is_pruned_at_the_ratio():
+    gm, ctx, _, macs, result = run_pass(prune_zoo.DenseNetLike(growth=8), prune_zoo.image(size=16), ratio=0.5)
+    grown = [p for name, p in gm.named_parameters() if name.endswith("conv2.weight")]
+    assert grown and all(p.shape[0] == 4 for p in grown)  # every layer's new features: 8 -> 4
+    assert count_macs(gm, ctx) <= 0.35 * macs
+
+
+def test_target_macs_on_a_dense_net_is_met_and_reported():
+    gm, ctx, _, macs, result = run_pass(prune_zoo.DenseNetLike(growth=8), prune_zoo.image(size=16), target_macs=0.4)
+    assert result.details[0]["macs_after"] == count_macs(gm, ctx) <= 0.4 * macs
