@@ -3,6 +3,15 @@
     python bench/run_zoo.py --families torchvision-classification [--variants default prune_ratio int8]
                             [--models resnet vit_b] [--limit 10] [--timeout 600] [--max-params 100e6]
 
+Every zoo, on the idle machine (each line resumes where the last run stopped):
+
+    pip install --no-deps --target /tmp/tvlib torchvision==0.28.0 pillow   # not into the venv: it breaks transformers
+    pip install --no-deps --target /tmp/timmlib timm==1.0.31               # needs huggingface_hub, safetensors, pyyaml (present)
+    export PYTHONPATH=/tmp/tvlib:/tmp/timmlib
+    python bench/run_zoo.py --families torchvision-classification torchvision-segmentation --threads 2
+    python bench/run_zoo.py --families timm --threads 2
+    python bench/run_zoo.py --families hf --threads 2      # transformers (a dev dependency), configs only
+
 For each model (``bench/zoo_models.py``: torchvision classification + segmentation, timm, HF configs;
 random weights, small inputs, batch 2) and each variant in ``VARIANTS`` (the default pipeline, then
 ``PruneChannels(ratio=0.5)``, ``PruneChannels(target_macs=0.5)``, ``LowRank(target_macs=0.7)``,

@@ -29,7 +29,8 @@ from fxcompress.passes.prune import compensate as compensation
 from fxcompress.passes.prune.compensate import COMPENSATIONS
 from fxcompress.passes.prune.graph import ChannelGraph, analyze
 from fxcompress.passes.prune.importance import IMPORTANCE, choose_units, group_scores
-from fxcompress.passes.prune.rewrite import apply_pruning, refusal
+from fxcompress.passes.prune.macs import MacModel
+from fxcompress.passes.prune.rewrite import PruningCheck, apply_pruning, check_removal
 from fxcompress.statistics import layer_statistics
 
 SCOPES = ("local", "global")
@@ -116,17 +117,16 @@ class PruneChannels(Pass):
         summary: dict[str, Any] = {"groups": len(graph.groups), "prunable_groups": sum(bool(g.units) for g in graph.groups)}
         if self.target_macs is None:
             ratio = self.ratio
+            chosen, removed, refused, check = checked_removal(gm, graph, self._choose(graph, scores, ratio))
         else:
-            ratio, summary["macs_before"], summary["macs_after"] = self._search_ratio(gm, graph, scores, ctx)
+            ratio, (chosen, removed, refused, check), summary["macs_before"], summary["macs_after"] = self._search_ratio(gm, graph, scores, ctx)
         summary["ratio"] = ratio
-        chosen = self._choose(graph, scores, ratio)
-        chosen, removed, refused = consistent_removal(gm, graph, chosen)
         result.skipped += refused
         result.details = [summary] + _group_details(graph, chosen)
         compensations, rows = compensation.plan(gm, graph, removed, stats, self.compensate, self.ridge) if self.compensate else ([], [])
         result.details += rows
         if removed:
-            result.rewritten = apply_pruning(gm, graph, removed)
+            result.rewritten = apply_pruning(gm, graph, removed, check=check)
             compensation.apply(gm, graph, removed, compensations)
             result.changed = True
         if ratio >= EXTREME_RATIO:
@@ -150,29 +150,50 @@ class PruneChannels(Pass):
         layers = list(compensation.consumers(gm).values())
         return layer_statistics(gm, ctx, layers, gram=self.compensate == "lstsq")
 
-    def _search_ratio(self, gm, graph: ChannelGraph, scores, ctx: PassContext) -> tuple[float, int, int]:
-        """Smallest ratio whose pruned model has at most ``target_macs`` of the original MACs."""
-        before = count_macs(gm, ctx)
+    def _search_ratio(self, gm, graph: ChannelGraph, scores, ctx: PassContext) -> tuple[float, tuple, int, int]:
+        """Smallest ratio whose pruned model has at most ``target_macs`` of the original MACs, bisected over
+        the MACs predicted from the channel counts (:class:`~fxcompress.passes.prune.macs.MacModel`); groups
+        whose rewrite is refused are kept whole and the bisection is redone without them."""
+        model = MacModel(gm, graph, ctx)
+        if not model.exact:
+            return self._search_ratio_on_copies(gm, graph, scores, ctx, model.total)
+        excluded: set[int] = set()
+        refusals: list[tuple[str, str]] = []
+        while True:
+            ratio = self._bisect(lambda r: model.macs(removed_indices(graph, self._without(graph, scores, r, excluded))), model.total)
+            chosen = self._without(graph, scores, ratio, excluded)
+            kept, removed, refused, check = checked_removal(gm, graph, chosen)
+            refusals += refused
+            if not refused:
+                return ratio, (kept, removed, refusals, check), model.total, model.macs(removed)
+            excluded |= {gid for gid, (a, b) in enumerate(zip(chosen, kept)) if len(a) and not len(b)}
+
+    def _without(self, graph: ChannelGraph, scores, ratio: float, excluded: set[int]) -> list[np.ndarray]:
+        chosen = choose_units(graph, scores, ratio, self.scope, self.max_ratio_per_group, self.round_to)
+        return [units[:0] if gid in excluded else units for gid, units in enumerate(chosen)]
+
+    def _bisect(self, macs_at: Callable[[float], int], before: int) -> float:
         low, high = 0.0, self.max_ratio_per_group
-        best, best_macs = high, None
         for _ in range(MACS_SEARCH_STEPS):
             mid = (low + high) / 2
-            macs = self._macs_at(gm, graph, scores, ctx, mid)
-            if macs <= self.target_macs * before:
-                best, best_macs, high = mid, macs, mid
+            if macs_at(mid) <= self.target_macs * before:
+                high = mid
             else:
                 low = mid
-        if best_macs is None:
-            best_macs = self._macs_at(gm, graph, scores, ctx, best)
-        return best, before, best_macs
+        return high
 
-    def _macs_at(self, gm, graph: ChannelGraph, scores, ctx: PassContext, ratio: float) -> int:
-        chosen = choose_units(graph, scores, ratio, self.scope, self.max_ratio_per_group, self.round_to)
-        trial = copy.deepcopy(gm)
-        _, removed, _ = consistent_removal(trial, graph, chosen)
-        if removed:
-            apply_pruning(trial, graph, removed, refresh_meta=False)
-        return count_macs(trial, ctx)
+    def _search_ratio_on_copies(self, gm, graph: ChannelGraph, scores, ctx: PassContext, before: int) -> tuple[float, tuple, int, int]:
+        """The bisection measured on pruned copies, for graphs whose counted nodes the MAC model cannot
+        re-evaluate (a higher-order op, a submodule call)."""
+        def macs_at(ratio: float) -> int:
+            trial = copy.deepcopy(gm)
+            _, removed, _ = consistent_removal(trial, graph, self._without(graph, scores, ratio, set()))
+            if removed:
+                apply_pruning(trial, graph, removed, refresh_meta=False)
+            return count_macs(trial, ctx)
+
+        ratio = self._bisect(macs_at, before)
+        return ratio, checked_removal(gm, graph, self._without(graph, scores, ratio, set())), before, macs_at(ratio)
 
 
 def group_name(graph: ChannelGraph, group) -> str:
@@ -208,17 +229,25 @@ def consistent_removal(
 ) -> tuple[list[np.ndarray], dict[int, np.ndarray], list[tuple[str, str]]]:
     """The chosen units without those of every group whose rewrite is refused (see
     :func:`~fxcompress.passes.prune.refusal`), their removed indices, and one reason per refusal."""
-    chosen, refused = list(chosen), []
+    return checked_removal(gm, graph, chosen)[:3]
+
+
+def checked_removal(
+    gm: fx.GraphModule, graph: ChannelGraph, chosen: list[np.ndarray]
+) -> tuple[list[np.ndarray], dict[int, np.ndarray], list[tuple[str, str]], PruningCheck | None]:
+    """:func:`consistent_removal` and the shape check of the removal it keeps (``None`` if nothing is removed)."""
+    chosen, refused, check = list(chosen), [], None
     while removed := removed_indices(graph, chosen):
-        problem = refusal(gm, graph, removed)
-        if problem is None:
+        check = check_removal(gm, graph, removed)
+        if check.problem is None:
             break
-        node, reason = problem
+        node, reason = check.problem
         hit = _groups_at(gm, graph, node, chosen)
         for gid in hit:
             chosen[gid] = chosen[gid][:0]
         refused.append((node, f"pruning refused ({reason}); {len(hit)} channel group(s) kept whole"))
-    return chosen, removed, refused
+        check = None
+    return chosen, removed, refused, check
 
 
 def _groups_at(gm: fx.GraphModule, graph: ChannelGraph, node_name: str, chosen: list[np.ndarray]) -> list[int]:
@@ -266,4 +295,4 @@ def _group_details(graph: ChannelGraph, chosen: list[np.ndarray]) -> list[dict]:
     return details
 
 
-__all__ = ["PruneChannels", "consistent_removal", "frozen_summary", "group_name", "removed_indices"]
+__all__ = ["PruneChannels", "checked_removal", "consistent_removal", "frozen_summary", "group_name", "removed_indices"]

@@ -170,6 +170,44 @@ class InceptionLike(nn.Module):
         return self.fc(torch.flatten(x, 1))  # one channel -> 16 features of fc
 
 
+class DenseLayer(nn.Module):
+    def __init__(self, cin, growth):
+        super().__init__()
+        self.norm1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, 2 * growth, 1, bias=False)
+        self.norm2, self.conv2 = nn.BatchNorm2d(2 * growth), nn.Conv2d(2 * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, features):
+        x = self.conv1(F.relu(self.norm1(torch.cat(features, 1))))
+        return self.conv2(F.relu(self.norm2(x)))
+
+
+class DenseNetLike(nn.Module):
+    """torchvision DenseNet's pattern: every layer reads the concatenation of all earlier features."""
+
+    def __init__(self, growth=8, layers=(3, 3), num_classes=10):
+        super().__init__()
+        self.stem, stages, c = conv_bn(3, 16), nn.ModuleList(), 16
+        for i, n in enumerate(layers):
+            stages.append(nn.ModuleList(DenseLayer(c + k * growth, growth) for k in range(n)))
+            c += n * growth
+            if i < len(layers) - 1:
+                stages.append(nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, c // 2, 1, bias=False), nn.AvgPool2d(2)))
+                c //= 2
+        self.stages, self.fc = stages, nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for stage in self.stages:
+            if isinstance(stage, nn.ModuleList):
+                features = [x]
+                for layer in stage:
+                    features.append(layer(features))
+                x = torch.cat(features, 1)
+            else:
+                x = stage(x)
+        return self.fc(F.adaptive_avg_pool2d(F.relu(x), 1).flatten(1))
+
+
 class Attention(nn.Module):
     """timm-style packed qkv attention, optionally with a relative position bias table."""
 
@@ -283,6 +321,7 @@ def zoo() -> dict:
         "shufflenet_v2": (ShuffleNetV2Like, image),
         "squeezenet": (SqueezeNetLike, lambda: image(size=48)),
         "inception": (InceptionLike, image),
+        "densenet": (DenseNetLike, lambda: image(size=16)),
         "vit": (ViTLike, lambda: image(size=16)),
         "swin": (SwinLike, lambda: image(size=16)),
         "hf_bert": (hf_bert, tokens),

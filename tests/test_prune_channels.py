@@ -233,7 +233,7 @@ def test_ratio_zero_is_identity():
         assert torch.equal(e, g)
 
 
-@pytest.mark.parametrize("name", ["resnet", "mobilenet_v2", "inception"])
+@pytest.mark.parametrize("name", ["resnet", "mobilenet_v2", "inception", "densenet"])
 def test_half_ratio_cuts_conv_net_macs_below_035(name):
     factory, inputs = prune_zoo.zoo()[name]
     gm, ctx, before, macs, result = run_pass(factory(), inputs(), ratio=0.5)

@@ -15,6 +15,7 @@ import torch.nn as nn
 from fxcompress.errors import PassConfigError
 from fxcompress.passes import ChannelHandler, register_channel_rule
 from fxcompress.passes.prune import Builder, PrunedSizes
+from fxcompress.report import count_macs
 from tests.test_prune_channels import mask_equivalence, outputs, run_pass
 
 
@@ -104,6 +105,14 @@ def test_a_handler_that_forgets_to_resize_is_refused_with_the_node_named():
     assert params["mid.weight"].shape == (4, 6)  # the other group is still pruned
     for e, g in zip(before, outputs(gm, ctx)):
         assert e.shape == g.shape
+
+
+def test_target_macs_is_met_without_the_refused_groups():
+    register_channel_rule(torch.ops.fxtest_handlers.grouped_rms_unresized, LinksButForgetsToResize)
+    gm, ctx, _, macs, result = run_pass(UnresizedNet(), (torch.randn(2, 5, 6),), target_macs=0.8)
+    assert any(why.startswith("pruning refused") for _, why in result.skipped)
+    assert dict(gm.named_parameters())["up.weight"].shape == (12, 6)  # refused: kept whole
+    assert result.details[0]["macs_after"] == count_macs(gm, ctx) <= 0.8 * macs  # met by the other group
 
 
 def test_register_channel_rule_rejects_what_is_not_an_op_or_a_handler():

@@ -65,6 +65,7 @@ class Builder:
         self.carrier_choices: dict[str, tuple[int, int]] = {}  # reshape node -> (factor, carrier space)
         self.avoid_carriers = avoid_carriers or {}  # reshape node -> factors whose class turned out frozen
         self.normalized: set[int] = set()
+        self.unions: set[int] = set()  # concatenation outputs: their inputs' channels are chosen independently
         self.touched: set[int] = set()  # spaces the current op's handler linked or released
         for node in gm.graph.nodes:
             for dim, size in enumerate(tensor_shape(gm, node) or ()):
@@ -113,6 +114,13 @@ class Builder:
         sid = self.space(node, dim)
         if sid is not None:
             self.touched.add(sid)
+
+    def union_of_inputs(self, node: fx.Node, dim: int) -> None:
+        """``dim`` of ``node`` is the union of its inputs' channels (``cat``): each input's channels are
+        chosen at their own ratio, not as one group with the others (the units stay what they are)."""
+        sid = self.space(node, dim)
+        if sid is not None:
+            self.unions.add(sid)
 
     def freeze_node(self, node: fx.Node, reason: str, where: str = "", unknown: bool = False) -> None:
         for dim in range(self.ndim(node)):

@@ -57,6 +57,7 @@ class ChannelGraph:
     blocked: list[tuple[str, str]] = field(default_factory=list)
     param_spaces: dict[int, tuple[str, int]] = field(default_factory=dict)  # space -> (attr target, dim)
     frozen: dict[str, dict] = field(default_factory=dict)  # reason -> units, channels, an example
+    class_of: list[int] = field(default_factory=list)  # space -> identity class (equal sizes, equal removals)
 
 
 def analyze(gm: fx.GraphModule, ignore: tuple[str, ...] = (), prune_outputs: bool = False) -> ChannelGraph:
@@ -167,31 +168,51 @@ def _group(builder: Builder, class_of: list[int], frozen_classes: set[int]) -> C
     members: dict[int, list[int]] = {}
     for sid, cid in enumerate(class_of):
         members.setdefault(cid, []).append(sid)
-    groups = UnionFind(members)
+    components = UnionFind(members)
     for a, b, _, _ in builder.map_edges:
-        groups.union(class_of[a], class_of[b])
+        components.union(class_of[a], class_of[b])
     maps: dict[int, list] = {}
     for a, b, ia, ib in builder.map_edges:
-        maps.setdefault(groups[class_of[a]], []).append((class_of[a], class_of[b], ia, ib))
+        maps.setdefault(components[class_of[a]], []).append((class_of[a], class_of[b], ia, ib))
     frozen_reason = {class_of[s]: why for s, why in sorted(builder.frozen.items())}
+    unions = {class_of[s] for s in builder.unions}
     param_spaces = _param_spaces(builder)
-    graph = ChannelGraph(builder.spaces, [], param_spaces=param_spaces)
-    for comp in groups.to_sets():
+    graph = ChannelGraph(builder.spaces, [], param_spaces=param_spaces, class_of=class_of)
+    for comp in components.to_sets():
         if not any(s in param_spaces for cid in comp for s in members[cid]):
             continue
-        units, frozen = [], 0
-        for unit in _element_units(comp, members, builder.spaces, maps.get(groups[next(iter(comp))], [])):
-            elements = {s: idx for cid, idx in unit.items() for s in members[cid]}
-            blocked_by = [frozen_reason[cid] for cid in sorted(unit) if cid in frozen_classes]
-            if blocked_by:
-                frozen += 1
-                _count_frozen(graph, blocked_by[0], elements, param_spaces)
-            elif any(s in param_spaces for s in elements):
-                units.append(Unit(elements))
-        spaces = sorted(s for cid in comp for s in members[cid])
-        normalized = any(s in builder.normalized for s in spaces)
-        graph.groups.append(Group(spaces, units, frozen, _unit_width(units, param_spaces), normalized))
+        element_units = _element_units(comp, members, builder.spaces, maps.get(components[next(iter(comp))], []))
+        for selection in _selection_groups(element_units, unions):
+            units, frozen = [], 0
+            for unit in selection:
+                elements = {s: idx for cid, idx in unit.items() for s in members[cid]}
+                blocked_by = [frozen_reason[cid] for cid in sorted(unit) if cid in frozen_classes]
+                if blocked_by:
+                    frozen += 1
+                    _count_frozen(graph, blocked_by[0], elements, param_spaces)
+                elif any(s in param_spaces for s in elements):
+                    units.append(Unit(elements))
+            classes = {cid for unit in selection for cid in unit}
+            own = sorted(s for cid in classes - unions for s in members[cid])
+            spaces = own + sorted(s for cid in classes & unions for s in members[cid])  # named by its own first
+            if not any(s in param_spaces for s in spaces):
+                continue
+            normalized = any(s in builder.normalized for s in spaces)
+            graph.groups.append(Group(spaces, units, frozen, _unit_width(units, param_spaces), normalized))
     return graph
+
+
+def _selection_groups(units: list[dict[int, np.ndarray]], unions: set[int]) -> list[list[dict[int, np.ndarray]]]:
+    """Units chosen from together: those sharing a class, except a concatenation's output class, which
+    is the union of its inputs' channels and does not tie them (each input keeps its own ratio)."""
+    owner: dict[int, int] = {}
+    tied = UnionFind(range(len(units)))
+    for i, unit in enumerate(units):
+        for cid in unit:
+            if cid not in unions:
+                tied.union(i, owner.setdefault(cid, i))
+    selections = sorted((sorted(comp) for comp in tied.to_sets()), key=lambda comp: comp[0])
+    return [[units[i] for i in comp] for comp in selections]
 
 
 def _count_frozen(graph: ChannelGraph, why: tuple[str, str], elements: dict, param_spaces: dict) -> None:

@@ -139,20 +139,22 @@ class Pooling(Reduction):
 
 @channel_rule(aten.cat)
 class Cat(ChannelHandler):
+    """Input k holds output indices [offset_k, offset_k + size_k); the output's channels are the union of
+    the inputs' (DenseNet's features, Inception's branches), so each input is pruned at its own ratio."""
+
     def link(self, node, b, inputs, outputs):
         tensors, out = arg(node, "tensors"), outputs[0]
         dim = arg(node, "dim", 0) % b.ndim(out)
-        offset = 0
-        for x in tensors:
-            size = b.size(x, dim)
-            if not isinstance(size, int):
-                return
+        for x in tensors:  # the other dims are the same channels in every input, whatever the cat dim's sizes
             for d in range(b.ndim(out)):
-                if d == dim:
-                    b.map(x, d, out, d, np.arange(size), offset + np.arange(size))
-                else:
+                if d != dim:
                     b.identity(x, d, out, d)
-            offset += size
+        sizes = [b.size(x, dim) for x in tensors]
+        if not all(isinstance(size, int) for size in sizes):
+            return  # a symbolic offset (tokens of a dynamic image): the cat dim stays whole
+        for x, offset, size in zip(tensors, np.cumsum([0] + sizes[:-1]), sizes):
+            b.map(x, dim, out, dim, np.arange(size), offset + np.arange(size))
+        b.union_of_inputs(out, dim)
 
 
 @channel_rule(aten.stack)

@@ -66,7 +66,7 @@ def group_scores(
             stat = "l1"
         if method == "activation" and not _read_by_consumer(group, graph, consumer_nodes, statistics):
             stat = "l1"
-        scores.append(np.array([_unit_score(unit, graph, per_index, stat, targets) for unit in group.units]))
+        scores.append(_unit_scores(group, graph, per_index, stat, targets))
     return scores
 
 
@@ -78,13 +78,22 @@ def _read_by_consumer(group: Group, graph: ChannelGraph, consumer_nodes: dict, s
     return False
 
 
-def _unit_score(unit, graph: ChannelGraph, per_index, stat: str, only_targets: set | None) -> float:
-    total = 0.0
-    for sid, idx in unit.elements.items():
-        if sid in graph.param_spaces:
-            target, dim = graph.param_spaces[sid]
-            if not only_targets or target in only_targets:
-                total += float(per_index(target, dim, stat)[idx].sum())
+def _unit_scores(group: Group, graph: ChannelGraph, per_index, stat: str, only_targets: set | None) -> np.ndarray:
+    """Every unit's summed statistic: the (unit, index) pairs of each parameter space gathered once, then
+    one ``bincount`` per space instead of a sum per unit and space."""
+    pairs: dict[int, tuple[list, list]] = {}
+    for u, unit in enumerate(group.units):
+        for sid, idx in unit.elements.items():
+            if sid in graph.param_spaces:
+                owners, indices = pairs.setdefault(sid, ([], []))
+                owners.append(np.full(len(idx), u))
+                indices.append(idx)
+    total = np.zeros(len(group.units))
+    for sid, (owners, indices) in pairs.items():
+        target, dim = graph.param_spaces[sid]
+        if not only_targets or target in only_targets:
+            values = per_index(target, dim, stat)[np.concatenate(indices)]
+            total += np.bincount(np.concatenate(owners), weights=values, minlength=len(group.units))
     return total
 
 

@@ -1,7 +1,8 @@
 """Physically remove chosen channels: ``W' = W[keep_0, keep_1, ...]`` for every parameter and
 buffer with a pruned dim, every size argument rewritten by its op's handler (``resize``: view/reshape/
 expand shapes, LayerNorm shapes, GroupNorm and conv group counts, split sizes, slice bounds), then
-fresh fake-tensor shapes.
+fresh fake-tensor shapes (the check's sizes written into the old symbolic fake values: the graph is
+propagated once per removal, at the example's sizes).
 
 Before any weight is sliced, :func:`refusal` runs the resized graph on fake tensors of the pruned
 shapes and compares every channel space with its expected size: a rewrite that would not run (an
@@ -11,10 +12,15 @@ the reason, and the graph is left as it was.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import torch
 import torch.fx as fx
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv, guarding_hint_or_throw as hint_int
+from torch.utils import _pytree as pytree
 
 from fxcompress import ir
 from fxcompress.passes.prune.core import PrunedSizes, handler_for
@@ -36,47 +42,81 @@ def _resize_all(gm: fx.GraphModule, sizes: PrunedSizes) -> None:
             handler.resize(node, sizes)
 
 
-def refusal(gm: fx.GraphModule, graph: ChannelGraph, removed: dict[int, np.ndarray]) -> tuple[str, str] | None:
-    """``(node, reason)`` if removing ``removed`` gives an inconsistent graph, else ``None``; ``gm`` is unchanged."""
+@dataclass
+class PruningCheck:
+    """The outcome of the shape check of one removal: ``problem`` (``(node, reason)``) or ``None``, and the
+    fake value of every node of the pruned graph (its new ``meta["val"]`` when the removal is applied)."""
+
+    problem: tuple[str, str] | None
+    values: dict[str, Any]
+
+
+def check_removal(gm: fx.GraphModule, graph: ChannelGraph, removed: dict[int, np.ndarray]) -> PruningCheck:
+    """Run the resized graph on fake tensors of the pruned shapes; ``gm`` is left unchanged."""
     saved = [(n, n.target, n.args, n.kwargs) for n in gm.graph.nodes if n.op == "call_function"]
     sizes = pruned_sizes(gm, graph, removed)
     try:
         _resize_all(gm, sizes)
-        return _PrunedShapeCheck(gm, sizes, _expected(graph, removed)).problem()
+        return _PrunedShapeCheck(gm, sizes, _expected(graph, removed)).check()
     finally:
         for node, target, args, kwargs in saved:
             node.target, node.args, node.kwargs = target, args, kwargs
 
 
+def refusal(gm: fx.GraphModule, graph: ChannelGraph, removed: dict[int, np.ndarray]) -> tuple[str, str] | None:
+    """``(node, reason)`` if removing ``removed`` gives an inconsistent graph, else ``None``; ``gm`` is unchanged."""
+    return check_removal(gm, graph, removed).problem
+
+
 class _PrunedShapeCheck(fx.Interpreter):
-    """Runs the resized graph on fake tensors with the pruned parameter shapes; writes no metadata."""
+    """Runs the resized graph on fake tensors with the pruned parameter shapes; writes no metadata.
+
+    At the example's sizes (a static fake mode; its shape env only for data-dependent sizes): running the
+    graph on export's symbolic fakes re-simplified the shape guards at every op (seconds per node on a
+    windowed attention); a removal that would bake in a size is caught at the manager's second shape.
+    A node whose value nothing reads (the input-shape guards) is not run."""
 
     def __init__(self, gm: fx.GraphModule, sizes: PrunedSizes, expected: dict[tuple[str, int], int]):
         super().__init__(gm)
         self.sizes, self.expected = sizes, expected
-        self.fakes = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
-        self.mode = next(f.fake_mode for f in self.fakes if isinstance(f, torch.Tensor))
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+        self.mode.cache_enabled = False  # every op runs once: cache entries would only cost
+        self.values: dict[str, Any] = {}
 
-    def problem(self) -> tuple[str, str] | None:
+    def check(self) -> PruningCheck:
         try:
             with self.mode:
-                self.run(*self.fakes)
+                self.run(*[pytree.tree_map(_at_example_size, n.meta.get("val")) for n in self.graph.nodes if n.op == "placeholder"])
         except _Mismatch as mismatch:
-            return mismatch.node, mismatch.reason
-        return None
+            return PruningCheck((mismatch.node, mismatch.reason), {})
+        return PruningCheck(None, self.values)
 
     def run_node(self, n: fx.Node):
         try:
-            if n.op == "get_attr" and isinstance(value := self.fetch_attr(n.target), torch.Tensor):
-                return torch.empty(self.sizes.new_shape(n), dtype=value.dtype, device=value.device)
-            result = super().run_node(n)
+            result = self._value(n)
         except Exception as error:  # an op's shape rule rejects the pruned inputs
             raise _Mismatch(n.name, f"{type(error).__name__}: {str(error).splitlines()[0]}") from error
         for dim, size in enumerate(result.shape if isinstance(result, torch.Tensor) else ()):
             want = self.expected.get((n.name, dim))
             if want is not None and size != want:
                 raise _Mismatch(n.name, f"dim {dim} would have size {size}, the channel analysis expects {want}")
+        self.values[n.name] = result
         return result
+
+    def _value(self, n: fx.Node):
+        if n.op == "get_attr" and isinstance(value := self.fetch_attr(n.target), torch.Tensor):
+            return torch.empty(self.sizes.new_shape(n), dtype=value.dtype, device=value.device)
+        if n.op not in ("placeholder", "output") and not n.users:
+            return None
+        return super().run_node(n)
+
+
+def _at_example_size(value):
+    """A fake tensor (or size) of export's symbolic mode at the example's sizes, in the current mode."""
+    if isinstance(value, torch.Tensor):
+        shape, stride = [hint_int(s) for s in value.shape], [hint_int(s) for s in value.stride()]
+        return torch.empty_strided(shape, stride, dtype=value.dtype, device=value.device)
+    return hint_int(value) if isinstance(value, torch.SymInt) else value
 
 
 class _Mismatch(Exception):
@@ -86,21 +126,22 @@ class _Mismatch(Exception):
 
 
 def apply_pruning(
-    gm: fx.GraphModule, graph: ChannelGraph, removed: dict[int, np.ndarray], refresh_meta: bool = True
+    gm: fx.GraphModule, graph: ChannelGraph, removed: dict[int, np.ndarray], refresh_meta: bool = True,
+    check: PruningCheck | None = None,
 ) -> list[str]:
     """Rewrite ``gm`` in place; returns the parameter/buffer targets that were sliced.
 
-    Raises ``RuntimeError`` (naming the node) for a removal :func:`refusal` would refuse.
-    ``refresh_meta=False`` skips the final fake-tensor shape propagation (for throw-away trial copies
-    that are only run)."""
-    problem = refusal(gm, graph, removed)
-    if problem is not None:
-        raise RuntimeError(f"prune_channels cannot remove these channels: at {problem[0]}, {problem[1]}")
+    Raises ``RuntimeError`` (naming the node) for a removal :func:`refusal` would refuse. ``check``: this
+    removal's :func:`check_removal`, if already run (its fake values become the nodes' ``meta["val"]``).
+    ``refresh_meta=False`` leaves the old fake values (for throw-away trial copies that are only run)."""
+    check = check or check_removal(gm, graph, removed)
+    if check.problem is not None:
+        raise RuntimeError(f"prune_channels cannot remove these channels: at {check.problem[0]}, {check.problem[1]}")
     sizes = pruned_sizes(gm, graph, removed)
     _resize_all(gm, sizes)
     sliced = _slice_attrs(gm, sizes)
     if refresh_meta:
-        refresh_shapes(gm)
+        _write_values(gm, check.values)
     ir.finalize(gm)
     return sliced
 
@@ -121,9 +162,28 @@ def _slice_attrs(gm: fx.GraphModule, sizes: PrunedSizes) -> list[str]:
     return sliced
 
 
-def refresh_shapes(gm: fx.GraphModule) -> None:
-    """Re-run fake-tensor propagation from the placeholders' (possibly symbolic) fake inputs."""
-    fakes = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
-    mode = next(f.fake_mode for f in fakes if isinstance(f, torch.Tensor))
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+def _write_values(gm: fx.GraphModule, values: dict[str, Any]) -> None:
+    """New ``meta["val"]``: the old (symbolic) fake values with each concrete dim at its checked size."""
+    for node in gm.graph.nodes:
+        old = node.meta.get("val")
+        if node.name in values and old is not None and node.op != "output":
+            leaves, spec = pytree.tree_flatten(old)
+            new = pytree.tree_leaves(values[node.name])
+            if len(new) == len(leaves):
+                node.meta["val"] = pytree.tree_unflatten([_restamped(a, b) for a, b in zip(leaves, new)], spec)
 
+
+def _restamped(old, checked):
+    """``old`` with the concrete sizes of ``checked``; dense strides in ``checked``'s dim order."""
+    if not isinstance(old, FakeTensor) or not isinstance(checked, torch.Tensor) or old.ndim != checked.ndim:
+        return old
+    shape = [c if isinstance(o, int) else o for o, c in zip(old.shape, checked.shape)]
+    if shape == list(old.shape):
+        return old
+    order = sorted(range(len(shape)), key=lambda d: (checked.stride()[d], -d))  # innermost first
+    stride, step = [0] * len(shape), 1
+    for d in order:
+        stride[d] = step
+        step = step * shape[d]
+    meta = torch.empty_strided(shape, stride, dtype=old.dtype, device="meta")  # not dispatched through the mode
+    return FakeTensor(old.fake_mode, meta, old.device)

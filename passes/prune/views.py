@@ -11,6 +11,7 @@ links again with that factor avoided.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -102,22 +103,36 @@ def _whole_multiple(ratio) -> bool:
 
 def _blocks(in_shape, out_shape) -> list[tuple[list[int], list[int]]]:
     """Minimal runs of input and output dims (size-1 dims dropped) with equal products."""
-    ins = [d for d, s in enumerate(in_shape) if not (isinstance(s, int) and s == 1)]
-    outs = [d for d, s in enumerate(out_shape) if not (isinstance(s, int) and s == 1)]
+    return _blocks_of(tuple(_expr(s) for s in in_shape), tuple(_expr(s) for s in out_shape))
+
+
+@functools.lru_cache(maxsize=4096)
+def _blocks_of(in_shape: tuple, out_shape: tuple) -> list[tuple[list[int], list[int]]]:
+    """:func:`_blocks` on sympy sizes, cached: transformer layers repeat their reshapes, and the analysis
+    re-links when a carrier is frozen."""
+    ins = [d for d, s in enumerate(in_shape) if s != 1]
+    outs = [d for d, s in enumerate(out_shape) if s != 1]
     blocks, i, j = [], 0, 0
     while i < len(ins) and j < len(outs):
         bi, bj = [ins[i]], [outs[j]]
-        pi, pj = _expr(in_shape[ins[i]]), _expr(out_shape[outs[j]])
+        pi, pj = in_shape[ins[i]], out_shape[outs[j]]
         i, j = i + 1, j + 1
-        while sympy.simplify(pi - pj) != 0:
-            ratio = sympy.simplify(pj / pi)
+        while not _equal(pi, pj):
+            ratio = pj / pi
             if _whole_multiple(ratio) and i < len(ins):
-                pi, i = pi * _expr(in_shape[ins[i]]), i + 1
+                pi, i = pi * in_shape[ins[i]], i + 1
                 bi.append(ins[i - 1])
             elif _whole_multiple(1 / ratio) and j < len(outs):
-                pj, j = pj * _expr(out_shape[outs[j]]), j + 1
+                pj, j = pj * out_shape[outs[j]], j + 1
                 bj.append(outs[j - 1])
             else:
                 return blocks
         blocks.append((bi, bj))
     return blocks
+
+
+def _equal(a, b) -> bool:
+    """Sizes are products of symbols and integers: canonical in sympy up to expansion (``simplify`` cost
+    seconds per windowed-attention reshape). A missed equality only freezes a dim."""
+    difference = a - b
+    return difference == 0 or (bool(difference.free_symbols) and sympy.expand(difference) == 0)

@@ -1,0 +1,79 @@
+"""What keeps ``prune_channels`` linear: the MAC model ``target_macs`` bisects over, the one incremental shape
+check whose values become the metadata, and concatenations whose inputs are chosen independently."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw as hint
+
+from fxcompress.passes.prune import analyze, apply_pruning
+from fxcompress.shapes import flat_inputs
+from fxcompress.passes.prune.importance import choose_units
+from fxcompress.passes.prune.macs import MacModel
+from fxcompress.passes.prune_channels import removed_indices
+from fxcompress.report import count_macs
+from tests import prune_zoo
+from tests.test_prune_channels import capture, ctx_of, run_pass
+
+
+def _half_removed(gm):
+    graph = analyze(gm)
+    scores = [np.random.default_rng(0).random(len(g.units)) for g in graph.groups]
+    chosen = choose_units(graph, scores, 0.5, "local", 1.0, 1)
+    return graph, removed_indices(graph, chosen)
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenet_v2", "densenet", "hf_bert"])
+def test_mac_model_predicts_the_pruned_models_macs(name):
+    factory, inputs = prune_zoo.zoo()[name]
+    x = inputs()
+    gm, ctx = capture(factory().eval(), x), ctx_of(x)
+    graph, removed = _half_removed(gm)
+    model = MacModel(gm, graph, ctx)
+    assert model.exact and model.total == count_macs(gm, ctx)
+    apply_pruning(gm, graph, removed)
+    assert model.macs(removed) == count_macs(gm, ctx) < model.total
+
+
+class _Shapes(torch.fx.Interpreter):
+    def run_node(self, n):
+        result = super().run_node(n)
+        self.shapes[n.name] = tuple(result.shape) if isinstance(result, torch.Tensor) else None
+        return result
+
+
+@pytest.mark.parametrize("name", ["resnet", "vit"])
+def test_metadata_after_pruning_matches_the_pruned_models_real_shapes(name):
+    factory, inputs = prune_zoo.zoo()[name]
+    x = inputs()
+    gm, ctx = capture(factory().eval(), x), ctx_of(x)
+    graph, removed = _half_removed(gm)
+    symbolic_before = {n.name: [not isinstance(d, int) for d in n.meta["val"].shape] for n in gm.graph.nodes
+                       if isinstance(n.meta.get("val"), torch.Tensor)}
+    apply_pruning(gm, graph, removed)
+    real = _Shapes(gm)
+    real.shapes = {}
+    with torch.no_grad():
+        real.run(*flat_inputs(gm, ctx.args, ctx.kwargs))
+    checked = 0
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and real.shapes.get(node.name) is not None:
+            assert [not isinstance(d, int) for d in val.shape] == symbolic_before[node.name], node.name  # still dynamic
+            assert [hint(d) for d in val.shape] == list(real.shapes[node.name]), node.name
+            checked += 1
+    assert checked > 20
+
+
+def test_each_concatenated_input_is_pruned_at_the_ratio():
+    gm, ctx, _, macs, result = run_pass(prune_zoo.DenseNetLike(growth=8), prune_zoo.image(size=16), ratio=0.5)
+    grown = [p for name, p in gm.named_parameters() if name.endswith("conv2.weight")]
+    assert grown and all(p.shape[0] == 4 for p in grown)  # every layer's new features: 8 -> 4
+    assert count_macs(gm, ctx) <= 0.35 * macs
+
+
+def test_target_macs_on_a_dense_net_is_met_and_reported():
+    gm, ctx, _, macs, result = run_pass(prune_zoo.DenseNetLike(growth=8), prune_zoo.image(size=16), target_macs=0.4)
+    assert result.details[0]["macs_after"] == count_macs(gm, ctx) <= 0.4 * macs
