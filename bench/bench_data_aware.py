@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import re
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,7 +35,7 @@ import fxcompress  # noqa: E402
 from fxcompress.capture import capture  # noqa: E402
 from fxcompress.passes import Int8, LowRank, PruneChannels  # noqa: E402
 from fxcompress.report import count_macs  # noqa: E402
-from fxcompress.pass_base import PassContext  # noqa: E402
+from fxcompress.pass_base import Pass, PassContext  # noqa: E402
 from fxcompress.statistics import LAYER_OPS, collect_statistics  # noqa: E402
 
 from common import machine_info, results_dir, write_results  # noqa: E402
@@ -44,7 +45,14 @@ HELD_OUT = 64
 
 
 def minilm_variants() -> list[tuple[str, str, object]]:
-    """(family, variant, pass) for MiniLM; the data-free variant of each family comes first."""
+    """(family, variant, pass) for MiniLM; the data-free variant of each family comes first. A static
+    int8 row's pass is a function of the activation scales (``fxcompress.calibrate`` on the calibration
+    inputs). Every int8 row has ``allow_slower=True``: each layer is int8 whatever this machine's timings."""
+    dynamic = dict(mode="dynamic", allow_slower=True)
+
+    def static(**options):
+        return lambda scales: Int8(mode="static", activation_scales=scales, allow_slower=True, impl="int_mm", **options)
+
     return [
         ("low_rank 0.5 MACs", "data-free", LowRank(target_macs=0.5)),
         ("low_rank 0.5 MACs", "asvd", LowRank(target_macs=0.5, whiten="asvd")),
@@ -53,10 +61,17 @@ def minilm_variants() -> list[tuple[str, str, object]]:
         ("prune 30%", "activation", PruneChannels(ratio=0.3, importance="activation")),
         ("prune 30%", "activation + bias", PruneChannels(ratio=0.3, importance="activation", compensate="bias")),
         ("prune 30%", "activation + lstsq", PruneChannels(ratio=0.3, importance="activation", compensate="lstsq")),
-        ("int8 dynamic, no float layer", "round-to-nearest", Int8(mode="dynamic")),
-        ("int8 dynamic, no float layer", "gptq", Int8(mode="dynamic", gptq=True)),
-        ("int8 dynamic, no float layer", "smoothquant 0.5", Int8(mode="dynamic", smooth_alpha=0.5)),
-        ("int8 dynamic, no float layer", "smoothquant 0.5 + gptq", Int8(mode="dynamic", smooth_alpha=0.5, gptq=True)),
+        ("prune 30%", "activation + lstsq, sequential",
+         PruneChannels(ratio=0.3, importance="activation", compensate="lstsq", sequential=True)),
+        ("prune 30%", "reconstruction + lstsq", PruneChannels(ratio=0.3, importance="reconstruction", compensate="lstsq")),
+        ("prune 30%", "reconstruction + lstsq, sequential",
+         PruneChannels(ratio=0.3, importance="reconstruction", compensate="lstsq", sequential=True)),
+        ("int8 dynamic, no float layer", "round-to-nearest", Int8(**dynamic)),
+        ("int8 dynamic, no float layer", "gptq", Int8(**dynamic, gptq=True)),
+        ("int8 dynamic, no float layer", "smoothquant 0.5", Int8(**dynamic, smooth_alpha=0.5)),
+        ("int8 dynamic, no float layer", "smoothquant 0.5 + gptq", Int8(**dynamic, smooth_alpha=0.5, gptq=True)),
+        ("int8 static, no float layer", "min-max scales", static()),
+        ("int8 static, no float layer", "smoothquant 0.5 (LN-folded where possible) + gptq", static(smooth_alpha=0.5, gptq=True)),
     ]
 
 
@@ -95,7 +110,7 @@ def measured_rows() -> dict[tuple, dict]:
     return {(r["model"], r["family"], r["variant"]): r for r in rows}
 
 
-def run_minilm(resume: bool = False, timing: bool = True, measured_only: bool = False) -> tuple[list[dict], dict]:
+def run_minilm(resume: bool = False, timing: bool = True, measured_only: bool = False, rows_matching: str = "") -> tuple[list[dict], dict]:
     from distill_minilm import load_minilm
 
     teacher, tokenizer = load_minilm()
@@ -103,12 +118,18 @@ def run_minilm(resume: bool = False, timing: bool = True, measured_only: bool = 
     example = calibration[0]
     original_macs = count_macs(teacher, PassContext((), held_out))
     rows, done = [], measured_rows() if resume else {}
+    scales = None
     for family, variant, compression in minilm_variants():
+        if not re.search(rows_matching, f"{family}: {variant}"):
+            continue
         if ("all-MiniLM-L6-v2", family, variant) in done:
             rows.append(done[("all-MiniLM-L6-v2", family, variant)])
             continue
         if measured_only:
             continue
+        if not isinstance(compression, Pass):
+            scales = scales or fxcompress.calibrate(teacher, calibration, progress=False)
+            compression = compression(scales)
         started = time.perf_counter()
         student = fxcompress.optimize(teacher, example, passes=[compression], calibration=calibration, report=False)
         seconds = time.perf_counter() - started
@@ -116,11 +137,19 @@ def run_minilm(resume: bool = False, timing: bool = True, measured_only: bool = 
         rows.append({"model": "all-MiniLM-L6-v2", "family": family, "variant": variant, "config": compression.config(),
                      "macs_kept": macs / original_macs, **embedding_scores(student, teacher, held_out),
                      "compress_seconds": round(seconds, 1), "layers": student.report.results[compression.name].details,
+                     **float_layers(student, compression),
                      "commit": machine_info()["commit"]})
         with PARTIAL.open("a") as partial:
             partial.write(json.dumps(rows[-1], default=str) + "\n")
         print({k: v for k, v in rows[-1].items() if k != "layers"}, flush=True)
     return rows, ({"minilm_calibration_seconds_512": calibration_seconds(teacher, calibration)} if timing else {})
+
+
+def float_layers(student, compression) -> dict:
+    """For int8 rows: how many layers stayed float because float measured faster (must be 0 with allow_slower)."""
+    if not isinstance(compression, Int8):
+        return {}
+    return {"float_layers": sum("kept float" in reason for _, reason in student.report.results[compression.name].skipped)}
 
 
 def calibration_seconds(model, calibration: list[dict]) -> dict:
@@ -159,9 +188,10 @@ def run_digits(seed: int = 0) -> list[dict]:
 
 TARGETS = [  # (description, family, variant, metric, threshold)
     ("MiniLM low rank at 0.5 linear MACs: cosine >= 0.95", "low_rank 0.5 MACs", "svd-llm", "cosine_mean", 0.95),
-    ("MiniLM prune 30%: cosine >= 0.95", "prune 30%", "activation + lstsq", "cosine_mean", 0.95),
+    ("MiniLM prune 30%: cosine >= 0.95", "prune 30%", None, "cosine_mean", 0.95),
     ("digits CNN prune 50%: top-1 >= 90%", "prune 50%", "activation + lstsq", "top1", 90.0),
     ("MiniLM dynamic int8, no float layer: cosine >= 0.999", "int8 dynamic, no float layer", None, "cosine_mean", 0.999),
+    ("MiniLM static int8, no float layer: cosine >= 0.999", "int8 static, no float layer", None, "cosine_mean", 0.999),
 ]  # variant None: the best variant of the family
 
 
@@ -222,6 +252,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help=f"reuse the MiniLM rows already in {PARTIAL.name}")
     parser.add_argument("--measured-only", action="store_true", help="with --resume: only tabulate rows already measured")
     parser.add_argument("--no-timing", action="store_true", help="skip the calibration timing (see --only calibration-time)")
+    parser.add_argument("--rows", default="", help="only the MiniLM rows whose 'family: variant' matches this regex, e.g. 'prune'")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if args.only == "calibration-time":
@@ -237,7 +268,7 @@ def main() -> None:
         return
     rows, extra = [], {}
     if args.only in (None, "minilm"):
-        minilm_rows, extra = run_minilm(args.resume, timing=not args.no_timing, measured_only=args.measured_only)
+        minilm_rows, extra = run_minilm(args.resume, timing=not args.no_timing, measured_only=args.measured_only, rows_matching=args.rows)
         rows += minilm_rows
     if args.only in (None, "digits"):
         rows += run_digits()
