@@ -23,6 +23,7 @@ implementations say so, so Inductor sees the real strides.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from typing import Optional
 
@@ -178,6 +179,27 @@ def _(q, kernel_size, stride, padding, dilation, ceil_mode):
 
 def conv_engine_available(engine: str) -> bool:
     return engine in CONV_ENGINES and engine_available(engine)
+
+
+@functools.lru_cache(maxsize=None)
+def saturates_full_range(engine: str) -> bool:
+    """Whether ``engine``'s u8·s8 conv loses precision with full-range (0..255) activations on this CPU.
+
+    Without VNNI the x86 kernels multiply with VPMADDUBSW, which adds two u8·s8 products into an int16
+    and saturates at 32767 (255·127·2 = 64770). Measured, not read from CPU flags: a 1×1 conv whose
+    exact output is 160 is run once with every input 255 and every weight 127."""
+    channels = 32
+    q = torch.full((1, channels, 1, 1), 255, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    weight = torch.full((1, channels, 1, 1), 127, dtype=torch.int8)
+    exact = 255 * 127 * channels
+    y = int8_conv(q, 1.0, 0, weight, torch.ones(1), None, [1, 1], [0, 0], [1, 1], 1, exact / 160, 0, False, engine)
+    return int(y.flatten()[0]) != 160
+
+
+def activation_quant_max(engines: tuple[str, ...]) -> int:
+    """The top of the uint8 activation grid: 255, or 127 (7-bit, as PyTorch's ``reduce_range``) where any of
+    ``engines`` saturates at full range on this CPU."""
+    return 127 if any(saturates_full_range(e) for e in engines if conv_engine_available(e)) else 255
 
 
 @register_flop_formula(torch.ops.fxcompress.int8_conv)

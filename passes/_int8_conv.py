@@ -13,7 +13,8 @@ chain of its own). ``max_pool`` of an int8 value stays int8 (``max`` commutes wi
 *Regions*: chain outputs are ``uint8`` values with calibrated ``(s, z)``; a chain reading one takes
 it as is, so ``quantize_u8`` sits only where a float tensor enters and ``dequantize_u8`` only where a
 float op reads an int8 value. The ``(s, z)`` of a value: the ``"<layer>:out"`` range of its chain
-(``z = 0, s = r/255`` after relu/hardtanh, else ``z = 128, s = r/127``), the ``"<layer>"`` input range
+(``z = 0, s = r/255`` after relu/hardtanh, else ``z = 128, s = r/127``; 7-bit, ``r/127`` and ``z = 64, s = r/63``,
+where the CPU's engines saturate at full range: :func:`int8_conv_ops.saturates_full_range`), the ``"<layer>"`` input range
 at a region entry, ``"<layer>:conv"`` for the pre-add output where an engine adds in a second op;
 ``fxcompress.calibrate`` measures them all on a BN-folded copy of the model (:func:`calibration_sites`).
 
@@ -202,12 +203,15 @@ def is_nonnegative(node: Any) -> bool:
 
 
 def qparams(absmax_scale: float, nonnegative: bool, clip: float | None = None) -> tuple[float, int]:
-    """``(s, z)`` of a uint8 value from a symmetric calibrated scale ``r/127``."""
+    """``(s, z)`` of a uint8 value from a symmetric calibrated scale ``r/127``, on the grid ``0..top``:
+    ``top`` is 255, or 127 where this CPU's engines saturate at full range (see ``activation_quant_max``)."""
     r = absmax_scale * 127.0
+    top = int8_conv_ops.activation_quant_max(CONV_ENGINES)
     if nonnegative:
         r = min(r, clip) if clip is not None else r
-        return max(r, 1e-8) / 255.0, 0
-    return max(r, 1e-8) / 127.0, 128
+        return max(r, 1e-8) / top, 0
+    half = (top + 1) // 2
+    return max(r, 1e-8) / (half - 1), half
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

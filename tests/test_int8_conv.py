@@ -85,6 +85,20 @@ def test_each_conv_variant_alone_is_within_its_quantization_error_bound(variant)
     assert ((quantized - reference).norm() / reference.norm()) < 0.05
 
 
+def test_the_top_of_the_activation_grid_does_not_saturate_on_this_cpu():
+    """Every input at the grid's top and every weight at 127: the worst case for the int16 pair sums of
+    non-VNNI x86 kernels. The grid chosen for this CPU must make every engine exact on it."""
+    top = int8_conv_ops.activation_quant_max(int8_conv_ops.CONV_ENGINES)
+    channels = 64
+    q = torch.full((1, channels, 2, 2), top, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    weight = torch.full((3, channels, 1, 1), 127, dtype=torch.int8)
+    exact = top * 127 * channels
+    for engine in filter(int8_conv_ops.conv_engine_available, int8_conv_ops.CONV_ENGINES):
+        y = fxops.int8_conv(q, 1.0, 0, weight, torch.ones(3), None, [1, 1], [0, 0], [1, 1], 1, exact / 200, 0, False,
+                            engine)
+        assert torch.all(y == 200), f"{engine}: {y.flatten()[:3].tolist()} instead of 200 at activation top {top}"
+
+
 @pytest.fixture(scope="module")
 def resnet():
     torch.manual_seed(0)
