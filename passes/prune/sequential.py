@@ -100,6 +100,9 @@ class _ObsSystem:
         if not self.units:
             return cost
         cols = torch.stack([self.columns[u] for u in self.units])
+        if cols.shape[1] == 1:  # single columns: ‖W*_c‖² / [H⁻¹]_cc
+            cost[torch.as_tensor(self.units)] = self.weight[:, cols[:, 0]].square().sum(0) / self.inverse.diagonal()[cols[:, 0]]
+            return cost
         blocks = self.inverse[cols[:, :, None], cols[:, None, :]]  # U × w × w
         w = self.weight[:, cols].permute(1, 2, 0)  # U × w × N
         cost[torch.as_tensor(self.units)] = (w * torch.linalg.solve(blocks, w)).sum((1, 2))
