@@ -19,8 +19,21 @@ import torch
 import torch.fx as fx
 
 from fxcompress import ir
+from fxcompress.statistics import layer_statistics
 
 aten = torch.ops.aten
+
+
+def activation_absmax(gm: fx.GraphModule, ctx, linears: list[fx.Node]) -> dict[str, torch.Tensor]:
+    """Per input channel ``max|x_j|`` of each linear on the calibration data (the statistics analysis)."""
+    return {name: s.channel_absmax.float() for name, s in layer_statistics(gm, ctx, linears, gram=False).items()}
+
+
+def smooth(alpha: float, weights: list[torch.Tensor], absmax: torch.Tensor, input_scale: float | None):
+    """``(σ, [W·σ], the static scale of x/σ)`` from ``absmax = max|x_j|`` and the static scale of ``x``."""
+    sigma = smoothing_factors(alpha, weights, absmax)
+    scale = smoothed_input_scale(input_scale, absmax, sigma) if input_scale is not None else None
+    return sigma, [w * sigma.to(w.dtype) for w in weights], scale
 
 
 def smoothing_factors(alpha: float, weights: list[torch.Tensor], activation_absmax: torch.Tensor) -> torch.Tensor:

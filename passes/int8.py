@@ -33,9 +33,8 @@ from fxcompress import ir, selectors
 from fxcompress.pass_base import PassContext, PassResult
 from fxcompress.verify import node_values
 from fxcompress.passes._gptq import gptq_quantize, layer_hessians, smoothed_hessian
-from fxcompress.statistics import layer_statistics
 
-from ._smoothquant import fold_into_norm, smoothed_input_scale, smoothing_factors
+from ._smoothquant import activation_absmax, fold_into_norm, smooth
 
 from ._int8_conv_regions import lower_convs
 from ._int8_schemes import MODES, SCHEME_CONFIGS, Int8, Int8Dynamic, Int8Static, Int8WeightOnly, Scheme, register_scheme
@@ -126,7 +125,8 @@ class _GemmRewrite:
         values = self._input_values(gm, ctx, groups)
         examples = [self._example(gm, group, values) for group in groups]  # before rewrites rename inputs
         hessians = layer_hessians(gm, ctx, [g[0] for g in groups]) if self.config.gptq else {}
-        absmax = self._activation_absmax(gm, ctx, groups)
+        alpha = self.scheme.smoothing_alpha(self.config)
+        absmax = activation_absmax(gm, ctx, [g[0] for g in groups if g[0].target is LINEAR]) if alpha is not None else {}
         for group, example in zip(groups, examples):
             calibrated = (hessians.get(group[0].name), absmax.get(group[0].name))
             details, lowering = self._rewrite(gm, group, scales.get(layer_name(group[0])), example, calibrated)
@@ -186,32 +186,18 @@ class _GemmRewrite:
         bias_value = values[bias.name] if len(group) == 1 and isinstance(bias, fx.Node) and bias.op != "get_attr" else None
         return x_value, bias_value, self._float_run(gm, group, args, x_value, values)
 
-    def _activation_absmax(self, gm: fx.GraphModule, ctx: PassContext, groups: list[list[fx.Node]]) -> dict[str, torch.Tensor]:
-        """Per input channel ``max|x_j|`` of each smoothed linear group on the calibration data (statistics analysis)."""
-        if self.scheme.smoothing_alpha(self.config) is None:
-            return {}
-        linears = [g[0] for g in groups if g[0].target is LINEAR]
-        return {name: s.channel_absmax.float() for name, s in layer_statistics(gm, ctx, linears, gram=False).items()}
-
-    def _smooth(self, group: list[fx.Node], weights: list, x_value: torch.Tensor, absmax, input_scale):
-        """SmoothQuant ``σ`` (``None``: not smoothed), the weights ``W·σ`` and the static scale of ``x/σ`` (``_smoothquant``)."""
-        alpha = self.scheme.smoothing_alpha(self.config)
-        if alpha is None or group[0].target is CONV2D:
-            return None, weights, input_scale
-        if absmax is None:  # not a plain linear: the example input's range
-            absmax = x_value.abs().reshape(-1, x_value.shape[-1]).amax(0).float()
-        sigma = smoothing_factors(alpha, weights, absmax)
-        if input_scale is not None:
-            input_scale = smoothed_input_scale(input_scale, absmax, sigma)
-        return sigma, [w * sigma.to(w.dtype) for w in weights], input_scale
-
     def _rewrite(self, gm: fx.GraphModule, group: list[fx.Node], input_scale: float | None, example: tuple,
                  calibrated: tuple = (None, None)) -> tuple[list[dict], Lowering]:
         first = group[0]
         args = [gemm_arguments(node) for node in group]
         x_value, computed_bias, float_run = example
         hessian, absmax = calibrated
-        sigma, weights, input_scale = self._smooth(group, [weight_matrix(gm, node) for node in group], x_value, absmax, input_scale)
+        weights = [weight_matrix(gm, node) for node in group]
+        sigma, alpha = None, self.scheme.smoothing_alpha(self.config)
+        if alpha is not None and first.target is not CONV2D:
+            if absmax is None:  # not a plain linear: the example input's range
+                absmax = x_value.abs().reshape(-1, x_value.shape[-1]).amax(0).float()
+            sigma, weights, input_scale = smooth(alpha, weights, absmax, input_scale)
         quantized = [quantize_weight_per_channel(w.reshape(w.shape[0], -1)) if hessian is None
                      else gptq_quantize(w.reshape(w.shape[0], -1), smoothed_hessian(hessian, sigma)) for w in weights]
         weight_q = torch.cat([q for q, _ in quantized])

@@ -100,7 +100,8 @@ def plan(gm: fx.GraphModule, graph: ChannelGraph, removed: dict[int, np.ndarray]
     return plans, rows
 
 
-def _columns(channels: np.ndarray, kernel: int) -> torch.Tensor:
+def feature_columns(channels: np.ndarray, kernel: int) -> torch.Tensor:
+    """The unfolded weight columns (``c·kernel + p``) that read the given input channels."""
     return torch.as_tensor((channels[:, None] * kernel + np.arange(kernel)[None, :]).reshape(-1))
 
 
@@ -114,7 +115,7 @@ def _removed_mean_output(weight: torch.Tensor, s: InputStatistics, drop: np.ndar
         mean = s.feature_sum / max(s.rows, 1)
         reference = s.reference_feature_sum / max(s.rows, 1) if s.reference_feature_sum is not None else mean
         kept = mean.clone()
-        kept[_columns(drop, math.prod(weight.shape[2:]))] = 0
+        kept[feature_columns(drop, math.prod(weight.shape[2:]))] = 0
         return w @ (reference - kept)
     per_channel = w.reshape(w.shape[0], w.shape[1], -1).sum(-1)
     return per_channel[:, torch.as_tensor(drop)] @ s.channel_mean[torch.as_tensor(drop)]
@@ -151,7 +152,7 @@ def _refit(weight: torch.Tensor, bias: torch.Tensor, s: InputStatistics, drop: n
     w = weight.double().reshape(weight.shape[0], -1)
     kernel, features = math.prod(weight.shape[2:]), w.shape[1]
     keep = np.setdiff1d(np.arange(weight.shape[1]), drop)
-    cols = torch.cat([_columns(keep, kernel), torch.tensor([features])])
+    cols = torch.cat([feature_columns(keep, kernel), torch.tensor([features])])
     augmented = torch.cat([w, bias.double()[:, None]], dim=1)
     gram, cross = augmented_grams(s)
     a = gram[cols][:, cols]

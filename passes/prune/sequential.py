@@ -93,7 +93,7 @@ class _ObsSystem:
         self.weight = rhs @ self.inverse
         kernel = math.prod(weight.shape[2:])
         self.units = [u for u, unit in enumerate(group.units) if consumer.space in unit.elements]
-        self.columns = {u: compensation._columns(group.units[u].elements[consumer.space], kernel) for u in self.units}
+        self.columns = {u: compensation.feature_columns(group.units[u].elements[consumer.space], kernel) for u in self.units}
 
     def costs(self, units: int) -> torch.Tensor:
         cost = torch.zeros(units, dtype=torch.float64)
