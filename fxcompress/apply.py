@@ -9,7 +9,9 @@ own class, so ``generate`` (with its KV cache), ``save_pretrained`` and fine-tun
 
 Layers a pass rewrote into new tensors (``int8`` weights and scales, ``low_rank`` factors, both in turn)
 become :mod:`fxcompress.layers` modules in place of their ``nn.Linear`` / ``Conv1D``, built from the
-graph's own stages (the same custom op, lowering and tensors), and are listed in the config's
+graph's own stages (the same custom op, lowering and tensors) — an ``nn.Embedding`` whose table became
+int8 (``Int8(embeddings=True)``) an ``Int8Embedding``, a tied LM head reading that table a
+``TiedInt8Linear`` (tied, stored once) —, and are listed in the config's
 ``quantization_config`` (``quant_method="fxcompress"``, :func:`fxcompress.hf.register_quantizer`) so
 ``save_pretrained`` + :func:`load_pretrained` rebuild them. A graph holding tensors the model has no
 place for otherwise (folded BatchNorm), or that rewrote a module that is not a Linear/Conv1D, is
@@ -71,7 +73,18 @@ def _replace_layers(gm: fx.GraphModule, result: torch.nn.Module, model_tensors: 
     rewritten (int8 ops, low-rank factors); returns {path: new module} and the graph tensors they took."""
     from . import layers
 
-    replaced, consumed = {}, set()
+    replaced, consumed, tables = {}, set(), {}
+    for path, node in layers.embedding_nodes(gm).items():
+        original = result.get_submodule(path) if path else result
+        if not isinstance(original, torch.nn.Embedding):
+            raise InvalidInputError(f"apply_to_model: {path or 'the model'} ({type(original).__name__}) was rewritten to an int8 "
+                                    "embedding, but only nn.Embedding submodules can be replaced. Use the graph itself.")
+        layer = layers.embedding_from_node(gm, node, original.padding_idx)
+        _set_submodule(result, path, layer)
+        replaced[path] = layer
+        reads = [a.target for a in node.args[1:3]]
+        consumed.update(reads)
+        tables[reads[0]] = (layer, path)
     for path, stages in layers.stage_nodes(gm).items():
         reads = [name for stage in stages for name in layers.stage_tensors(stage)]
         if all(s.target is torch.ops.aten.linear.default for s in stages) and set(reads) <= model_tensors:
@@ -83,14 +96,18 @@ def _replace_layers(gm: fx.GraphModule, result: torch.nn.Module, model_tensors: 
                 "nn.Linear and transformers Conv1D submodules can be replaced by an fxcompress layer. Use the graph itself."
             )
         try:
-            layer = layers.layer_from_stages(gm, stages)
+            layer = layers.layer_from_stages(gm, stages, tables)
         except ValueError as exc:
             raise InvalidInputError(f"apply_to_model: cannot rebuild layer {path}: {exc}. Use the graph itself.") from exc
-        parent, _, leaf = path.rpartition(".")
-        setattr(result.get_submodule(parent), leaf, layer)
+        _set_submodule(result, path, layer)
         replaced[path] = layer
         consumed.update(reads)
     return replaced, consumed
+
+
+def _set_submodule(model: torch.nn.Module, path: str, layer: torch.nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, layer)
 
 
 def _under(name: str, paths) -> bool:
@@ -159,13 +176,15 @@ def _fit_config(model: torch.nn.Module, replaced: dict[str, torch.nn.Module]) ->
         config.quantization_config = hf.quantization_config({path: layer.spec() for path, layer in replaced.items()})
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if any(layer is head for layer in replaced.values()) and getattr(config, "tie_word_embeddings", False):
-            config.tie_word_embeddings = False  # the LM head is an int8/low-rank layer now, no longer the embedding
+            # the head is an int8/low-rank layer now: HF's tying by `.weight` no longer applies (a TiedInt8Linear
+            # reads its Int8Embedding's table itself, stored once)
+            config.tie_word_embeddings = False
     found: dict[str, set[int]] = {}
     for module in model.modules():
         for field, value in _config_sizes(module):
             found.setdefault(field, set()).add(value)
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if isinstance(embeddings, torch.nn.Embedding):
+    if isinstance(getattr(embeddings, "embedding_dim", None), int):  # nn.Embedding or Int8Embedding
         found["hidden_size"] = {embeddings.embedding_dim}
     differing = sorted(field for field, values in found.items() if len(values) > 1)
     width = found.pop("attention_width", None)  # GPT-2 ties its attention width to hidden_size
@@ -203,8 +222,8 @@ def _config_sizes(module: torch.nn.Module) -> list[tuple[str, int]]:
         sizes += [("num_attention_heads", module.num_heads), ("attention_width", module.split_size)]
     if hasattr(module, "gate_proj") and hasattr(module, "up_proj"):
         sizes.append(("intermediate_size", module.up_proj.out_features))
-    elif hasattr(module, "gate_up_proj"):
-        sizes.append(("intermediate_size", module.gate_up_proj.out_features // 2))
+    elif isinstance(getattr(module, "gate_up_proj", None), torch.nn.Module):  # Phi-3's fused Linear, not MoE experts' [E, 2I, H]
+        sizes.append(("intermediate_size", _width(module.gate_up_proj) // 2))
     elif hasattr(module, "c_fc") and _width(module.c_fc):
         sizes.append(("n_inner", _width(module.c_fc)))
     return sizes

@@ -75,10 +75,11 @@ def register_quantizer() -> None:
         def _process_model_before_weight_loading(self, model, **kwargs):
             from .layers import layer_from_spec
 
-            for path, spec in self.quantization_config.layers.items():
+            layers = self.quantization_config.layers
+            for path in sorted(layers, key=lambda p: layers[p]["kind"] != "int8_embedding"):  # a tied head needs its table
                 parent, _, leaf = path.rpartition(".")
                 owner = model.get_submodule(parent)
-                setattr(owner, leaf, layer_from_spec(spec))
+                setattr(owner, leaf, layer_from_spec(layers[path], model))
                 # the parent's weight init (e.g. GPT-2's scaled c_proj init) would reach for `.weight`; all is loaded
                 owner._is_hf_initialized = True
             return model

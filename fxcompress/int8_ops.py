@@ -17,6 +17,7 @@ pay for nothing). The Triton kernels are imported on first CUDA use. Each op has
 * a FLOP formula for ``torch.utils.flop_counter`` (2·M·N·K, as for ``aten.linear``).
 
 Which implementation a node uses is chosen by measurement in the ``int8`` pass (``passes/_int8_lowering.py``).
+``int8_embedding`` (the weight-only table lookup of ``Int8(embeddings=True)``) is one ATen gather on every device.
 
 Shapes: ``x [..., K]``; ``weight_q [N, K]`` int8; ``weight_scale [N]`` fp32 (``W ≈ s_w ⊙ W_q``
 row-wise); ``bias [N]`` or None; the result is ``[..., N]`` in ``x.dtype``.
@@ -275,6 +276,20 @@ def int8_linear_qengine(
 
 
 int8_linear_qengine.register_fake(_qengine_fake)
+
+
+@custom_op("fxcompress::int8_embedding", mutates_args=())
+def int8_embedding(indices: Tensor, weight_q: Tensor, weight_scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """Weight-only int8 embedding lookup: ``(s_w ⊙ W_q)[indices]`` in ``dtype``, gathering the int8 rows and
+    their scales only (``W_q [V, D]`` int8, ``s_w [V]``: per row, the LM head's per-output-channel scale of a
+    tied table, so one ``W_q, s_w`` serves both)."""
+    rows = torch.nn.functional.embedding(indices, weight_q)
+    return rows.to(dtype).mul_(torch.nn.functional.embedding(indices, weight_scale[:, None]).to(dtype))
+
+
+@int8_embedding.register_fake
+def _int8_embedding_fake(indices: Tensor, weight_q: Tensor, weight_scale: Tensor, dtype: torch.dtype) -> Tensor:
+    return indices.new_empty((*indices.shape, weight_q.shape[1]), dtype=dtype)
 
 
 # --- FLOP formulas (the report counts MACs through FlopCounterMode) -------------------------------

@@ -4,6 +4,8 @@ puts in place of an ``nn.Linear`` / HF ``Conv1D`` that a pass rewrote.
 * :class:`Int8Linear` — one fxcompress int8 op (``torch.ops.fxcompress.int8_linear`` and its static,
   weight-only and quantized-engine siblings), the very op and lowering the ``int8`` pass chose for the
   node on this machine, with the node's int8 weight, scales, bias and SmoothQuant ``1/σ``;
+* :class:`Int8Embedding` — a weight-only int8 token table (``fxcompress::int8_embedding``), and
+  :class:`TiedInt8Linear` — an int8 LM head reading that table (a tied head stays tied, stored once);
 * :class:`LowRankLinear` — the chain of stages a factorized layer became (``x → x V_rᵀ → · (U_r S_r)ᵀ + b``),
   each an ``nn.Linear`` (trainable) or an :class:`Int8Linear` when ``int8`` ran after ``low_rank``.
 
@@ -26,6 +28,7 @@ from . import int8_ops, ir  # noqa: F401  (int8_ops registers torch.ops.fxcompre
 aten = torch.ops.aten
 INT8_OPS = ("int8_linear", "int8_linear_static", "int8_weight_only_linear", "int8_linear_qengine")
 _INT8_TARGETS = {getattr(torch.ops.fxcompress, name).default: name for name in INT8_OPS}
+_INT8_EMBEDDING = torch.ops.fxcompress.int8_embedding.default
 
 
 class Int8Linear(torch.nn.Module):
@@ -34,25 +37,28 @@ class Int8Linear(torch.nn.Module):
     def __init__(self, op: str, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
                  input_scale: torch.Tensor | None = None, smooth_inverse: torch.Tensor | None = None, engine: str | None = None):
         super().__init__()
-        if op not in INT8_OPS:
-            raise ValueError(f"Int8Linear: op must be one of {INT8_OPS}, not {op!r}")
-        self.op, self.engine = op, engine
-        self.out_features, self.in_features = weight_q.shape
+        self._set_op(op, engine, weight_q.shape)
         for name, value in (("weight_q", weight_q), ("weight_scale", weight_scale), ("bias", bias),
                             ("input_scale", input_scale), ("smooth_inverse", smooth_inverse)):
             self.register_buffer(name, value)
 
+    def _set_op(self, op: str, engine: str | None, shape) -> None:
+        if op not in INT8_OPS:
+            raise ValueError(f"Int8Linear: op must be one of {INT8_OPS}, not {op!r}")
+        self.op, self.engine = op, engine
+        self.out_features, self.in_features = shape
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.smooth_inverse is not None:
             x = x * self.smooth_inverse
-        op = getattr(torch.ops.fxcompress, self.op)
+        op, weight_q, weight_scale = getattr(torch.ops.fxcompress, self.op), self.weight_q, self.weight_scale
         if self.op == "int8_weight_only_linear":
-            return op(x, self.weight_q, self.weight_scale, self.bias)
+            return op(x, weight_q, weight_scale, self.bias)
         if self.op == "int8_linear_static":
-            return op(x, self.input_scale, self.weight_q, self.weight_scale, self.bias, "none")
+            return op(x, self.input_scale, weight_q, weight_scale, self.bias, "none")
         if self.op == "int8_linear_qengine":
-            return op(x, self.weight_q, self.weight_scale, self.bias, "none", self.engine)
-        return op(x, self.weight_q, self.weight_scale, self.bias, "none")
+            return op(x, weight_q, weight_scale, self.bias, "none", self.engine)
+        return op(x, weight_q, weight_scale, self.bias, "none")
 
     def spec(self) -> dict:
         return {"kind": "int8", "op": self.op, "engine": self.engine, "in": self.in_features, "out": self.out_features,
@@ -60,6 +66,52 @@ class Int8Linear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, op={self.op}" + (f", engine={self.engine}" if self.engine else "")
+
+
+class Int8Embedding(torch.nn.Module):
+    """A weight-only int8 token table: ``fxcompress::int8_embedding(ids, W_q, s_w)`` (per-row scales)."""
+
+    def __init__(self, weight_q: torch.Tensor, weight_scale: torch.Tensor, dtype: torch.dtype = torch.float32,
+                 padding_idx: int | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight_q.shape
+        self.dtype, self.padding_idx = dtype, padding_idx
+        self.register_buffer("weight_q", weight_q)
+        self.register_buffer("weight_scale", weight_scale)
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        return torch.ops.fxcompress.int8_embedding(indices, self.weight_q, self.weight_scale, self.dtype)
+
+    def spec(self) -> dict:
+        return {"kind": "int8_embedding", "num": self.num_embeddings, "dim": self.embedding_dim,
+                "dtype": str(self.dtype).removeprefix("torch."), "padding_idx": self.padding_idx}
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8"
+
+
+class TiedInt8Linear(Int8Linear):
+    """An int8 LM head tied to an :class:`Int8Embedding`: it reads the table's ``W_q, s_w`` (stored once, in the
+    embedding; the reference is not a submodule, so the state dict holds the table once)."""
+
+    def __init__(self, op: str, embedding: Int8Embedding, embedding_path: str, bias: torch.Tensor | None = None,
+                 engine: str | None = None):
+        torch.nn.Module.__init__(self)
+        self._set_op(op, engine, embedding.weight_q.shape)
+        self.__dict__["embedding"], self.embedding_path = embedding, embedding_path
+        for name, value in (("bias", bias), ("input_scale", None), ("smooth_inverse", None)):
+            self.register_buffer(name, value)
+
+    @property
+    def weight_q(self) -> torch.Tensor:
+        return self.embedding.weight_q
+
+    @property
+    def weight_scale(self) -> torch.Tensor:
+        return self.embedding.weight_scale
+
+    def spec(self) -> dict:
+        return {**super().spec(), "kind": "int8_tied", "embedding": self.embedding_path}
 
 
 class LowRankLinear(torch.nn.Sequential):
@@ -79,8 +131,15 @@ def _stage_spec(stage: torch.nn.Module) -> dict:
     return {"kind": "linear", "in": stage.in_features, "out": stage.out_features, "bias": stage.bias is not None}
 
 
-def layer_from_spec(spec: dict) -> torch.nn.Module:
-    """An empty module of ``spec``'s kind and shapes (values come from a state dict, loaded with ``assign=True``)."""
+def layer_from_spec(spec: dict, model: torch.nn.Module | None = None) -> torch.nn.Module:
+    """An empty module of ``spec``'s kind and shapes (values come from a state dict, loaded with ``assign=True``);
+    a tied head's embedding is looked up in ``model`` (rebuild the embeddings first)."""
+    if spec["kind"] == "int8_embedding":
+        return Int8Embedding(torch.zeros(spec["num"], spec["dim"], dtype=torch.int8), torch.ones(spec["num"]),
+                             getattr(torch, spec["dtype"]), spec["padding_idx"])
+    if spec["kind"] == "int8_tied":
+        return TiedInt8Linear(spec["op"], model.get_submodule(spec["embedding"]), spec["embedding"],
+                              torch.zeros(spec["out"]) if spec["bias"] else None, spec["engine"])
     if spec["kind"] == "low_rank":
         return LowRankLinear(*(layer_from_spec(stage) for stage in spec["stages"]))
     if spec["kind"] == "linear":
@@ -156,16 +215,28 @@ def stage_tensors(node: fx.Node) -> list[str]:
     return [a.target for a in reads if a.op == "get_attr"]
 
 
-def layer_from_stages(gm: fx.GraphModule, stages: list[fx.Node]) -> torch.nn.Module:
-    """The module computing ``stages`` (a chain: each reads the previous one's output)."""
+def embedding_nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """Module path -> the ``fxcompress::int8_embedding`` lookup computed for it."""
+    return {ir.module_path(n): n for n in gm.graph.nodes if n.op == "call_function" and n.target is _INT8_EMBEDDING}
+
+
+def embedding_from_node(gm: fx.GraphModule, node: fx.Node, padding_idx: int | None = None) -> Int8Embedding:
+    _, weight_q, weight_scale, dtype = node.args
+    return Int8Embedding(ir.get_attr(gm, weight_q.target).detach().clone(), ir.get_attr(gm, weight_scale.target).detach().clone(),
+                         dtype, padding_idx)
+
+
+def layer_from_stages(gm: fx.GraphModule, stages: list[fx.Node], tables: dict[str, tuple[Int8Embedding, str]] | None = None) -> torch.nn.Module:
+    """The module computing ``stages`` (a chain: each reads the previous one's output); ``tables`` maps the
+    int8 table of an :class:`Int8Embedding` (its ``W_q``'s graph name) to (module, path), so a head that reads it is tied."""
     for previous, stage in zip(stages, stages[1:]):
         if stage_input(stage) is not previous:
             raise ValueError(f"{stage.name} does not read {previous.name}: the layer's stages are not one chain")
-    modules = [_stage_module(gm, stage) for stage in stages]
+    modules = [_stage_module(gm, stage, tables or {}) for stage in stages]
     return modules[0] if len(modules) == 1 else LowRankLinear(*modules)
 
 
-def _stage_module(gm: fx.GraphModule, node: fx.Node) -> torch.nn.Module:
+def _stage_module(gm: fx.GraphModule, node: fx.Node, tables: dict) -> torch.nn.Module:
     sliced = _fused_int8_slice(node) if node.target is operator.getitem else None
     gemm, rows = sliced if sliced else (node, slice(None))
     args = ir.call_arguments(gemm)
@@ -186,6 +257,9 @@ def _stage_module(gm: fx.GraphModule, node: fx.Node) -> torch.nn.Module:
         return linear
     bias = stored("bias")
     smooth = _smooth_inverse(gemm)
+    table = tables.get(args["weight_q"].target)
+    if table is not None and sliced is None and smooth is None:
+        return TiedInt8Linear(_INT8_TARGETS[gemm.target], *table, bias, args.get("engine"))
     return Int8Linear(
         _INT8_TARGETS[gemm.target], stored("weight_q")[rows].contiguous(), stored("weight_scale")[rows].contiguous(),
         None if bias is None else bias[rows].contiguous(), stored("input_scale"),

@@ -43,7 +43,9 @@ class Int8(Pass):
     output error may be at most this multiple of the scheme's own (per-tensor engines vs per-token).
     ``tune_time_s``: timing per candidate. ``gptq``: round weights with GPTQ on the calibration
     inputs' Hessian ``XᵀX`` (``passes/_gptq.py``) instead of to nearest; layers without a Hessian (too
-    many input features) round to nearest.
+    many input features) round to nearest. ``embeddings``: also store embedding tables as weight-only
+    int8 (``fxcompress::int8_embedding``, per-row scales; a tied LM head and its table share one int8
+    table, ``passes/_int8_embeddings.py``) — for size: a lookup is not faster.
     """
 
     name = "int8"
@@ -59,6 +61,7 @@ class Int8(Pass):
     error_factor: float = 3.0
     tune_time_s: float = 0.05
     gptq: bool = False
+    embeddings: bool = False
 
     @classmethod
     def config_class(cls, args: tuple, kwargs: dict) -> tuple[type, tuple, dict]:

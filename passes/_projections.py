@@ -24,6 +24,9 @@ _MATMULS = (aten.addmm.default, aten.mm.default, aten.matmul.default)
 _TRANSPOSES = (aten.t.default, aten.transpose.int, aten.permute.default)
 _LAYOUT = {f"aten.{op}" for op in "t transpose permute view reshape contiguous to _to_copy clone".split()}
 _BATCHED_GEMMS = {"aten.bmm", "aten.matmul", "aten.einsum", "aten.baddbmm", "aten._grouped_mm"}
+_ROUTING_PATH = _LAYOUT | {"aten.softmax", "aten._softmax", "aten.sigmoid", "aten.log_softmax"}
+ROUTER_REASON = ("the mixture-of-experts router (its output picks the experts by topk) stays float: "
+                 "a flipped top-k choice sends a token to another expert")
 
 
 def is_projection(node: fx.Node) -> bool:
@@ -97,6 +100,19 @@ def batched_weight_readers(gm: fx.GraphModule) -> list[tuple[str, str]]:
             if user.op == "call_function" and (name in _BATCHED_GEMMS or not name.startswith("aten.")):
                 found.append((node.target, name))
     return found
+
+
+def routes_experts(node: fx.Node, depth: int = 6) -> bool:
+    """True for a projection whose output picks experts: ``topk`` of it, through softmax/sigmoid, casts and views
+    (the router of a mixture-of-experts layer; Mixtral, Qwen-MoE, DeepSeek-style)."""
+    frontier = [node]
+    for _ in range(depth):
+        users = [user for n in frontier for user in n.users]
+        names = [str(getattr(user.target, "overloadpacket", "")) for user in users]
+        if "aten.topk" in names:
+            return True
+        frontier = [user for user, name in zip(users, names) if name in _ROUTING_PATH]
+    return False
 
 
 def _through_layout(node: fx.Node) -> list[fx.Node]:

@@ -37,9 +37,10 @@ from fxcompress.passes._gptq import gptq_quantize, layer_hessians, smoothed_hess
 from ._smoothquant import activation_absmax, fold_into_norm, smooth
 
 from ._int8_conv_regions import lower_convs
+from ._int8_embeddings import quantize_embeddings
 from ._int8_schemes import MODES, SCHEME_CONFIGS, Int8, Int8Dynamic, Int8Static, Int8WeightOnly, Scheme, register_scheme
 from ._int8_lowering import GemmProblem, Lowering, choose_lowering
-from ._projections import batched_weight_readers, gemm_arguments, is_projection, weight_matrix
+from ._projections import ROUTER_REASON, batched_weight_readers, gemm_arguments, is_projection, routes_experts, weight_matrix
 
 __all__ = ["MODES", "SCHEME_CONFIGS", "GemmScheme", "Int8", "Int8Dynamic", "Int8Static", "Int8WeightOnly", "register_scheme"]
 
@@ -104,6 +105,7 @@ class _GemmRewrite:
 
     def __init__(self, config: Int8, scheme: "GemmScheme"):
         self.config, self.scheme = config, scheme
+        self.head_tables: dict[str, tuple[fx.Node, fx.Node]] = {}  # weight -> (W_q, s_w) of its plain int8 linear
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult()
@@ -136,6 +138,8 @@ class _GemmRewrite:
                     result.skip(layer_name(node), f"kept float: {lowering.choice.reason} ({lowering.choice.timings_text() or 'not timed'})")
             else:
                 result.rewritten.extend(layer_name(n) for n in group)
+        if config.embeddings:
+            quantize_embeddings(gm, config.skip, self.head_tables, result)
         return result
 
     def _problem(self, gm: fx.GraphModule, node: fx.Node, layer: str, scales: dict) -> str:
@@ -144,6 +148,8 @@ class _GemmRewrite:
         problem = gemm_problem(gm, node)
         if problem:
             return problem
+        if routes_experts(node):
+            return ROUTER_REASON
         weight = weight_matrix(gm, node)
         if weight.numel() < self.config.min_weight_numel:
             return (f"weight has {weight.numel()} elements < min_weight_numel={self.config.min_weight_numel}: "
@@ -241,6 +247,8 @@ class _GemmRewrite:
         scale_node = ir.add_constant(gm, f"{base}_scale", weight_scale, first)
         s_x_node = ir.add_constant(gm, f"{base}_input_scale", s_x, first) if s_x is not None else None
         bias = self._bias(gm, group, args, weights, first)
+        if len(group) == 1 and sigma is None and first.target is LINEAR:  # per-row W_q, s_w of the table itself
+            self.head_tables[base] = (wq_node, scale_node)
         x = args[0]["input"]
         smoothing = ""
         if sigma is not None:

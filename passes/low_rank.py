@@ -47,7 +47,7 @@ from fxcompress.passes import _rank_selection as rs
 from fxcompress.passes._rank_budget import RankOption, allocate_budget
 from fxcompress.passes import _whitening
 from fxcompress.passes._factorizations import FACTORIZATIONS, Factorization, Geometry, Stage
-from fxcompress.passes._projections import batched_weight_readers, gemm_arguments, is_projection, weight_matrix
+from fxcompress.passes._projections import ROUTER_REASON, batched_weight_readers, gemm_arguments, is_projection, routes_experts, weight_matrix
 
 _LINEAR = torch.ops.aten.linear.default
 _CONV_DIMS = {torch.ops.aten.conv1d.default: 1, torch.ops.aten.conv2d.default: 2}
@@ -216,6 +216,8 @@ class LowRank(Pass):
         weight = args["weight"]
         if not isinstance(weight, fx.Node) or weight.op != "get_attr":
             return "weight is computed in the graph, not a stored parameter; cannot factorize it"
+        if routes_experts(node):
+            return ROUTER_REASON
         uses = attr_use_count(gm, weight.target)
         if uses > 1:
             return f"weight {weight.target!r} is used {uses} times; factorizing one use would duplicate it"

@@ -14,7 +14,7 @@ import fxcompress
 from fxcompress import apply_to_model, generation_fidelity
 from fxcompress.capture import capture
 from fxcompress.errors import FxCompressWarning, InvalidInputError
-from fxcompress.layers import Int8Linear, LowRankLinear
+from fxcompress.layers import Int8Embedding, Int8Linear, LowRankLinear, TiedInt8Linear
 from fxcompress.manager import PassManager
 from fxcompress.pass_base import PassContext
 from fxcompress.passes import Int8, LowRank, PruneChannels
@@ -27,6 +27,7 @@ PIPELINES = {
     "int8": lambda: [Int8(**INT8)],
     "low_rank": lambda: [LowRank(rank=0.25)],
     "prune+int8": lambda: [PruneChannels(ratio=0.5), Int8(**INT8)],
+    "int8+embeddings": lambda: [Int8(**INT8, embeddings=True)],
 }
 
 
@@ -62,7 +63,7 @@ def applied(gm, model):
         return apply_to_model(gm, model)
 
 
-@pytest.mark.parametrize("pipeline", sorted(PIPELINES))
+@pytest.mark.parametrize("pipeline", ["int8", "low_rank", "prune+int8"])
 @pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
 def test_applied_module_generates_with_its_kv_cache_as_the_graph_computes(compressed, family, pipeline):
     model, inputs, gm = compressed(family, pipeline)
@@ -136,3 +137,45 @@ def test_generation_fidelity_of_identical_lossy_and_broken_models(compressed):
     assert 0.0 <= lossy.greedy_match <= 1.0 and 0.0 <= lossy.kl < worst.kl
     with pytest.raises(InvalidInputError, match="new_tokens"):
         generation_fidelity(model, gm, prompts, new_tokens=0)
+
+
+def weight_bytes(module) -> int:
+    tensors = {t.data_ptr(): t for t in list(module.parameters()) + list(module.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@pytest.mark.parametrize("family,tied", [("qwen2", True), ("llama", False), ("gpt2", True)])
+def test_int8_embeddings_keep_a_tied_head_tied_save_reload_and_generate(compressed, family, tied, tmp_path):
+    model, inputs, gm = compressed(family, "int8+embeddings")
+    assert not any(n.target is torch.ops.aten.embedding.default for n in gm.graph.nodes)
+    module = applied(gm, model)
+    assert isinstance(module.get_input_embeddings(), Int8Embedding)
+    assert isinstance(module.get_output_embeddings(), TiedInt8Linear) is tied
+    if tied:  # one int8 table, read by both
+        assert module.get_output_embeddings().weight_q is module.get_input_embeddings().weight_q
+    state = module.state_dict()
+    assert not any(v.is_floating_point() and v.dim() == 2 for v in state.values()), "no float matrix is left"
+    # int8 + fp32 row scales: 1/4 of the bytes plus 4 bytes per row of width 32..64 (tiny model), norms stay fp32
+    assert weight_bytes(module) < 0.3 * weight_bytes(model)
+    torch.testing.assert_close(logits(module, inputs), logits(gm, inputs), rtol=1e-5, atol=1e-5)
+    fidelity = generation_fidelity(model, module, inputs["input_ids"][:, :4], new_tokens=8)
+    assert fidelity.kl < 1e-3 and fidelity.top1_agreement >= 0.75
+    module.save_pretrained(tmp_path)
+    reloaded = fxcompress.load_pretrained(type(model), tmp_path)
+    assert isinstance(reloaded.get_output_embeddings(), TiedInt8Linear) is tied
+    prompt = inputs["input_ids"][:1, :4]
+    tokens = fxcompress.generation.greedy_tokens(module, prompt, 8)  # generate with the KV cache
+    assert torch.equal(tokens, fxcompress.generation.greedy_tokens(gm, prompt, 8))  # the graph, whole prefix per token
+    assert torch.equal(fxcompress.generation.greedy_tokens(reloaded, prompt, 8), tokens)
+
+
+def test_int8_embedding_of_a_table_still_read_in_float_is_skipped_with_the_reason():
+    model, inputs = llm_zoo.build("gpt2"), llm_zoo.tokens()  # wte is tied to the LM head, wpe is not
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FxCompressWarning)
+        gm = capture(model, inputs)
+    result = PassManager([Int8(**INT8, embeddings=True, skip=("lm_head",))]).run(gm, PassContext((), inputs))[0].result
+    assert "an int8 copy would add bytes" in dict(result.skipped)["transformer.wte"]
+    assert "transformer.wpe" in result.rewritten
+    tables = [n.args[0].target for n in gm.graph.nodes if n.target is torch.ops.aten.embedding.default]
+    assert tables == ["lm_head.weight"], "the tied table stays float, once"
