@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import re
 import sys
 import time
 
@@ -35,7 +36,7 @@ import fxcompress  # noqa: E402
 from fxcompress.capture import capture  # noqa: E402
 from fxcompress.passes import Int8, LowRank, PruneChannels  # noqa: E402
 from fxcompress.report import count_macs  # noqa: E402
-from fxcompress.pass_base import PassContext  # noqa: E402
+from fxcompress.pass_base import Pass, PassContext  # noqa: E402
 from fxcompress.statistics import LAYER_OPS, collect_statistics  # noqa: E402
 
 from common import machine_info, results_dir, write_results  # noqa: E402
@@ -45,7 +46,14 @@ HELD_OUT = 64
 
 
 def minilm_variants() -> list[tuple[str, str, object]]:
-    """(family, variant, pass) for MiniLM; the data-free variant of each family comes first."""
+    """(family, variant, pass) for MiniLM; the data-free variant of each family comes first. A static
+    int8 row's pass is a function of the activation scales (``fxcompress.calibrate`` on the calibration
+    inputs). Every int8 row has ``allow_slower=True``: each layer is int8 whatever this machine's timings."""
+    dynamic = dict(mode="dynamic", allow_slower=True)
+
+    def static(**options):
+        return lambda scales: Int8(mode="static", activation_scales=scales, allow_slower=True, impl="int_mm", **options)
+
     return [
         ("low_rank 0.5 MACs", "data-free", LowRank(target_macs=0.5)),
         ("low_rank 0.5 MACs", "asvd", LowRank(target_macs=0.5, whiten="asvd")),
@@ -59,10 +67,17 @@ def minilm_variants() -> list[tuple[str, str, object]]:
         ("prune 30%", "activation", PruneChannels(ratio=0.3, importance="activation")),
         ("prune 30%", "activation + bias", PruneChannels(ratio=0.3, importance="activation", compensate="bias")),
         ("prune 30%", "activation + lstsq", PruneChannels(ratio=0.3, importance="activation", compensate="lstsq")),
-        ("int8 dynamic, no float layer", "round-to-nearest", Int8(mode="dynamic")),
-        ("int8 dynamic, no float layer", "gptq", Int8(mode="dynamic", gptq=True)),
-        ("int8 dynamic, no float layer", "smoothquant 0.5", Int8(mode="dynamic", smooth_alpha=0.5)),
-        ("int8 dynamic, no float layer", "smoothquant 0.5 + gptq", Int8(mode="dynamic", smooth_alpha=0.5, gptq=True)),
+        ("prune 30%", "activation + lstsq, sequential",
+         PruneChannels(ratio=0.3, importance="activation", compensate="lstsq", sequential=True)),
+        ("prune 30%", "reconstruction + lstsq", PruneChannels(ratio=0.3, importance="reconstruction", compensate="lstsq")),
+        ("prune 30%", "reconstruction + lstsq, sequential",
+         PruneChannels(ratio=0.3, importance="reconstruction", compensate="lstsq", sequential=True)),
+        ("int8 dynamic, no float layer", "round-to-nearest", Int8(**dynamic)),
+        ("int8 dynamic, no float layer", "gptq", Int8(**dynamic, gptq=True)),
+        ("int8 dynamic, no float layer", "smoothquant 0.5", Int8(**dynamic, smooth_alpha=0.5)),
+        ("int8 dynamic, no float layer", "smoothquant 0.5 + gptq", Int8(**dynamic, smooth_alpha=0.5, gptq=True)),
+        ("int8 static, no float layer", "min-max scales", static()),
+        ("int8 static, no float layer", "smoothquant 0.5 (LN-folded where possible) + gptq", static(smooth_alpha=0.5, gptq=True)),
     ]
 
 
@@ -101,8 +116,7 @@ def measured_rows() -> dict[tuple, dict]:
     return {(r["model"], r["family"], r["variant"]): r for r in rows}
 
 
-def run_minilm(resume: bool = False, timing: bool = True, measured_only: bool = False,
-               rows_matching: str | None = None) -> tuple[list[dict], dict]:
+def run_minilm(resume: bool = False, timing: bool = True, measured_only: bool = False, rows_matching: str = "") -> tuple[list[dict], dict]:
     from distill_minilm import load_minilm
 
     teacher, tokenizer = load_minilm()
@@ -110,12 +124,18 @@ def run_minilm(resume: bool = False, timing: bool = True, measured_only: bool = 
     example = calibration[0]
     original_macs = count_macs(teacher, PassContext((), held_out))
     rows, done = [], measured_rows() if resume else {}
+    scales = None
     for family, variant, compression in minilm_variants():
+        if not re.search(rows_matching, f"{family}: {variant}"):
+            continue
         if ("all-MiniLM-L6-v2", family, variant) in done:
             rows.append(done[("all-MiniLM-L6-v2", family, variant)])
             continue
-        if measured_only or (rows_matching and rows_matching not in f"{family}: {variant}"):
+        if measured_only:
             continue
+        if not isinstance(compression, Pass):
+            scales = scales or fxcompress.calibrate(teacher, calibration, progress=False)
+            compression = compression(scales)
         started = time.perf_counter()
         student = fxcompress.optimize(teacher, example, passes=[compression], calibration=calibration, report=False)
         seconds = time.perf_counter() - started
@@ -123,11 +143,19 @@ def run_minilm(resume: bool = False, timing: bool = True, measured_only: bool = 
         rows.append({"model": "all-MiniLM-L6-v2", "family": family, "variant": variant, "config": compression.config(),
                      "macs_kept": macs / original_macs, **embedding_scores(student, teacher, held_out),
                      "compress_seconds": round(seconds, 1), "layers": student.report.results[compression.name].details,
+                     **float_layers(student, compression),
                      "commit": machine_info()["commit"]})
         with PARTIAL.open("a") as partial:
             partial.write(json.dumps(rows[-1], default=str) + "\n")
         print({k: v for k, v in rows[-1].items() if k != "layers"}, flush=True)
     return rows, ({"minilm_calibration_seconds_512": calibration_seconds(teacher, calibration)} if timing else {})
+
+
+def float_layers(student, compression) -> dict:
+    """For int8 rows: how many layers stayed float because float measured faster (must be 0 with allow_slower)."""
+    if not isinstance(compression, Int8):
+        return {}
+    return {"float_layers": sum("kept float" in reason for _, reason in student.report.results[compression.name].skipped)}
 
 
 def calibration_seconds(model, calibration: list[dict]) -> dict:
@@ -154,7 +182,9 @@ def run_digits(seed: int = 0) -> list[dict]:
     variants = [("data-free (l1)", PruneChannels(ratio=0.5)),
                 ("activation", PruneChannels(ratio=0.5, importance="activation")),
                 ("activation + bias", PruneChannels(ratio=0.5, importance="activation", compensate="bias")),
-                ("activation + lstsq", PruneChannels(ratio=0.5, importance="activation", compensate="lstsq"))]
+                ("activation + lstsq", PruneChannels(ratio=0.5, importance="activation", compensate="lstsq")),
+                ("reconstruction + lstsq, sequential",
+                 PruneChannels(ratio=0.5, importance="reconstruction", compensate="lstsq", sequential=True))]
     for variant, compression in variants:
         student = fxcompress.optimize(model, (images[:8],), passes=[compression], calibration=calibration, report=False)
         rows.append({"model": "digits CNN", "family": "prune 50%", "variant": variant, "config": compression.config(),
@@ -165,17 +195,19 @@ def run_digits(seed: int = 0) -> list[dict]:
 
 
 TARGETS = [  # (description, family, variant, metric, threshold)
-    ("MiniLM low rank at 0.5 linear MACs: cosine >= 0.95", "low_rank 0.5 MACs", None, "cosine_mean", 0.95),
-    ("MiniLM prune 30%: cosine >= 0.95", "prune 30%", "activation + lstsq", "cosine_mean", 0.95),
-    ("digits CNN prune 50%: top-1 >= 90%", "prune 50%", "activation + lstsq", "top1", 90.0),
+    ("MiniLM low rank at 0.5 linear MACs: cosine >= 0.95", "low_rank 0.5 MACs", "svd-llm", "cosine_mean", 0.95),
+    ("MiniLM prune 30%: cosine >= 0.95", "prune 30%", None, "cosine_mean", 0.95),
+    ("digits CNN prune 50%: top-1 >= 90%", "prune 50%", None, "top1", 90.0),
     ("MiniLM dynamic int8, no float layer: cosine >= 0.999", "int8 dynamic, no float layer", None, "cosine_mean", 0.999),
+    ("MiniLM static int8, no float layer: cosine >= 0.999", "int8 static, no float layer", None, "cosine_mean", 0.999),
 ]  # variant None: the best variant of the family
 
 
 def targets(rows: list[dict], extra: dict) -> list[dict]:
     found = []
     for text, family, variant, metric, threshold in TARGETS:
-        candidates = [r for r in rows if r["family"] == family and variant in (None, r["variant"]) and metric in r]
+        candidates = [r for r in rows if r["family"] == family and variant in (None, r["variant"]) and metric in r
+                      and r["variant"] != "original"]
         if candidates:  # targets of a model not measured in this run are left out
             best = max(candidates, key=lambda r: r[metric])
             found.append({"target": text, "value": f"{best[metric]:.5f} ({best['variant']})", "met": best[metric] >= threshold})
@@ -228,8 +260,8 @@ def main() -> None:
     parser.add_argument("--only", choices=["minilm", "digits", "calibration-time"])
     parser.add_argument("--resume", action="store_true", help=f"reuse the MiniLM rows already in {PARTIAL.name}")
     parser.add_argument("--measured-only", action="store_true", help="with --resume: only tabulate rows already measured")
-    parser.add_argument("--rows", help="only the MiniLM rows whose 'pass: variant' contains this, e.g. 'low_rank'")
     parser.add_argument("--no-timing", action="store_true", help="skip the calibration timing (see --only calibration-time)")
+    parser.add_argument("--rows", default="", help="only the MiniLM rows whose 'family: variant' matches this regex, e.g. 'prune'")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if args.only == "calibration-time":
@@ -245,8 +277,7 @@ def main() -> None:
         return
     rows, extra = [], {}
     if args.only in (None, "minilm"):
-        minilm_rows, extra = run_minilm(args.resume, timing=not args.no_timing, measured_only=args.measured_only,
-                                      rows_matching=args.rows)
+        minilm_rows, extra = run_minilm(args.resume, timing=not args.no_timing, measured_only=args.measured_only, rows_matching=args.rows)
         rows += minilm_rows
     if args.only in (None, "digits"):
         rows += run_digits()

@@ -8,8 +8,16 @@ of all calibration batches the collector accumulates
 
 * ``gram = XᵀX`` (K×K) and ``feature_sum = Xᵀ1`` (K) — skipped, with the reason, when K exceeds
   ``max_gram_features`` (huge k×k convs) or the conv is grouped;
-* per input *channel* ``c`` (the linear's feature, the conv's dim 1): ``Σx``, ``Σx²``, ``Σ|x|`` and the
-  number of positions — always (the diagonal fallback).
+* per input *channel* ``c`` (the linear's feature, the conv's dim 1): ``Σx``, ``Σx²``, ``Σ|x|``, ``max|x|``
+  and the number of positions — always (the diagonal fallback);
+* with a ``reference`` graph (the uncompressed model, same node names) run on the same batch: the
+  cross Gram matrix ``X̂ᵀX`` between this graph's rows ``X̂`` and the reference's rows ``X`` and ``Xᵀ1``
+  — what a refit needs to map the compressed model's inputs back to the original outputs (sequential
+  calibration).
+
+A batch with an ``attention_mask`` keyword input (Hugging Face) counts only the token rows the mask
+keeps, for linears whose input is batch × tokens × features like the mask: padding positions are
+computed by the model but never read, and would otherwise be most of the rows of short sentences.
 
 Nothing else is kept: each batch's activations are released as soon as the interpreter is past their
 last use (``fx.Interpreter`` frees dead values), so memory is the size of the statistics, whatever
@@ -57,9 +65,12 @@ class InputStatistics:
     channel_sum: torch.Tensor | None = None
     channel_sq: torch.Tensor | None = None
     channel_abs: torch.Tensor | None = None
+    channel_absmax: torch.Tensor | None = None
     rows: int = 0  # rows of the unfolded input X
     gram: torch.Tensor | None = None
     feature_sum: torch.Tensor | None = None
+    cross: torch.Tensor | None = None  # X̂ᵀX with X the reference graph's rows (paired collection only)
+    reference_feature_sum: torch.Tensor | None = None  # Xᵀ1 of the reference rows
     reason: str = ""  # why ``gram`` is None
 
     @property
@@ -71,7 +82,8 @@ class InputStatistics:
         return (self.channel_sq - self.channel_sum.square() / max(self.positions, 1)).clamp(min=0).sqrt()
 
     def nbytes(self) -> int:
-        tensors = (self.channel_sum, self.channel_sq, self.channel_abs, self.gram, self.feature_sum)
+        tensors = (self.channel_sum, self.channel_sq, self.channel_abs, self.channel_absmax, self.gram, self.feature_sum,
+                   self.cross, self.reference_feature_sum)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
@@ -112,30 +124,40 @@ class _Accumulator:
         self.max_gram_features = max_gram_features
         self.stats: InputStatistics | None = None
 
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach()
-        spatial_dims = LAYER_OPS[self.node.target]
-        if spatial_dims and x.dim() == spatial_dims + 1:  # an unbatched conv input
-            x = x.unsqueeze(0)
-        channel_dim = 1 if spatial_dims else -1
+    def add(self, x: torch.Tensor, reference: torch.Tensor | None = None, token_mask: torch.Tensor | None = None) -> None:
+        x = self._batched(x.detach())
+        channel_dim = 1 if LAYER_OPS[self.node.target] else -1
         channels = x.shape[channel_dim]
         if self.stats is None:
             self.stats = self._empty(channels, x)
         s = self.stats
-        per_channel = x.float().movedim(channel_dim, -1).reshape(-1, channels)
+        keep = kept_tokens(x, token_mask) if channel_dim == -1 else None
+        select = (lambda rows: rows[keep]) if keep is not None else (lambda rows: rows)  # noqa: E731
+        per_channel = select(x.float().movedim(channel_dim, -1).reshape(-1, channels))
         s.positions += per_channel.shape[0]
         s.channel_sum += per_channel.sum(0).double()
         s.channel_sq += per_channel.square().sum(0).double()
         s.channel_abs += per_channel.abs().sum(0).double()
+        torch.maximum(s.channel_absmax, per_channel.abs().amax(0).double(), out=s.channel_absmax)
         if s.gram is not None:
-            rows = layer_features(self.node, x.float())
+            rows = select(layer_features(self.node, x.float()))
             s.rows += rows.shape[0]
             s.gram += (rows.T @ rows).double()
             s.feature_sum += rows.sum(0).double()
+            if reference is not None:
+                reference_rows = select(layer_features(self.node, self._batched(reference.detach()).float()))
+                s.cross = (rows.T @ reference_rows).double() + (0 if s.cross is None else s.cross)
+                reference_sum = reference_rows.sum(0).double()
+                s.reference_feature_sum = reference_sum + (0 if s.reference_feature_sum is None else s.reference_feature_sum)
+
+    def _batched(self, x: torch.Tensor) -> torch.Tensor:
+        spatial_dims = LAYER_OPS[self.node.target]
+        return x.unsqueeze(0) if spatial_dims and x.dim() == spatial_dims + 1 else x  # an unbatched conv input
 
     def _empty(self, channels: int, x: torch.Tensor) -> InputStatistics:
         zeros = lambda n: torch.zeros(n, dtype=torch.float64, device=x.device)  # noqa: E731
-        stats = InputStatistics(channels, channel_sum=zeros(channels), channel_sq=zeros(channels), channel_abs=zeros(channels))
+        stats = InputStatistics(channels, channel_sum=zeros(channels), channel_sq=zeros(channels), channel_abs=zeros(channels),
+                                channel_absmax=zeros(channels))
         if not self.want_gram:
             stats.reason = "only diagonal statistics were requested"
             return stats
@@ -152,22 +174,63 @@ class _Accumulator:
         return stats
 
 
+def kept_tokens(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Rows of a linear's input to count: where ``token_mask`` (a batch's ``attention_mask``, batch × tokens)
+    is nonzero, if the input's leading dims are the mask's; ``None``: every row."""
+    if token_mask is None or x.dim() != token_mask.dim() + 1 or tuple(x.shape[:-1]) != tuple(token_mask.shape):
+        return None
+    return token_mask.reshape(-1).to(device=x.device) != 0
+
+
+class _AllSeen(Exception):
+    """Every requested input of this batch has been seen: the rest of the graph need not run."""
+
+
 class _StatisticsInterpreter(fx.Interpreter):
+    """Runs one batch, hands each accumulator its layer's input, and stops after the last one."""
+
     def __init__(self, gm: fx.GraphModule, accumulators: dict[fx.Node, _Accumulator]):
         super().__init__(gm)
         self.accumulators = accumulators
+        self.wanted = len({id(a) for a in accumulators.values()})
         self.done: set[int] = set()  # accumulators shared by layers reading the same features: once per batch
+        self.references: dict[str, torch.Tensor] = {}  # node name → the reference graph's input (paired runs)
+        self.token_mask: torch.Tensor | None = None  # the batch's attention_mask: padding rows are not counted
 
-    def run(self, *args: Any) -> Any:
+    def run(self, *args: Any) -> None:
         self.done.clear()
-        return super().run(*args)
+        try:
+            super().run(*args)
+        except _AllSeen:
+            pass
+        finally:
+            self.env.clear()
 
     def run_node(self, node: fx.Node) -> Any:
         accumulator = self.accumulators.get(node)
         if accumulator is not None and id(accumulator) not in self.done:
             self.done.add(id(accumulator))
-            accumulator.add(self.env[ir.call_arguments(node)["input"]])
+            accumulator.add(self.env[ir.call_arguments(node)["input"]], self.references.get(node.name), self.token_mask)
+            if len(self.done) == self.wanted:
+                raise _AllSeen
         return super().run_node(node)
+
+
+class _InputRecorder(_StatisticsInterpreter):
+    """Runs the reference graph on a batch and keeps the inputs of the named layers (until the last one)."""
+
+    def __init__(self, gm: fx.GraphModule, names: set[str]):
+        nodes = {n: None for n in gm.graph.nodes if n.name in names}
+        super().__init__(gm, {})
+        self.inputs_of, self.wanted = nodes, len(nodes)
+        self.recorded: dict[str, torch.Tensor] = {}
+
+    def run_node(self, node: fx.Node) -> Any:
+        if node in self.inputs_of and node.name not in self.recorded:
+            self.recorded[node.name] = self.env[ir.call_arguments(node)["input"]]
+            if len(self.recorded) == self.wanted:
+                raise _AllSeen
+        return fx.Interpreter.run_node(self, node)
 
 
 def collect_statistics(
@@ -178,11 +241,16 @@ def collect_statistics(
     gram: bool = True,
     max_gram_features: int = MAX_GRAM_FEATURES,
     progress: bool | None = None,
+    reference: fx.GraphModule | None = None,
 ) -> dict[str, InputStatistics]:
     """Stream ``batches`` through ``gm`` once; statistics of the input of every node in ``nodes``, by node name.
 
     A batch follows :meth:`fxcompress.training.Batch.of` (a tensor, a tuple of inputs with optional
     labels, a dict of keyword inputs); labels are dropped. ``progress=None`` shows a bar on a terminal.
+    Each batch runs only as far as the last requested layer. A linear's token rows that the batch's
+    ``attention_mask`` keyword input marks as padding (0) are not counted (Hugging Face convention). With ``reference`` (a graph with the
+    same node names, e.g. the uncompressed original) each batch also runs through it and the Gram
+    statistics gain the cross terms ``X̂ᵀX`` and ``Xᵀ1`` with its inputs (a node it lacks gets none).
     """
     nodes = list(nodes)
     unsupported = [n.name for n in nodes if n.target not in LAYER_OPS]
@@ -191,10 +259,19 @@ def collect_statistics(
     shared: dict[tuple, _Accumulator] = {}
     accumulators = {node: shared.setdefault(_features_key(node), _Accumulator(node, gram, max_gram_features)) for node in nodes}
     interpreter = _StatisticsInterpreter(gm, accumulators)
+    recorder = _InputRecorder(reference, {n.name for n in nodes}) if reference is not None else None
     seen = 0
     with torch.no_grad():
         for item in tqdm(batches, desc="calibration statistics", unit="batch", disable=None if progress is None else not progress, leave=False):
-            interpreter.run(*flat_inputs(item, getattr(gm, "_in_spec", None)))
+            batch = item if isinstance(item, Batch) else Batch.of(item)
+            if recorder is not None:
+                recorder.recorded = {}
+                recorder.run(*flat_inputs(batch, getattr(reference, "_in_spec", None)))
+                interpreter.references = recorder.recorded
+            mask = batch.kwargs.get("attention_mask")
+            interpreter.token_mask = mask if isinstance(mask, torch.Tensor) else None
+            interpreter.run(*flat_inputs(batch, getattr(gm, "_in_spec", None)))
+            interpreter.references = {}
             seen += 1
     if not seen:
         raise InvalidInputError("calibration data is empty; pass at least one batch of representative inputs")

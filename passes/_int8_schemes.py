@@ -129,18 +129,20 @@ class Int8Dynamic(Int8):
 
     ``fuse_activation``: fold a following relu/gelu into the epilogue. ``smooth_alpha``: SmoothQuant —
     migrate activation outliers into the weights with per-input-channel
-    ``σ_j = max|X_j|^α / max|W_j|^(1−α)`` measured on the example inputs: ``x Wᵀ = (x / σ)(W · σ)ᵀ``,
-    so ``x / σ`` quantizes per token with less error.
+    ``σ_j = max|X_j|^α / max|W_j|^(1−α)`` measured on the calibration data (the example inputs if none):
+    ``x Wᵀ = (x / σ)(W · σ)ᵀ``, so ``x / σ`` quantizes per token with less error. ``fold_smoothing``:
+    store ``1/σ`` in the LayerNorm/RMSNorm producing ``x`` when only the smoothed layers read it
+    (``passes/_smoothquant.py``), else an explicit multiply.
     """
 
     mode = "dynamic"
     fuse_activation: bool = True
     smooth_alpha: float | None = None
+    fold_smoothing: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.smooth_alpha is not None and not (0.0 <= self.smooth_alpha <= 1.0):
-            raise PassConfigError(f"int8: smooth_alpha must be in [0, 1] (typically 0.5), not {self.smooth_alpha!r}")
+        _check_smoothing(self)
 
 
 @dataclass(frozen=True)
@@ -153,16 +155,21 @@ class Int8Static(Int8):
     residual add fused) that pass int8 values between them, and keeps float every region (and the whole
     model) that does not measure faster than float; ``conv_regions=False`` quantizes and dequantizes
     around every conv instead (``passes/_int8_conv.py``, ``_int8_conv_regions.py``). ``fuse_activation``: fold a
-    following relu/gelu into a linear's epilogue.
+    following relu/gelu into a linear's epilogue. ``smooth_alpha`` / ``fold_smoothing``: SmoothQuant on the
+    linears as in :class:`Int8Dynamic`; each calibrated scale of ``x`` is rescaled to the range of ``x/σ``
+    (from the calibration data's per-channel ``max|x|``).
     """
 
     mode = "static"
     activation_scales: tuple[tuple[str, float], ...] = ()
     fuse_activation: bool = True
     conv_regions: bool = True
+    smooth_alpha: float | None = None
+    fold_smoothing: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_smoothing(self)
         object.__setattr__(self, "activation_scales", self._checked_scales())
         if not self.activation_scales:
             raise PassConfigError(
@@ -180,6 +187,11 @@ class Int8Static(Int8):
         if bad:
             raise PassConfigError(f"int8: activation scales must be finite and > 0; got {bad[:3]} (calibrate on non-degenerate batches)")
         return checked
+
+
+def _check_smoothing(config: Int8) -> None:
+    if config.smooth_alpha is not None and not (0.0 <= config.smooth_alpha <= 1.0):
+        raise PassConfigError(f"int8: smooth_alpha must be in [0, 1] (typically 0.5), not {config.smooth_alpha!r}")
 
 
 @dataclass(frozen=True)

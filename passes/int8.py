@@ -34,6 +34,8 @@ from fxcompress.pass_base import PassContext, PassResult
 from fxcompress.verify import node_values
 from fxcompress.passes._gptq import gptq_quantize, layer_hessians, smoothed_hessian
 
+from ._smoothquant import activation_absmax, fold_into_norm, smooth
+
 from ._int8_conv_regions import lower_convs
 from ._int8_embeddings import quantize_embeddings
 from ._int8_schemes import MODES, SCHEME_CONFIGS, Int8, Int8Dynamic, Int8Static, Int8WeightOnly, Scheme, register_scheme
@@ -112,9 +114,11 @@ class _GemmRewrite:
         values = self._input_values(gm, ctx, groups)
         examples = [self._example(gm, group, values) for group in groups]  # before rewrites rename inputs
         hessians = layer_hessians(gm, ctx, [g[0] for g in groups]) if self.config.gptq else {}
+        alpha = self.scheme.smoothing_alpha(self.config)
+        absmax = activation_absmax(gm, ctx, [g[0] for g in groups if g[0].target is LINEAR]) if alpha is not None else {}
         for group, example in zip(groups, examples):
-            hessian = hessians.get(group[0].name)
-            details, lowering = self._rewrite(gm, group, scales.get(layer_name(group[0])), example, hessian)
+            calibrated = (hessians.get(group[0].name), absmax.get(group[0].name))
+            details, lowering = self._rewrite(gm, group, scales.get(layer_name(group[0])), example, calibrated)
             result.details.extend(details)
             if lowering.candidate.op is None:
                 for node in group:
@@ -167,12 +171,6 @@ class _GemmRewrite:
                 names.add(args["bias"].name)
         return node_values(gm, ctx.args, ctx.kwargs, names)
 
-    @staticmethod
-    def _smoothing(alpha: float, weights: list[torch.Tensor], activation_absmax: torch.Tensor) -> torch.Tensor:
-        weight_absmax = torch.stack([w.detach().abs().amax(0).float() for w in weights]).amax(0)
-        sigma = activation_absmax.pow(alpha) / weight_absmax.pow(1 - alpha)
-        return torch.where((activation_absmax > 0) & (weight_absmax > 0), sigma, torch.ones_like(sigma)).clamp(1e-5, 1e5)
-
     def _example(self, gm: fx.GraphModule, group: list[fx.Node], values: dict) -> tuple:
         """(input value, computed bias value or None, the ``float`` candidate) of a group on the example inputs."""
         args = [gemm_arguments(node) for node in group]
@@ -181,15 +179,18 @@ class _GemmRewrite:
         bias_value = values[bias.name] if len(group) == 1 and isinstance(bias, fx.Node) and bias.op != "get_attr" else None
         return x_value, bias_value, self._float_run(gm, group, args, x_value, values)
 
-    def _rewrite(self, gm: fx.GraphModule, group: list[fx.Node], input_scale: float | None, example: tuple, hessian=None) -> tuple[list[dict], Lowering]:
+    def _rewrite(self, gm: fx.GraphModule, group: list[fx.Node], input_scale: float | None, example: tuple,
+                 calibrated: tuple = (None, None)) -> tuple[list[dict], Lowering]:
         first = group[0]
         args = [gemm_arguments(node) for node in group]
         x_value, computed_bias, float_run = example
+        hessian, absmax = calibrated
         weights = [weight_matrix(gm, node) for node in group]
         sigma, alpha = None, self.scheme.smoothing_alpha(self.config)
         if alpha is not None and first.target is not CONV2D:
-            sigma = self._smoothing(alpha, weights, x_value.abs().reshape(-1, x_value.shape[-1]).amax(0).float())
-            weights = [w * sigma.to(w.dtype) for w in weights]
+            if absmax is None:  # not a plain linear: the example input's range
+                absmax = x_value.abs().reshape(-1, x_value.shape[-1]).amax(0).float()
+            sigma, weights, input_scale = smooth(alpha, weights, absmax, input_scale)
         quantized = [quantize_weight_per_channel(w.reshape(w.shape[0], -1)) if hessian is None
                      else gptq_quantize(w.reshape(w.shape[0], -1), smoothed_hessian(hessian, sigma)) for w in weights]
         weight_q = torch.cat([q for q, _ in quantized])
@@ -218,10 +219,13 @@ class _GemmRewrite:
             for node, w, (q, sc) in zip(group, weights, quantized)
         ]
         if lowering.candidate.op is not None:
-            self._emit(gm, group, lowering, weights, (weight_q, weight_scale, s_x, sigma), activation, output)
+            smoothing = self._emit(gm, group, lowering, weights, (weight_q, weight_scale, s_x, sigma), activation, output)
+            for row in details if sigma is not None else ():
+                row["smoothing"] = smoothing
         return details, lowering
 
-    def _emit(self, gm, group, lowering, weights, tensors, activation, output) -> None:
+    def _emit(self, gm, group, lowering, weights, tensors, activation, output) -> str:
+        """Emit the op; returns how SmoothQuant's ``1/σ`` is applied (folded into a norm, or why not)."""
         first = group[0]
         weight_q, weight_scale, s_x, sigma = tensors
         args = [gemm_arguments(node) for node in group]
@@ -233,10 +237,15 @@ class _GemmRewrite:
         if len(group) == 1 and sigma is None and first.target is LINEAR:  # per-row W_q, s_w of the table itself
             self.head_tables[base] = (wq_node, scale_node)
         x = args[0]["input"]
+        smoothing = ""
+        if sigma is not None:
+            inverse_value = sigma.reciprocal().to(weights[0].dtype)
+            smoothing = fold_into_norm(gm, x, group, inverse_value) if self.scheme.folds_smoothing(self.config) else \
+                "explicit multiply (fold_smoothing=False)"
         with gm.graph.inserting_before(first):
             if first.target is CONV2D:
                 x = _call(gm, aten.permute.default, (x, [0, 2, 3, 1]), first)
-            if sigma is not None:
+            if sigma is not None and not smoothing.startswith("folded"):
                 inverse = ir.add_constant(gm, f"{base}_smooth_inverse", sigma.reciprocal().to(weights[0].dtype), first)
                 x = _call(gm, aten.mul.Tensor, (x, inverse), first)
             op_args = self.scheme.op_args(s_x_node, wq_node, scale_node, bias, activation)
@@ -250,6 +259,7 @@ class _GemmRewrite:
         (output if len(group) == 1 else first).replace_all_uses_with(outputs[0])
         for node, out in zip(group[1:], outputs[1:]):
             node.replace_all_uses_with(out)
+        return smoothing
 
     def _float_run(self, gm, group, args, x_value, values):
         """The unrewritten nodes (and a fused activation) on the example input: the ``float`` candidate."""
@@ -330,6 +340,9 @@ class GemmScheme(Scheme):
     def smoothing_alpha(self, config: Int8) -> float | None:
         return None
 
+    def folds_smoothing(self, config: Int8) -> bool:
+        return False
+
     def fuses_activation(self, config: Int8) -> bool:
         return False
 
@@ -343,6 +356,9 @@ class _Dynamic(GemmScheme):
     def smoothing_alpha(self, config: Int8Dynamic) -> float | None:
         return config.smooth_alpha
 
+    def folds_smoothing(self, config: Int8Dynamic) -> bool:
+        return config.fold_smoothing
+
     def fuses_activation(self, config: Int8Dynamic) -> bool:
         return config.fuse_activation
 
@@ -352,6 +368,12 @@ class _Dynamic(GemmScheme):
 
 @register_scheme(Int8Static)
 class _Static(GemmScheme):
+    def smoothing_alpha(self, config: Int8Static) -> float | None:
+        return config.smooth_alpha
+
+    def folds_smoothing(self, config: Int8Static) -> bool:
+        return config.fold_smoothing
+
     def activation_scales(self, config: Int8Static) -> dict[str, float]:
         return dict(config.activation_scales)
 

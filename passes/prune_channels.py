@@ -31,7 +31,8 @@ from fxcompress.passes.prune.graph import ChannelGraph, analyze
 from fxcompress.passes.prune.importance import IMPORTANCE, choose_units, group_scores
 from fxcompress.passes.prune.macs import MacModel
 from fxcompress.passes.prune.rewrite import PruningCheck, apply_pruning, check_removal
-from fxcompress.statistics import layer_statistics
+from fxcompress.passes.prune.sequential import prune_sequentially, reselect
+from fxcompress.statistics import calibration_batches, layer_statistics
 
 SCOPES = ("local", "global")
 MACS_SEARCH_STEPS = 8
@@ -55,6 +56,11 @@ class PruneChannels(Pass):
     ``importance="activation"`` scores channels by weight × input activation norm on the calibration
     data; ``compensate`` ("bias" | "lstsq", ridge ``ridge``) rewrites the layers reading pruned channels
     to reproduce their unpruned outputs on it (see :mod:`fxcompress.passes.prune.compensate`).
+    ``importance="reconstruction"`` (with ``compensate="lstsq"``) removes, in each group, the units whose
+    removal leaves the least error after the refit (greedy Optimal Brain Surgeon); the number per group
+    is chosen by activation importance. ``sequential=True`` prunes the groups one after another, each
+    calibrated on the model with the earlier groups already pruned and refit to the original outputs
+    (see :mod:`fxcompress.passes.prune.sequential`); the budget is the one-shot one.
     """
 
     name: ClassVar[str] = "prune_channels"
@@ -73,6 +79,7 @@ class PruneChannels(Pass):
     compensate: str | None = None
     ridge: float = 1e-3
     group_ratios: tuple[tuple[str, float], ...] = ()
+    sequential: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "group_ratios", _checked_group_ratios(self.group_ratios))
@@ -104,6 +111,12 @@ class PruneChannels(Pass):
             raise PassConfigError("ignore= takes module names or globs (strings), e.g. ('classifier', 'layer4.*')")
         if self.compensate is not None and self.compensate not in COMPENSATIONS:
             raise PassConfigError(f"compensate={self.compensate!r} is unknown; use None or one of {COMPENSATIONS}")
+        if self.importance == "reconstruction" and self.compensate != "lstsq":
+            raise PassConfigError("importance='reconstruction' scores the error left after the least-squares refit; "
+                                  "use it with compensate='lstsq'")
+        if self.sequential and self.importance not in ("activation", "reconstruction") and self.compensate is None:
+            raise PassConfigError("sequential=True recomputes data-aware choices stage by stage; use it with "
+                                  "importance='activation'/'reconstruction' or a compensate= method")
         if isinstance(self.ridge, bool) or not isinstance(self.ridge, int | float) or not self.ridge >= 0:
             raise PassConfigError(f"ridge={self.ridge!r} must be a number >= 0 (relative to the mean input energy), e.g. 1e-3")
         if self.taylor_loss is not None and not callable(self.taylor_loss):
@@ -113,7 +126,8 @@ class PruneChannels(Pass):
         graph = analyze(gm, self.ignore, self.prune_outputs)
         result = PassResult(changed=False, skipped=list(graph.blocked) + frozen_summary(graph))
         stats = self._statistics(gm, ctx)
-        scores = group_scores(gm, graph, self.importance, ctx, self.taylor_loss, self.seed, stats, self.compensate is not None)
+        budget_importance = "activation" if self.importance == "reconstruction" else self.importance  # how many per group
+        scores = group_scores(gm, graph, budget_importance, ctx, self.taylor_loss, self.seed, stats, self.compensate is not None)
         summary: dict[str, Any] = {"groups": len(graph.groups), "prunable_groups": sum(bool(g.units) for g in graph.groups)}
         if self.target_macs is None:
             ratio = self.ratio
@@ -122,9 +136,18 @@ class PruneChannels(Pass):
             ratio, (chosen, removed, refused, check), summary["macs_before"], summary["macs_after"] = self._search_ratio(gm, graph, scores, ctx)
         summary["ratio"] = ratio
         result.skipped += refused
-        result.details = [summary] + _group_details(graph, chosen)
-        compensations, rows = compensation.plan(gm, graph, removed, stats, self.compensate, self.ridge) if self.compensate else ([], [])
-        result.details += rows
+        compensations, rows = [], []
+        if self.sequential:
+            chosen, compensations, rows = prune_sequentially(gm, graph, chosen, calibration_batches(ctx), self.importance,
+                                                             self.compensate, self.ridge, self.compensate is not None)
+        elif self.importance == "reconstruction":
+            chosen = reselect(gm, graph, chosen, stats, self.ridge)
+        if self.sequential or self.importance == "reconstruction":
+            chosen, removed, compensations, refused, check = _recheck(gm, graph, chosen, compensations)
+            result.skipped += refused
+        if self.compensate and not self.sequential:
+            compensations, rows = compensation.plan(gm, graph, removed, stats, self.compensate, self.ridge)
+        result.details = [summary] + _group_details(graph, chosen) + rows
         if removed:
             result.rewritten = apply_pruning(gm, graph, removed, check=check)
             compensation.apply(gm, graph, removed, compensations)
@@ -148,7 +171,8 @@ class PruneChannels(Pass):
         if self.importance != "activation" and self.compensate is None:
             return {}
         layers = list(compensation.consumers(gm).values())
-        return layer_statistics(gm, ctx, layers, gram=self.compensate == "lstsq")
+        one_shot_refit = self.compensate == "lstsq" and not self.sequential  # sequential collects its own, per stage
+        return layer_statistics(gm, ctx, layers, gram=one_shot_refit)
 
     def _search_ratio(self, gm, graph: ChannelGraph, scores, ctx: PassContext) -> tuple[float, tuple, int, int]:
         """Smallest ratio whose pruned model has at most ``target_macs`` of the original MACs, bisected over
@@ -194,6 +218,14 @@ class PruneChannels(Pass):
 
         ratio = self._bisect(macs_at, before)
         return ratio, checked_removal(gm, graph, self._without(graph, scores, ratio, set())), before, macs_at(ratio)
+
+
+def _recheck(gm, graph: ChannelGraph, chosen: list[np.ndarray], compensations: list):
+    """The refusal and shape check again for re-chosen units; a refused group's consumers lose their compensation."""
+    kept, removed, refused, check = checked_removal(gm, graph, chosen)
+    space_of = {value: sid for sid, value in graph.param_spaces.items()}
+    compensations = [p for p in compensations if len(removed.get(space_of.get((p.weight_target, 1)), ()))]
+    return kept, removed, compensations, refused, check
 
 
 def group_name(graph: ChannelGraph, group) -> str:

@@ -100,34 +100,64 @@ def plan(gm: fx.GraphModule, graph: ChannelGraph, removed: dict[int, np.ndarray]
     return plans, rows
 
 
-def _columns(channels: np.ndarray, kernel: int) -> torch.Tensor:
+def feature_columns(channels: np.ndarray, kernel: int) -> torch.Tensor:
+    """The unfolded weight columns (``c·kernel + p``) that read the given input channels."""
     return torch.as_tensor((channels[:, None] * kernel + np.arange(kernel)[None, :]).reshape(-1))
 
 
 def _removed_mean_output(weight: torch.Tensor, s: InputStatistics, drop: np.ndarray) -> torch.Tensor:
-    """``W[:, R] μ_R``: from the unfolded column means when known (exact with padding), else channel means."""
+    """``W μ_ref − W_K μ_K``: ``W[:, R] μ_R`` when the inputs are the reference's (one-shot); with a reference
+    (sequential calibration) also the drift of the kept inputs' means. From the unfolded column means
+    when known (exact with padding), else channel means."""
     w = weight.double()
     if s.feature_sum is not None:
-        kernel = math.prod(w.shape[2:])
-        cols = _columns(drop, kernel)
-        return w.reshape(w.shape[0], -1)[:, cols] @ (s.feature_sum[cols] / max(s.rows, 1))
+        w = w.reshape(w.shape[0], -1)
+        mean = s.feature_sum / max(s.rows, 1)
+        reference = s.reference_feature_sum / max(s.rows, 1) if s.reference_feature_sum is not None else mean
+        kept = mean.clone()
+        kept[feature_columns(drop, math.prod(weight.shape[2:]))] = 0
+        return w @ (reference - kept)
     per_channel = w.reshape(w.shape[0], w.shape[1], -1).sum(-1)
     return per_channel[:, torch.as_tensor(drop)] @ s.channel_mean[torch.as_tensor(drop)]
 
 
+def augmented_grams(s: InputStatistics) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(G̃, C̃)``: the Gram matrix of ``x̂̃ = [x̂; 1]`` and its cross Gram matrix ``x̂̃ᵀx̃`` with the reference
+    rows (``C̃ = G̃`` when the statistics were collected without a reference)."""
+    features = s.gram.shape[0]
+
+    def augmented(block: torch.Tensor, left_sum: torch.Tensor, right_sum: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(features + 1, features + 1, dtype=torch.float64)
+        out[:features, :features], out[:features, features], out[features, :features] = block, left_sum, right_sum
+        out[features, features] = s.rows
+        return out
+
+    gram = augmented(s.gram, s.feature_sum, s.feature_sum)
+    if s.cross is None:
+        return gram, gram
+    return gram, augmented(s.cross, s.feature_sum, s.reference_feature_sum)
+
+
+def ridge_system(weight: torch.Tensor, bias: torch.Tensor, s: InputStatistics, ridge: float):
+    """``(G̃ + λI, W̃C̃ᵀ + λW̃)`` over the augmented columns (``W̃ = [W, b]``): the refit of any kept set ``k``
+    is ``W̃'_k = (W̃C̃ᵀ + λW̃)[:, k] ((G̃ + λI)[k, k])⁻¹``."""
+    augmented = torch.cat([weight.double().reshape(weight.shape[0], -1), bias.double()[:, None]], dim=1)
+    gram, cross = augmented_grams(s)
+    lam = ridge * gram.diagonal().mean().clamp(min=1e-12)
+    return gram + lam * torch.eye(gram.shape[0], dtype=torch.float64), augmented @ cross.T + lam * augmented
+
+
 def _refit(weight: torch.Tensor, bias: torch.Tensor, s: InputStatistics, drop: np.ndarray, ridge: float):
+    """Least squares on the kept columns (``lam`` relative to the kept columns' mean energy)."""
     w = weight.double().reshape(weight.shape[0], -1)
     kernel, features = math.prod(weight.shape[2:]), w.shape[1]
     keep = np.setdiff1d(np.arange(weight.shape[1]), drop)
-    gram = torch.zeros(features + 1, features + 1, dtype=torch.float64)
-    gram[:features, :features] = s.gram
-    gram[:features, features] = gram[features, :features] = s.feature_sum
-    gram[features, features] = s.rows
-    cols = torch.cat([_columns(keep, kernel), torch.tensor([features])])
+    cols = torch.cat([feature_columns(keep, kernel), torch.tensor([features])])
     augmented = torch.cat([w, bias.double()[:, None]], dim=1)
+    gram, cross = augmented_grams(s)
     a = gram[cols][:, cols]
     lam = ridge * a.diagonal().mean().clamp(min=1e-12)
-    rhs = augmented @ gram[:, cols] + lam * augmented[:, cols]
+    rhs = augmented @ cross[cols].T + lam * augmented[:, cols]
     refit = torch.linalg.solve(a + lam * torch.eye(len(cols), dtype=torch.float64), rhs.T).T
     new_weight = torch.zeros_like(w)
     new_weight[:, cols[:-1]] = refit[:, :-1]

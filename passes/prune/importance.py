@@ -5,7 +5,9 @@ A unit's score sums a per-index statistic over every parameter index it would re
 of squares of all outputs, on the example inputs), ``bn_scale = sum |gamma|`` over BatchNorm
 weights (``l1`` for groups without BatchNorm), ``random`` a seeded uniform draw,
 ``activation = sum ‖W[:, c]‖ · ‖x_c‖`` over the input channels ``c`` the unit removes from consumer
-layers, on calibration inputs (see :mod:`.compensate`; ``l1`` for groups no consumer reads).
+layers, on calibration inputs (see :mod:`.compensate`; ``l1`` for groups no consumer reads);
+``reconstruction`` picks units by the error left after the consumers' refit (:mod:`.sequential`) and
+uses ``activation`` here only to decide how many units each group loses.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from fxcompress.pass_base import PassContext
 from fxcompress.passes.prune.compensate import channel_importance, consumers
 from fxcompress.passes.prune.graph import ChannelGraph, Group
 
-IMPORTANCE = ("l1", "l2", "bn_scale", "taylor", "random", "activation")
+IMPORTANCE = ("l1", "l2", "bn_scale", "taylor", "random", "activation", "reconstruction")
 BATCH_NORMS = (torch.ops.aten.batch_norm, torch.ops.aten._native_batch_norm_legit_no_training)
 
 
