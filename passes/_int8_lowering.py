@@ -28,7 +28,7 @@ Static table (``tune=False``; CPU features from ``/proc/cpuinfo``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -179,3 +179,55 @@ def choose_lowering(mode: str, problem: GemmProblem, *, tune: bool, allow_slower
     key = {**problem.key, "mode": mode, "candidates": sorted(names)}
     choice = tuning.choose(family.name, problem, names, key, tune=tune, min_run_time=min_run_time)
     return Lowering(family.candidates[choice.impl], choice, errors, rejected)
+
+
+@dataclass(frozen=True)
+class RowBuckets:
+    """A linear's engines by row count: ``decode`` chosen at one row, ``prefill`` at the example's rows.
+
+    Different choices run as one ``fxcompress::int8_linear_by_rows`` node holding the int8 weight. Float at
+    prefill runs ``s_w ⊙ W_q`` dequantized (``dequantize``: one extra pass over the weight, amortized over
+    the rows); float at decode keeps the float weight too (dequantizing every step costs more than the GEMV).
+    """
+
+    decode: Lowering
+    prefill: Lowering
+    max_decode_rows: int
+
+    @property
+    def split(self) -> bool:
+        return self.decode.candidate.name != self.prefill.candidate.name
+
+    @property
+    def needs_float_weight(self) -> bool:
+        return self.split and self.decode.candidate.name == "float"
+
+    def engines(self) -> tuple[str, str]:
+        """(engine at ``M <= max_decode_rows``, engine above) as ``int8_linear_by_rows`` names them."""
+        large = self.prefill.candidate.name
+        return self.decode.candidate.name, "dequantize" if large == "float" and self.split else large
+
+    def reason(self) -> str:
+        small, large = self.engines()
+        if not self.split:
+            return f"{small} at every row count (measured at 1 row and at the example's)"
+        why = "; float is fastest at prefill: it runs s_w*W_q dequantized, the weight is stored once in int8" if large == "dequantize" else ""
+        if self.needs_float_weight:
+            why += "; float is fastest at decode: the float weight is kept next to the int8 one"
+        return f"int8_linear_by_rows: {small} at <= {self.max_decode_rows} rows, {large} above{why}"
+
+    def detail(self) -> dict:
+        small, large = self.engines()
+        decode = self.decode.detail()
+        return {
+            **self.prefill.detail(), "impl": large, "decode_impl": small, "decode_chosen_by": decode["chosen_by"],
+            "decode_timings": decode["timings"], "decode_output_rel_error": decode["output_rel_error"],
+            "max_decode_rows": self.max_decode_rows, "row_dispatch": self.reason(),
+        }
+
+
+def decode_problem(problem: GemmProblem, float_run_at: Callable[[torch.Tensor], Callable[[], Any]]) -> GemmProblem:
+    """``problem`` at one row (a decoding step): the example's first row, the float original run on it."""
+    k = problem.x.shape[-1]
+    x = problem.x.reshape(-1, k)[:1].reshape((1,) * (problem.x.dim() - 1) + (k,))
+    return replace(problem, x=x, float_run=float_run_at(x), key={**problem.key, "x": list(x.shape)})
