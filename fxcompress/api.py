@@ -17,7 +17,7 @@ from .instrument import Instrumentation, PassProgress, dumper_from_env_or
 from .manager import PassManager
 from .pass_base import Pass, PassContext, make_pass
 from .quiet import progress_bar, quiet
-from .report import Report, ReportBuilder, ReportConfig, latency_guard
+from .report import Report, ReportBuilder, ReportConfig, latency_guard, report_config
 from .statistics import check_calibration
 
 DEFAULT_PASSES: tuple[str, ...] = ("eliminate_identity", "fold_bn")
@@ -93,8 +93,8 @@ def optimize(
         del model  # the eval copy: only recovery needs it after capture (one model's weights less during the passes)
         bar.update(1)
         ctx = PassContext(inputs.args, inputs.kwargs, calibration=check_calibration(calibration))
-        report_config = report if isinstance(report, ReportConfig) else ReportConfig(latency=bool(report))
-        builder = ReportBuilder(reference, report_config)
+        config = report_config(report)
+        builder = ReportBuilder(reference, config)
         hooks = [builder, *instrumentations, PassProgress(bar)]
         dumper = dumper_from_env_or(dump_dir)
         if dumper is not None:
@@ -112,7 +112,7 @@ def optimize(
             builder.add_stage("recover", gm, outputs, time.perf_counter() - start, "distilled from the input model")
             bar.update(1)
     builder.report.shapes = shapes
-    if report_config.latency and report_config.guard:
+    if config.latency and config.guard:
         latency_guard(builder.report, size_only=tuple(p.name for p in pipeline if getattr(p, "allow_slower", False)))
     gm.report = builder.report
     gm.pipeline = [p.config() for p in pipeline]

@@ -18,6 +18,11 @@ graph; inside each op they are zero-copy views of the ``uint8`` storage (``Tenso
 The engine's prepacked weight is built lazily per weight tensor and cached (the ``int8_ops``
 prepack cache). 4-D int8 values are channels-last (the engines' native layout); the fake
 implementations say so, so Inductor sees the real strides.
+
+On CUDA the same ops have CUDA kernels (``register_kernel("cuda")``): ``int8_conv`` with
+``engine="triton"`` runs the Triton implicit-GEMM conv (``fxcompress.triton_kernels.int8_conv``; the
+residual add is fused into its epilogue, so ``s_mid, z_mid`` are unused), the other three are plain
+ATen on ``uint8`` tensors (quantized tensors have next to no CUDA kernels). Same layouts on both devices.
 """
 
 from __future__ import annotations
@@ -36,8 +41,10 @@ from .int8_ops import engine_available, prepacked
 
 CONV_ENGINES = ("x86", "fbgemm", "onednn")
 """Quantized engines with a static int8 convolution; which exist depends on the build."""
-FUSED_ADD_ENGINES = ("onednn",)
-"""Engines with ``quantized::conv2d_add[_relu]`` (the others add in a second quantized op)."""
+TRITON_ENGINE = "triton"
+"""The CUDA implementation of ``int8_conv`` (a Triton kernel, not a quantized engine)."""
+FUSED_ADD_ENGINES = ("onednn", TRITON_ENGINE)
+"""Implementations that fuse the residual add into the conv (the others add in a second quantized op)."""
 
 
 def _memory_format(dim: int) -> torch.memory_format:
@@ -212,3 +219,48 @@ def _int8_conv_flop(x_shape, x_scale, x_zero_point, w_shape, *args, out_shape=No
     for d in w_shape[1:]:
         per_output *= d
     return 2 * out_shape[0] * out_shape[1] * per_output * positions
+
+
+# --- CUDA: the Triton conv and ATen bodies of the region ops --------------------------------------
+
+def quantize_u8_aten(x: Tensor, scale: float, zero_point: int) -> Tensor:
+    """``quantize_u8`` in plain ATen (the CUDA body): ``clamp(round(x · (1/s)) + z, 0, 255)``, round half even."""
+    q = torch.round(x.float() * (1.0 / scale)).add_(zero_point).clamp_(0, 255).to(torch.uint8)
+    return q.contiguous(memory_format=_memory_format(x.dim()))
+
+
+def dequantize_u8_aten(q: Tensor, scale: float, zero_point: int) -> Tensor:
+    return (q.float() - zero_point).mul_(scale).contiguous()
+
+
+def int8_max_pool2d_aten(q: Tensor, kernel_size, stride, padding, dilation, ceil_mode: bool) -> Tensor:
+    """``max_pool2d`` through fp16 (exact for 0..255; CUDA's max_pool2d has no uint8 kernel)."""
+    y = torch.nn.functional.max_pool2d(q.half(), kernel_size, stride or kernel_size, padding, dilation, ceil_mode=ceil_mode)
+    return y.to(torch.uint8).contiguous(memory_format=torch.channels_last)
+
+
+def _pack_for_triton(weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor], engine: str):
+    """Input channels innermost (the implicit GEMM's K order) and the per-channel weight sums."""
+    from fxcompress.triton_kernels.int8_conv import weight_sums
+
+    return weight_q.detach().movedim(1, -1).contiguous().movedim(-1, 1), weight_sums(weight_q.detach())
+
+
+def _int8_conv_triton(x, x_scale, x_zero_point, weight_q, weight_scale, bias, stride, padding, dilation, groups,
+                      output_scale, output_zero_point, relu, engine, accum=None, accum_scale=1.0, accum_zero_point=0,
+                      mid_scale=1.0, mid_zero_point=0):
+    if engine != TRITON_ENGINE:
+        raise RuntimeError(f"fxcompress::int8_conv on CUDA runs engine={TRITON_ENGINE!r}, not {engine!r}: re-run the int8 pass on this device")
+    try:
+        from fxcompress.triton_kernels import int8_conv as kernels
+    except ImportError as exc:
+        raise RuntimeError("fxcompress::int8_conv on CUDA needs Triton; install it with `pip install triton`") from exc
+    weight, weight_sum = prepacked.get(weight_q, weight_scale, bias, TRITON_ENGINE, pack=_pack_for_triton)
+    return kernels.int8_conv(x, x_scale, x_zero_point, weight, weight_scale, bias, stride, padding, dilation, groups,
+                             output_scale, output_zero_point, relu, accum, accum_scale, accum_zero_point, weight_sum=weight_sum)
+
+
+quantize_u8.register_kernel("cuda")(quantize_u8_aten)
+dequantize_u8.register_kernel("cuda")(dequantize_u8_aten)
+int8_max_pool2d.register_kernel("cuda")(int8_max_pool2d_aten)
+int8_conv.register_kernel("cuda")(_int8_conv_triton)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -33,6 +34,14 @@ class ReportConfig:
     repeats: int = 7
     min_run_time: float = 0.3
     guard: bool = True
+
+
+def report_config(report: ReportConfig | bool) -> ReportConfig:
+    """``optimize(report=...)``: a ``ReportConfig`` as given; ``True`` measures latency unless the
+    environment says ``FXCOMPRESS_LATENCY=0`` (test suites and CI runs that only need the other columns)."""
+    if isinstance(report, ReportConfig):
+        return report
+    return ReportConfig(latency=bool(report) and os.environ.get("FXCOMPRESS_LATENCY", "1") != "0")
 
 
 def count_flops(model: torch.nn.Module, inputs: Any) -> int:

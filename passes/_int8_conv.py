@@ -18,9 +18,9 @@ where the CPU's engines saturate at full range: :func:`int8_conv_ops.saturates_f
 at a region entry, ``"<layer>:conv"`` for the pre-add output where an engine adds in a second op;
 ``fxcompress.calibrate`` measures them all on a BN-folded copy of the model (:func:`calibration_sites`).
 
-*Engine choice*: per conv, ``float`` and ``qengine:<x86|fbgemm|onednn>`` (``int8_conv_static``
-family of ``fxcompress.tuning``) are timed at the conv's real shapes, int8 from and to int8 inside a
-region, with the quantize/dequantize where the conv sits at a region boundary (planned with every
+*Engine choice*: per conv, ``float``, ``qengine:<x86|fbgemm|onednn>`` (CPU) and ``triton`` (CUDA: the
+Triton implicit-GEMM conv; ``int8_conv_static`` family of ``fxcompress.tuning``) are timed at the
+conv's real shapes, int8 from and to int8 inside a region, with the quantize/dequantize where the conv sits at a region boundary (planned with every
 eligible conv int8, e.g. each conv between two SiLUs is an island); a candidate whose output error exceeds ``error_factor`` × the error of the
 scheme simulated in float is rejected. Float wins → the conv stays ATen and ends a region. Each
 region, and then the whole model, is measured against float afterwards (``_int8_conv_regions``).
@@ -28,8 +28,7 @@ region, and then the whole model, is measured against float afterwards (``_int8_
 
 from __future__ import annotations
 
-import functools
-import operator
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -37,7 +36,7 @@ import torch
 import torch.fx as fx
 
 from fxcompress import int8_conv_ops, ir, tuning
-from fxcompress.int8_conv_ops import CONV_ENGINES, FUSED_ADD_ENGINES
+from fxcompress.int8_conv_ops import CONV_ENGINES, FUSED_ADD_ENGINES, TRITON_ENGINE
 
 from ._int8_lowering import relative_error
 
@@ -270,8 +269,15 @@ def _engine_candidate(engine: str) -> tuning.Candidate:
                             available=lambda p: p.device.type == "cpu" and int8_conv_ops.conv_engine_available(engine))
 
 
+def _triton_available(problem: ConvProblem) -> bool:
+    return problem.device.type == "cuda" and importlib.util.find_spec("triton") is not None
+
+
 def _static_rule(problem: ConvProblem, names: list[str]) -> str:
-    """``tune=False``: the x86 engine (FBGEMM u8·s8 kernels on AVX2, oneDNN VNNI where present), else float."""
+    """``tune=False``: CUDA → the Triton conv; a CPU with AVX2/AVX-512 → the x86 engine (FBGEMM u8·s8
+    kernels on AVX2, oneDNN VNNI where present); else float."""
+    if problem.device.type == "cuda":
+        return TRITON_ENGINE if TRITON_ENGINE in names else "float"
     if problem.device.type == "cpu" and set(tuning.cpu_description()[1]) & {"avx2", "avx512f"}:
         return next((n for n in ("qengine:x86", "qengine:fbgemm", "qengine:onednn") if n in names), "float")
     return "float"
@@ -282,6 +288,8 @@ def _register() -> None:
     tuning.register_candidate(FAMILY, tuning.Candidate("float", run=lambda p: p.float_run()))
     for engine in CONV_ENGINES:
         tuning.register_candidate(FAMILY, _engine_candidate(engine))
+    tuning.register_candidate(FAMILY, tuning.Candidate(TRITON_ENGINE, run=lambda p: p.int8(TRITON_ENGINE),
+                                                       available=_triton_available))
 
 
 _register()
@@ -296,6 +304,9 @@ class ConvLowering:
 
     @property
     def engine(self) -> str | None:
+        """The ``engine`` argument of the ``int8_conv`` node (``None``: the conv stays float)."""
+        if self.impl == TRITON_ENGINE:
+            return TRITON_ENGINE
         return self.impl.split(":", 1)[1] if self.impl.startswith("qengine:") else None
 
 

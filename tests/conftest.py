@@ -6,6 +6,9 @@ import os
 for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")
 os.environ.setdefault("FXCOMPRESS_PROGRESS", "0")
+# optimize(report=True) skips the report's latency columns: tests that check latency or the
+# slower-than-input guard pass a ReportConfig, which is always honoured.
+os.environ.setdefault("FXCOMPRESS_LATENCY", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

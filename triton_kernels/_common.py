@@ -21,6 +21,11 @@ def pick_configs(gpu_configs: list[triton.Config], interpreter_configs: list[tri
     return interpreter_configs if interpreting() else gpu_configs
 
 
+def gemm_config(bm: int, bn: int, bk: int, stages: int, warps: int, group_m: int = 8) -> triton.Config:
+    """One tile configuration of a grouped-tile GEMM kernel (``BLOCK_M/N/K``, ``GROUP_M``)."""
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}, num_stages=stages, num_warps=warps)
+
+
 def identity_launch(kernel: Callable) -> Callable:
     """Default launch hook; ``torch.library.wrap_triton`` is passed instead inside a ``triton_op``."""
     return kernel

@@ -14,26 +14,24 @@ import torch
 import triton
 import triton.language as tl
 
-from fxcompress.triton_kernels._common import activation_code, apply_activation, grouped_tile, identity_launch, pick_configs
-
-
-def _config(bm, bn, bk, stages, warps, group_m=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}, num_stages=stages, num_warps=warps)
+from fxcompress.triton_kernels._common import (
+    activation_code, apply_activation, gemm_config, grouped_tile, identity_launch, pick_configs,
+)
 
 
 # H100: large tiles for compute-bound prefill; BLOCK_M = 16/32 tiles for decode-sized M.
 _GPU_CONFIGS = [
-    _config(128, 256, 128, 3, 8),
-    _config(256, 128, 128, 3, 8),
-    _config(128, 128, 128, 4, 8),
-    _config(128, 128, 64, 4, 4),
-    _config(64, 128, 128, 4, 4),
-    _config(64, 64, 128, 5, 4),
-    _config(32, 128, 128, 4, 4),
-    _config(16, 128, 256, 3, 4),
-    _config(16, 64, 256, 4, 4),
+    gemm_config(128, 256, 128, 3, 8),
+    gemm_config(256, 128, 128, 3, 8),
+    gemm_config(128, 128, 128, 4, 8),
+    gemm_config(128, 128, 64, 4, 4),
+    gemm_config(64, 128, 128, 4, 4),
+    gemm_config(64, 64, 128, 5, 4),
+    gemm_config(32, 128, 128, 4, 4),
+    gemm_config(16, 128, 256, 3, 4),
+    gemm_config(16, 64, 256, 4, 4),
 ]
-_INTERPRETER_CONFIGS = [_config(16, 32, 32, 1, 4, group_m=2)]
+_INTERPRETER_CONFIGS = [gemm_config(16, 32, 32, 1, 4, group_m=2)]
 
 
 def _m_bucket(M: int) -> int:
