@@ -58,6 +58,21 @@ class GemmProblem:
     key: dict = field(default_factory=dict)
 
 
+def nhwc_input(conv: bool, sigma: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A node's input -> its op's input: NHWC for a 1×1 conv, ``x / σ`` under SmoothQuant."""
+    inverse = sigma.reciprocal() if sigma is not None else None
+
+    def prepare(x):
+        x = x.permute(0, 2, 3, 1) if conv else x
+        return x * inverse.to(x.dtype) if inverse is not None else x
+
+    return prepare
+
+
+def nchw_output(conv: bool) -> Callable[[torch.Tensor], Any]:
+    return (lambda y: y.permute(0, 3, 1, 2)) if conv else (lambda y: y)
+
+
 @dataclass(frozen=True)
 class OpCandidate(tuning.Candidate):
     """A candidate lowered to ``op(x, *problem.op_args, *extra_args)``; ``op=None`` keeps the float original."""

@@ -37,7 +37,7 @@ from fxcompress.passes._gptq import gptq_quantize, layer_hessians, smoothed_hess
 from ._int8_conv_regions import lower_convs
 from ._int8_embeddings import quantize_embeddings
 from ._int8_schemes import MODES, SCHEME_CONFIGS, Int8, Int8Dynamic, Int8Static, Int8WeightOnly, Scheme, register_scheme
-from ._int8_lowering import GemmProblem, Lowering, RowBuckets, choose_lowering, decode_problem
+from ._int8_lowering import GemmProblem, Lowering, RowBuckets, choose_lowering, decode_problem, nchw_output, nhwc_input
 from ._projections import ROUTER_REASON, batched_weight_readers, gemm_arguments, is_projection, routes_experts, weight_matrix
 
 __all__ = ["MODES", "SCHEME_CONFIGS", "GemmScheme", "Int8", "Int8Dynamic", "Int8Static", "Int8WeightOnly", "register_scheme"]
@@ -213,7 +213,7 @@ class _GemmRewrite:
         s_x = torch.tensor([input_scale]) if input_scale is not None else None
         problem = GemmProblem(
             device=x_value.device, x=x_value, op_args=self.scheme.op_args(s_x, weight_q, weight_scale, bias_value, activation),
-            float_run=float_run_at(x_value), prepare=self._prepare(first, sigma), finish=self._finish(first),
+            float_run=float_run_at(x_value), prepare=nhwc_input(first.target is CONV2D, sigma), finish=nchw_output(first.target is CONV2D),
             key={"op": "conv1x1" if first.target is CONV2D else "linear", "x": list(x_value.shape), "N": [w.shape[0] for w in weights],
                  "dtype": str(x_value.dtype), "activation": activation, "bias": bias_value is not None, "smoothed": sigma is not None},
         )
@@ -307,21 +307,6 @@ class _GemmRewrite:
             return lambda: tuple(act(target(*a, **k)) for target, a, k in bound)
 
         return run_at
-
-    @staticmethod
-    def _prepare(first: fx.Node, sigma):
-        permute = first.target is CONV2D
-        inverse = sigma.reciprocal() if sigma is not None else None
-
-        def prepare(x):
-            x = x.permute(0, 2, 3, 1) if permute else x
-            return x * inverse.to(x.dtype) if inverse is not None else x
-
-        return prepare
-
-    @staticmethod
-    def _finish(first: fx.Node):
-        return (lambda y: y.permute(0, 3, 1, 2)) if first.target is CONV2D else (lambda y: y)
 
     @staticmethod
     def _bias_value(gm, args: list[dict], weights: list):
