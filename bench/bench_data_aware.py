@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,6 +50,11 @@ def minilm_variants() -> list[tuple[str, str, object]]:
         ("low_rank 0.5 MACs", "data-free", LowRank(target_macs=0.5)),
         ("low_rank 0.5 MACs", "asvd", LowRank(target_macs=0.5, whiten="asvd")),
         ("low_rank 0.5 MACs", "svd-llm", LowRank(target_macs=0.5, whiten="svd-llm")),
+        ("low_rank 0.5 MACs", "svd-llm + refit", LowRank(target_macs=0.5, whiten="svd-llm", refit="independent")),
+        ("low_rank 0.5 MACs", "svd-llm + sequential refit", LowRank(target_macs=0.5, whiten="svd-llm", refit="sequential")),
+        ("low_rank 0.5 MACs", "svd-llm + model budget", LowRank(target_macs=0.5, whiten="svd-llm", budget_error="model")),
+        ("low_rank 0.5 MACs", "svd-llm + sequential refit + model budget",
+         LowRank(target_macs=0.5, whiten="svd-llm", refit="sequential", budget_error="model")),
         ("prune 30%", "data-free (l1)", PruneChannels(ratio=0.3)),
         ("prune 30%", "activation", PruneChannels(ratio=0.3, importance="activation")),
         ("prune 30%", "activation + bias", PruneChannels(ratio=0.3, importance="activation", compensate="bias")),
@@ -95,7 +101,8 @@ def measured_rows() -> dict[tuple, dict]:
     return {(r["model"], r["family"], r["variant"]): r for r in rows}
 
 
-def run_minilm(resume: bool = False, timing: bool = True, measured_only: bool = False) -> tuple[list[dict], dict]:
+def run_minilm(resume: bool = False, timing: bool = True, measured_only: bool = False,
+               rows_matching: str | None = None) -> tuple[list[dict], dict]:
     from distill_minilm import load_minilm
 
     teacher, tokenizer = load_minilm()
@@ -107,7 +114,7 @@ def run_minilm(resume: bool = False, timing: bool = True, measured_only: bool = 
         if ("all-MiniLM-L6-v2", family, variant) in done:
             rows.append(done[("all-MiniLM-L6-v2", family, variant)])
             continue
-        if measured_only:
+        if measured_only or (rows_matching and rows_matching not in f"{family}: {variant}"):
             continue
         started = time.perf_counter()
         student = fxcompress.optimize(teacher, example, passes=[compression], calibration=calibration, report=False)
@@ -158,7 +165,7 @@ def run_digits(seed: int = 0) -> list[dict]:
 
 
 TARGETS = [  # (description, family, variant, metric, threshold)
-    ("MiniLM low rank at 0.5 linear MACs: cosine >= 0.95", "low_rank 0.5 MACs", "svd-llm", "cosine_mean", 0.95),
+    ("MiniLM low rank at 0.5 linear MACs: cosine >= 0.95", "low_rank 0.5 MACs", None, "cosine_mean", 0.95),
     ("MiniLM prune 30%: cosine >= 0.95", "prune 30%", "activation + lstsq", "cosine_mean", 0.95),
     ("digits CNN prune 50%: top-1 >= 90%", "prune 50%", "activation + lstsq", "top1", 90.0),
     ("MiniLM dynamic int8, no float layer: cosine >= 0.999", "int8 dynamic, no float layer", None, "cosine_mean", 0.999),
@@ -221,6 +228,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["minilm", "digits", "calibration-time"])
     parser.add_argument("--resume", action="store_true", help=f"reuse the MiniLM rows already in {PARTIAL.name}")
     parser.add_argument("--measured-only", action="store_true", help="with --resume: only tabulate rows already measured")
+    parser.add_argument("--rows", help="only the MiniLM rows whose 'pass: variant' contains this, e.g. 'low_rank'")
     parser.add_argument("--no-timing", action="store_true", help="skip the calibration timing (see --only calibration-time)")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -237,15 +245,18 @@ def main() -> None:
         return
     rows, extra = [], {}
     if args.only in (None, "minilm"):
-        minilm_rows, extra = run_minilm(args.resume, timing=not args.no_timing, measured_only=args.measured_only)
+        minilm_rows, extra = run_minilm(args.resume, timing=not args.no_timing, measured_only=args.measured_only,
+                                      rows_matching=args.rows)
         rows += minilm_rows
     if args.only in (None, "digits"):
         rows += run_digits()
     met = targets(rows, extra)
     note = ("Other helpers were running on the same 2-core machine during this run: times are noisy. "
-            "Command: `python bench/bench_data_aware.py`.")
-    path = write_results("data_aware", {"rows": rows, "targets": met, **extra, "note": note}, table(rows, met) + "\n\n" + note)
-    plot(rows)
+            f"Command: `python bench/bench_data_aware.py{''.join(' ' + a for a in sys.argv[1:])}`.")
+    name = "data_aware" if not args.rows else "data_aware_" + "".join(c if c.isalnum() else "_" for c in args.rows)
+    path = write_results(name, {"rows": rows, "targets": met, **extra, "note": note}, table(rows, met) + "\n\n" + note)
+    if not args.rows:
+        plot(rows)
     print(path.read_text())
 
 

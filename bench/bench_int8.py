@@ -28,7 +28,8 @@ from tabulate import tabulate
 import fxcompress
 from fxcompress.calibrate import calibrate
 from fxcompress.models import bert_base_like, token_batch
-from fxcompress.passes.int8 import Int8, quantize_weight_per_channel
+from fxcompress.ops.int8_linear import quantize_weight_per_channel
+from fxcompress.passes.int8 import Int8
 from fxcompress import tuning
 from fxcompress.verify import fidelity
 

@@ -19,7 +19,7 @@ from tabulate import tabulate
 
 from fxcompress import tuning
 from fxcompress.passes import _int8_lowering as lowering
-from fxcompress.passes.int8 import quantize_weight_per_channel
+from fxcompress.ops.int8_linear import quantize_weight_per_channel
 
 from common import add_tag_argument, machine_info, write_results
 

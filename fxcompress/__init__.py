@@ -3,8 +3,8 @@
 ``fxcompress.optimize(model, example_inputs)`` captures the model as an ATen-level torch.fx graph,
 runs verified rewrite passes on it and returns a smaller/faster ``GraphModule`` with a per-pass report.
 
-Heavy parts load on first use (``import fxcompress`` stays cheap): the passes and their custom
-operators (``fxcompress.passes``) and the ``torch.compile`` backend (``backend``).
+Heavy parts load on first use (``import fxcompress`` stays cheap): the passes (``fxcompress.passes``),
+the custom operators they lower to (``fxcompress.ops``) and the ``torch.compile`` backend (``backend``).
 """
 
 import importlib
@@ -13,7 +13,8 @@ from .api import DEFAULT_PASSES, optimize
 from .apply import apply_to_model, load_pretrained
 from .calibrate import calibrate
 from .capture import capture
-from .distill import DistillConfig, distill
+from .distill import distill
+from .distill_config import DistillConfig
 from .generation import GenerationFidelity, generation_fidelity
 from .errors import (
     ArchiveError,
@@ -29,12 +30,14 @@ from .errors import (
 )
 from .instrument import Instrumentation, IRDumper, PassTimer
 from .manager import PassManager
-from .pass_base import Pass, PassContext, PassResult, make_pass, register_pass, registered_passes
+from .pass_base import Pass, PassContext, PassResult, register_pass
+from .registry import make_pass, registered_passes
 from .report import Report, ReportConfig
+from .search import Target
 from .serialize import load, save
 
-_LAZY = {"backend": ("dynamo_backend", "backend"), "Target": ("search", "Target")}
-_LAZY_MODULES = ("passes", "int8_ops", "int8_conv_ops", "dynamo_backend", "models", "cli", "search")
+_LAZY = {"backend": ("dynamo_backend", "backend")}
+_LAZY_MODULES = ("passes", "ops", "dynamo_backend", "models", "cli")
 
 
 def __getattr__(name: str):

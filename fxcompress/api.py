@@ -10,14 +10,17 @@ import torch
 import torch.fx as fx
 
 from .capture import capture, check_model_and_inputs, eval_copy, run_eagerly
-from .distill import RUN_OPTIONS, DistillConfig, distill
+from .distill import RUN_OPTIONS, distill
+from .distill_config import DistillConfig
 from .errors import InvalidInputError
 from .inputs import Inputs
 from .instrument import Instrumentation, PassProgress, dumper_from_env_or
 from .manager import PassManager
-from .pass_base import Pass, PassContext, make_pass
+from .pass_base import Pass, PassContext
 from .quiet import progress_bar, quiet
+from .registry import make_pass
 from .report import Report, ReportBuilder, ReportConfig, latency_guard, report_config
+from .search import Target, search
 from .statistics import check_calibration
 
 DEFAULT_PASSES: tuple[str, ...] = ("eliminate_identity", "fold_bn")
@@ -120,8 +123,6 @@ def optimize(
 
 
 def _optimize_for_target(model, example_inputs, passes, target, **options) -> fx.GraphModule:
-    from .search import Target, search
-
     if not isinstance(target, Target):
         raise InvalidInputError(f"target= takes a fxcompress.Target, e.g. Target(latency=0.5), not {type(target).__name__}")
     if passes is not None:

@@ -12,7 +12,7 @@ become :mod:`fxcompress.layers` modules in place of their ``nn.Linear`` / ``Conv
 graph's own stages (the same custom op, lowering and tensors) — an ``nn.Embedding`` whose table became
 int8 (``Int8(embeddings=True)``) an ``Int8Embedding``, a tied LM head reading that table a
 ``TiedInt8Linear`` (tied, stored once) —, and are listed in the config's
-``quantization_config`` (``quant_method="fxcompress"``, :func:`fxcompress.hf.register_quantizer`) so
+``quantization_config`` (``quant_method="fxcompress"``, :func:`fxcompress.hf_quantizer.register_quantizer`) so
 ``save_pretrained`` + :func:`load_pretrained` rebuild them. A graph holding tensors the model has no
 place for otherwise (folded BatchNorm), or that rewrote a module that is not a Linear/Conv1D, is
 refused with the names.
@@ -26,7 +26,7 @@ import warnings
 import torch
 import torch.fx as fx
 
-from . import hf
+from . import hf_quantizer
 from .errors import FxCompressWarning, InvalidInputError
 
 
@@ -71,7 +71,7 @@ def apply_to_model(gm: fx.GraphModule, model: torch.nn.Module) -> torch.nn.Modul
 def _replace_layers(gm: fx.GraphModule, result: torch.nn.Module, model_tensors: set[str]) -> tuple[dict[str, torch.nn.Module], set[str]]:
     """Put a :mod:`fxcompress.layers` module in place of every Linear/Conv1D whose graph stages were
     rewritten (int8 ops, low-rank factors); returns {path: new module} and the graph tensors they took."""
-    from . import layers
+    from . import layers  # here: layers load the custom ops, import fxcompress stays fast
 
     replaced, consumed, tables = {}, set(), {}
     for path, node in layers.embedding_nodes(gm).items():
@@ -168,12 +168,12 @@ def _fit_attention(module: torch.nn.Module) -> None:
 def _fit_config(model: torch.nn.Module, replaced: dict[str, torch.nn.Module]) -> None:
     """The HF config follows the new sizes where every layer agrees (``scope='local'`` prunes equal groups
     equally), so ``save_pretrained`` + ``from_pretrained`` rebuild the pruned model; replaced layers are
-    listed in ``config.quantization_config`` (``quant_method='fxcompress'``, see ``hf.register_quantizer``)."""
+    listed in ``config.quantization_config`` (``quant_method='fxcompress'``, see ``hf_quantizer.register_quantizer``)."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return
     if replaced:
-        config.quantization_config = hf.quantization_config({path: layer.spec() for path, layer in replaced.items()})
+        config.quantization_config = hf_quantizer.quantization_config({path: layer.spec() for path, layer in replaced.items()})
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if any(layer is head for layer in replaced.values()) and getattr(config, "tie_word_embeddings", False):
             # the head is an int8/low-rank layer now: HF's tying by `.weight` no longer applies (a TiedInt8Linear
@@ -238,5 +238,5 @@ def load_pretrained(model_class, directory, **kwargs) -> torch.nn.Module:
     """``model_class.from_pretrained(directory, **kwargs)`` for a model saved after :func:`apply_to_model`:
     registers ``quant_method="fxcompress"`` first, so its int8 / low-rank layers are rebuilt before their
     tensors load (needed once per process; plain ``from_pretrained`` works after it)."""
-    hf.register_quantizer()
+    hf_quantizer.register_quantizer()
     return model_class.from_pretrained(directory, **kwargs)

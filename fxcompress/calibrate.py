@@ -71,7 +71,7 @@ def calibrate(
 
 def _folded(gm: fx.GraphModule, inputs: Inputs) -> fx.GraphModule:
     """``gm`` with BN folded (conv output ranges as the int8 pass sees them after ``fold_bn``)."""
-    from fxcompress.passes.fold_bn import FoldBN  # the passes load lazily (import fxcompress stays cheap)
+    from fxcompress.passes.fold_bn import FoldBN  # here: the passes load on first use, import fxcompress stays fast
 
     apply_pass(FoldBN(), gm, PassContext.of(inputs))
     return gm
@@ -91,7 +91,7 @@ class _RangeObserver(fx.Interpreter):
     """Runs the graph and records the range of every site's value (see the module docstring)."""
 
     def __init__(self, gm: fx.GraphModule, method: str, percentile: float):
-        from fxcompress.passes._int8_conv import calibration_sites
+        from fxcompress.passes._int8_conv import calibration_sites  # here, as in _folded: import speed
         from fxcompress.passes._projections import gemm_arguments
         from fxcompress.passes.int8 import gemm_candidates, layer_name
 

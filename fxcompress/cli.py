@@ -14,8 +14,9 @@ import torch
 
 from . import api, models, serialize
 from .errors import FxCompressError, InvalidInputError
-from .pass_base import make_pass, registered_passes
 from .quiet import progress_enabled
+from .registry import make_pass, registered_passes
+from .search import Target, parse_target
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "long": torch.long, "int64": torch.long}
 
@@ -93,8 +94,6 @@ def cmd_optimize(args: argparse.Namespace) -> None:
 def _target(args: argparse.Namespace):
     if args.target is None and args.max_error is None:
         return None
-    from .search import Target, parse_target
-
     if args.passes or args.option:
         raise InvalidInputError("--target/--max-error search for the passes; leave out --passes/--option (or drop --target)")
     kinds = tuple(args.search_passes.split(",")) if args.search_passes else Target.passes

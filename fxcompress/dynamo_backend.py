@@ -19,7 +19,8 @@ from torch._inductor.compile_fx import compile_fx
 from . import ir
 from .api import DEFAULT_PASSES
 from .manager import PassManager
-from .pass_base import Pass, PassContext, make_pass
+from .pass_base import Pass, PassContext
+from .registry import make_pass
 
 _STATE_SOURCES = ("._parameters[", "._buffers[")
 

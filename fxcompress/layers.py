@@ -23,7 +23,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from . import int8_ops, ir  # noqa: F401  (int8_ops registers torch.ops.fxcompress.*)
+from . import ir, ops  # noqa: F401  (ops registers torch.ops.fxcompress.*)
 
 aten = torch.ops.aten
 INT8_OPS = ("int8_linear", "int8_linear_static", "int8_weight_only_linear", "int8_linear_qengine", "int8_linear_by_rows")
@@ -32,7 +32,7 @@ _INT8_EMBEDDING = torch.ops.fxcompress.int8_embedding.default
 
 
 class Int8Linear(torch.nn.Module):
-    """``y = op(x / σ, [s_x,] W_q, s_w, b[, engine])`` for one fxcompress int8 ``op`` (see ``fxcompress.int8_ops``).
+    """``y = op(x / σ, [s_x,] W_q, s_w, b[, engine])`` for one fxcompress int8 ``op`` (see ``fxcompress.ops.int8_linear``).
 
     ``int8_linear_by_rows`` takes ``by_rows = (decode engine, prefill engine, max decode rows)`` and, when
     its decode engine is ``float``, the ``float_weight``: the module dispatches by row count as the graph does.

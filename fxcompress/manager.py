@@ -12,7 +12,6 @@ and report) → clean-up if the graph changed (dead code, unused attributes, lin
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
@@ -22,10 +21,11 @@ import torch.fx as fx
 from . import ir
 from .errors import PassConfigError, VerificationError
 from .instrument import Instrumentation
-from .pass_base import Pass, PassContext, PassResult, make_pass
+from .pass_base import Pass, PassContext, PassResult
+from .registry import make_pass
 from .quiet import quiet
 from .shapes import ShapeProbe, second_shape
-from .verify import default_rtol, first_diverging_node, fidelity, output_signature
+from .verify import GraphSnapshot, default_rtol, first_diverging_node, fidelity, output_signature
 
 
 @dataclass
@@ -57,30 +57,6 @@ def verify_level(verify: Any) -> str | bool:
     if level not in VERIFY_LEVELS or isinstance(level, int) and level is not False:
         raise PassConfigError(f"verify={verify!r}: use 'full' (or True), 'fast' or False")
     return level
-
-
-@dataclass
-class GraphSnapshot:
-    """The graph before a pass, sharing the live tensors and submodules: O(nodes) to take, no weight is
-    copied. Passes replace tensors rather than write them, so the snapshot stays the pre-pass model;
-    a tensor written in place (its ``_version`` moved) is detected instead."""
-
-    module: fx.GraphModule
-    versions: list[tuple[torch.Tensor, int]]
-
-    @classmethod
-    def of(cls, gm: fx.GraphModule) -> "GraphSnapshot":
-        attrs = {n.target: ir.get_attr(gm, n.target) for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
-        module = fx.GraphModule(attrs, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
-        for key in ("_in_spec", "_out_spec"):
-            if hasattr(gm, key):
-                setattr(module, key, getattr(gm, key))
-        tensors = [t for t in attrs.values() if isinstance(t, torch.Tensor)]
-        tensors += [t for m in attrs.values() if isinstance(m, torch.nn.Module) for t in m.state_dict(keep_vars=True).values()]
-        return cls(module, [(t, t._version) for t in tensors])
-
-    def written_in_place(self) -> list[torch.Tensor]:
-        return [t for t, version in self.versions if t._version != version]
 
 
 def apply_pass(pass_: Pass, gm: fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -1,4 +1,4 @@
-"""The pass contract and the registry.
+"""The pass contract and the registry passes register into (looked up by name in :mod:`fxcompress.registry`).
 
 A pass is a frozen dataclass: its fields are its configuration (plain data that can be
 printed, compared and saved with ``dataclasses.asdict``), ``name`` and ``lossless`` are
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from .errors import PassConfigError, UnknownPassError
+from .errors import PassConfigError
 from .inputs import Inputs
 
 
@@ -169,42 +169,14 @@ def type_name(hint: Any) -> str:
     return str(hint).replace("typing.", "").replace("collections.abc.", "")
 
 
-_REGISTRY: dict[str, type[Pass]] = {}
+REGISTRY: dict[str, type[Pass]] = {}
+"""Every pass registered so far, by name; look passes up with :mod:`fxcompress.registry` (it loads the built-in ones)."""
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:
     if not cls.name:
         raise TypeError(f"{cls.__name__} must set a class attribute `name`")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise TypeError(f"pass name {cls.name!r} is already registered by {_REGISTRY[cls.name].__name__}")
-    _REGISTRY[cls.name] = cls
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise TypeError(f"pass name {cls.name!r} is already registered by {REGISTRY[cls.name].__name__}")
+    REGISTRY[cls.name] = cls
     return cls
-
-
-def registered_passes() -> dict[str, type[Pass]]:
-    import fxcompress.passes  # noqa: F401  (registers the built-in passes)
-
-    return dict(sorted(_REGISTRY.items()))
-
-
-def make_pass(spec: str | Pass | dict, **options: Any) -> Pass:
-    """Turn a pass name (with options), a configured pass object or a configuration dict
-    (``{"pass": name, **options}``, what ``Pass.config()`` and ``gm.pipeline`` hold) into a pass object."""
-    if isinstance(spec, dict) and isinstance(spec.get("pass"), str) and not options:
-        return make_pass(spec["pass"], **{k: v for k, v in spec.items() if k != "pass"})
-    if isinstance(spec, Pass):
-        if options:
-            raise PassConfigError(f"options {sorted(options)} given with an already configured pass {spec!r}")
-        return spec
-    if not isinstance(spec, str):
-        raise PassConfigError(f"a pass is a name or a Pass object, not {type(spec).__name__}: {spec!r}")
-    passes = registered_passes()
-    if spec not in passes:
-        raise UnknownPassError(f"unknown pass {spec!r}; registered passes: {', '.join(passes)}")
-    cls = passes[spec]
-    try:
-        return cls(**options)
-    except PassConfigError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise PassConfigError(f"bad options for pass {spec!r}: {exc}; valid options:\n{cls.options_help()}") from exc

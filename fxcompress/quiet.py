@@ -76,6 +76,6 @@ def progress_enabled(progress: bool | None) -> bool:
 
 def progress_bar(progress: bool | None, **kwargs: Any):
     """A ``tqdm`` bar on stderr, disabled unless :func:`progress_enabled`."""
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # here: tqdm.auto probes for Jupyter, which import fxcompress need not pay
 
     return tqdm(disable=not progress_enabled(progress), file=sys.stderr, dynamic_ncols=True, leave=False, **kwargs)

@@ -16,7 +16,7 @@ from . import tuning
 from .instrument import Instrumentation, PassTimer
 from .pass_base import PassResult
 from .shapes import ShapeSummary
-from .verify import fidelity
+from .verify import GraphSnapshot, fidelity
 
 
 @dataclass(frozen=True)
@@ -227,8 +227,6 @@ class ReportBuilder(Instrumentation):
         if self.config.latency:
             self.report.machine = tuning.device_description(next((t.device for t in ctx.tensors()), torch.device("cpu")))
             if self._baseline is None:  # the graph before the passes, sharing its weights (passes replace them)
-                from .manager import GraphSnapshot
-
                 self._baseline = GraphSnapshot.of(gm).module
         self.report.rows.append({**self._measure("input", gm, outputs), "pass_time_s": None, "changes": None})
 

@@ -74,7 +74,7 @@ def load(path: str | os.PathLike) -> fx.GraphModule:
     ``train()`` raises :class:`fxcompress.errors.InferenceOnlyError`. A file that is not a ``.pt2``
     archive (empty, truncated, a ``torch.save`` checkpoint) raises :class:`ArchiveError`.
     """
-    import fxcompress.passes  # noqa: F401  (registers custom ops the graph may call)
+    from . import ops  # noqa: F401  (registers the custom ops the graph may call; here, so import fxcompress stays fast)
 
     _check_archive(os.fspath(path))
     extra = {METADATA_FILE: ""}

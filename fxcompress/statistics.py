@@ -194,13 +194,17 @@ def collect_statistics(
     seen = 0
     with torch.no_grad():
         for item in tqdm(batches, desc="calibration statistics", unit="batch", disable=None if progress is None else not progress, leave=False):
-            batch = item if isinstance(item, Batch) else Batch.of(item)
-            flat = tree_flatten_spec((batch.args, batch.kwargs), gm._in_spec) if getattr(gm, "_in_spec", None) else list(batch.args)
-            interpreter.run(*flat)
+            interpreter.run(*flat_inputs(item, getattr(gm, "_in_spec", None)))
             seen += 1
     if not seen:
         raise InvalidInputError("calibration data is empty; pass at least one batch of representative inputs")
     return {node.name: acc.stats for node, acc in accumulators.items() if acc.stats is not None}
+
+
+def flat_inputs(item: Any, in_spec: Any) -> list:
+    """One calibration batch (see :meth:`fxcompress.training.Batch.of`) as the captured graph's flat placeholders."""
+    batch = item if isinstance(item, Batch) else Batch.of(item)
+    return tree_flatten_spec((batch.args, batch.kwargs), in_spec) if in_spec else list(batch.args)
 
 
 def _features_key(node: fx.Node) -> tuple:
@@ -255,14 +259,18 @@ def layer_statistics(gm: fx.GraphModule, ctx: Any, nodes: list[fx.Node], *, gram
         else:
             missing.append(node)
     if missing:
-        data = ctx.calibration if ctx.calibration is not None else [Batch(ctx.args, ctx.kwargs)]
-        collected = collect_statistics(gm, data, missing, gram=gram)
+        collected = collect_statistics(gm, calibration_batches(ctx), missing, gram=gram)
         cache.collections += 1
         for node in missing:
             if node.name in collected:
                 cache.entries[(node.name, gram)] = (signatures[node], collected[node.name])
                 result[node.name] = collected[node.name]
     return result
+
+
+def calibration_batches(ctx: Any) -> Any:
+    """``ctx``'s calibration data, or its example inputs as the one batch when none was given."""
+    return ctx.calibration if ctx.calibration is not None else [Batch(ctx.args, ctx.kwargs)]
 
 
 def upstream_signature(gm: fx.GraphModule, node: fx.Node) -> tuple:

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import os
+import platform
 import statistics
 import threading
 from dataclasses import dataclass, field
@@ -44,8 +45,6 @@ def cpu_description() -> tuple[str, tuple[str, ...]]:
         capability = torch.backends.cpu.get_cpu_capability().lower()
         flags = {"avx2"} if capability.startswith("avx") else set()
         flags |= {"avx512f"} if capability.startswith("avx512") else set()
-    import platform
-
     return model or platform.processor() or platform.machine(), tuple(f for f in INT8_CPU_FLAGS if f in flags)
 
 
@@ -99,14 +98,14 @@ def compare(fns: dict[str, Callable[[], Any]], device: torch.device | str = "cpu
         for fn in fns.values():  # warm-up: lazy initialisation (prepacking, autotuning) is not timed
             fn()
         if device.type == "cuda":
-            from triton.testing import do_bench
+            from triton.testing import do_bench  # Triton is optional: imported on CUDA only
 
             samples = {name: [] for name in fns}
             for _ in range(rounds):
                 for name, fn in fns.items():
                     samples[name].append(float(do_bench(fn, warmup=5, rep=max(1, int(1e3 * min_run_time / rounds)))))
             return {name: _summary(s) for name, s in samples.items()}
-        from torch.utils.benchmark import Timer
+        from torch.utils.benchmark import Timer  # here: imported on the first timing, not with fxcompress
 
         timers = {name: Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()) for name, fn in fns.items()}
         numbers = {name: _block_size(timer, min_run_time / rounds) for name, timer in timers.items()}

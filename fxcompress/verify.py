@@ -1,7 +1,9 @@
-"""Checks the pass manager runs after every pass: output structure, shapes, dtypes and values."""
+"""Checks the pass manager runs after every pass: output structure, shapes, dtypes and values, and the
+pre-pass snapshot that names the first diverging node."""
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +12,32 @@ import torch
 import torch.fx as fx
 from torch.fx._pytree import tree_flatten_spec
 from torch.utils import _pytree as pytree
+
+from . import ir
+
+
+@dataclass
+class GraphSnapshot:
+    """The graph before a pass, sharing the live tensors and submodules: O(nodes) to take, no weight is
+    copied. Passes replace tensors rather than write them, so the snapshot stays the pre-pass model;
+    a tensor written in place (its ``_version`` moved) is detected instead."""
+
+    module: fx.GraphModule
+    versions: list[tuple[torch.Tensor, int]]
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule) -> "GraphSnapshot":
+        attrs = {n.target: ir.get_attr(gm, n.target) for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+        module = fx.GraphModule(attrs, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+        for key in ("_in_spec", "_out_spec"):
+            if hasattr(gm, key):
+                setattr(module, key, getattr(gm, key))
+        tensors = [t for t in attrs.values() if isinstance(t, torch.Tensor)]
+        tensors += [t for m in attrs.values() if isinstance(m, torch.nn.Module) for t in m.state_dict(keep_vars=True).values()]
+        return cls(module, [(t, t._version) for t in tensors])
+
+    def written_in_place(self) -> list[torch.Tensor]:
+        return [t for t, version in self.versions if t._version != version]
 
 
 def output_signature(outputs: Any) -> tuple:

@@ -14,7 +14,7 @@ chain of its own). ``max_pool`` of an int8 value stays int8 (``max`` commutes wi
 it as is, so ``quantize_u8`` sits only where a float tensor enters and ``dequantize_u8`` only where a
 float op reads an int8 value. The ``(s, z)`` of a value: the ``"<layer>:out"`` range of its chain
 (``z = 0, s = r/255`` after relu/hardtanh, else ``z = 128, s = r/127``; 7-bit, ``r/127`` and ``z = 64, s = r/63``,
-where the CPU's engines saturate at full range: :func:`int8_conv_ops.saturates_full_range`), the ``"<layer>"`` input range
+where the CPU's engines saturate at full range: :func:`fxcompress.ops.int8_conv.saturates_full_range`), the ``"<layer>"`` input range
 at a region entry, ``"<layer>:conv"`` for the pre-add output where an engine adds in a second op;
 ``fxcompress.calibrate`` measures them all on a BN-folded copy of the model (:func:`calibration_sites`).
 
@@ -35,10 +35,11 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from fxcompress import int8_conv_ops, ir, tuning
-from fxcompress.int8_conv_ops import CONV_ENGINES, FUSED_ADD_ENGINES, TRITON_ENGINE
+from fxcompress import ir, tuning
+from fxcompress.ops.int8_conv import CONV_ENGINES, FUSED_ADD_ENGINES, TRITON_ENGINE, activation_quant_max, conv_engine_available
+from fxcompress.ops.int8_linear import quantize_weight_per_channel
 
-from ._int8_lowering import relative_error
+from ._int8_lowering import Lowering, measured_choice, relative_error
 
 aten = torch.ops.aten
 fxops = torch.ops.fxcompress
@@ -205,7 +206,7 @@ def qparams(absmax_scale: float, nonnegative: bool, clip: float | None = None) -
     """``(s, z)`` of a uint8 value from a symmetric calibrated scale ``r/127``, on the grid ``0..top``:
     ``top`` is 255, or 127 where this CPU's engines saturate at full range (see ``activation_quant_max``)."""
     r = absmax_scale * 127.0
-    top = int8_conv_ops.activation_quant_max(CONV_ENGINES)
+    top = activation_quant_max(CONV_ENGINES)
     if nonnegative:
         r = min(r, clip) if clip is not None else r
         return max(r, 1e-8) / top, 0
@@ -215,8 +216,6 @@ def qparams(absmax_scale: float, nonnegative: bool, clip: float | None = None) -
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per output channel, symmetric: ``W ≈ s_w[n] · W_q[n]`` (the same rule as the GEMM lowering)."""
-    from .int8 import quantize_weight_per_channel
-
     q, scale = quantize_weight_per_channel(weight.reshape(weight.shape[0], -1))
     return q.reshape(weight.shape), scale
 
@@ -266,7 +265,7 @@ class ConvProblem:
 
 def _engine_candidate(engine: str) -> tuning.Candidate:
     return tuning.Candidate(f"qengine:{engine}", run=lambda p: p.int8(engine),
-                            available=lambda p: p.device.type == "cpu" and int8_conv_ops.conv_engine_available(engine))
+                            available=lambda p: p.device.type == "cpu" and conv_engine_available(engine))
 
 
 def _triton_available(problem: ConvProblem) -> bool:
@@ -295,40 +294,12 @@ def _register() -> None:
 _register()
 
 
-@dataclass(frozen=True)
-class ConvLowering:
-    impl: str
-    choice: tuning.Choice
-    errors: dict[str, float]
-    rejected: dict[str, str]
-
-    @property
-    def engine(self) -> str | None:
-        """The ``engine`` argument of the ``int8_conv`` node (``None``: the conv stays float)."""
-        if self.impl == TRITON_ENGINE:
-            return TRITON_ENGINE
-        return self.impl.split(":", 1)[1] if self.impl.startswith("qengine:") else None
-
-
 def choose_conv_lowering(problem: ConvProblem, *, tune: bool, allow_slower: bool, impl: str | None,
-                         error_factor: float, min_run_time: float) -> ConvLowering:
-    """Fidelity check of every available engine against the simulated scheme, then the measured choice."""
-    candidates = tuning.family(FAMILY).candidates
-    available = [c.name for c in candidates.values() if c.available(problem)]
-    with torch.no_grad():
-        reference = problem.float_run()
-        scheme_error = relative_error(problem.simulated(), reference)
-        errors = {n: relative_error(problem.as_float(candidates[n].run(problem)), reference) for n in available if n != "float"}
-    budget = max(error_factor * scheme_error, 1e-6)
-    rejected = {n: f"output error {e:.2g} > {error_factor:g}x the scheme's {scheme_error:.2g}" for n, e in errors.items() if e > budget}
-    errors["float"] = 0.0
-    names = [n for n in available if n not in rejected]
-    if impl is not None and impl in candidates:
-        names = [n for n in names if n == impl]
-    elif allow_slower:
-        names = [n for n in names if n != "float"] or names
-    if not names:
-        return ConvLowering("float", tuning.Choice("float", f"impl={impl!r} is not available or rejected here"), errors, rejected)
-    key = {**problem.key, "candidates": sorted(names)}
-    choice = tuning.choose(FAMILY, problem, names, key, tune=tune, min_run_time=min_run_time)
-    return ConvLowering(choice.impl, choice, errors, rejected)
+                         error_factor: float, min_run_time: float) -> Lowering:
+    """The measured choice for a conv; the budget is the error of the scheme simulated in float.
+    An ``impl`` that names no conv candidate (a GEMM's) does not apply to convs."""
+    return measured_choice(
+        FAMILY, problem, problem.key, scheme="scheme",
+        scheme_error=lambda _, reference: relative_error(problem.simulated(), reference), as_float=problem.as_float,
+        impl=impl if impl in tuning.family(FAMILY).candidates else None,
+        tune=tune, allow_slower=allow_slower, error_factor=error_factor, min_run_time=min_run_time)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any, Callable
 

@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from fxcompress import ir, selectors
+from fxcompress.ops.int8_linear import quantization_error
 from fxcompress.verify import node_values
 
 from ._int8_conv import (
@@ -150,18 +151,13 @@ class ConvLowerer:
         c = self.config
         lowering = choose_conv_lowering(problem, tune=c.tune, allow_slower=c.allow_slower, impl=c.impl,
                                         error_factor=c.error_factor, min_run_time=c.tune_time_s)
-        w = weight.double()
-        scale = weight_scale.double().view(-1, *[1] * (weight.dim() - 1))
         detail = {
             "layer": layer, "mode": "static", "op": f"{conv.__name__.split('.')[0]} {'x'.join(map(str, weight.shape[2:]))}"
             f" stride {geometry[0]} dilation {geometry[2]} groups {geometry[3]}",
-            "weight_shape": tuple(weight.shape), "weight_rel_error": ((w - weight_q.double() * scale).norm() / w.norm().clamp(min=1e-30)).item(),
+            "weight_shape": tuple(weight.shape), "weight_rel_error": quantization_error(weight.reshape(weight.shape[0], -1), weight_q.reshape(weight.shape[0], -1), weight_scale),
             "input_qparams": x_qparams, "impl": lowering.impl,
             "timed_as": "+".join(p for p, on in (("quantize", enters_float), ("int8_conv", True), ("dequantize", exits_float)) if on),
-            "chosen_by": lowering.choice.reason + (" (cached)" if lowering.choice.cached else ""),
-            "timings": lowering.choice.timings_text() or "-",
-            "output_rel_error": lowering.errors.get(lowering.impl),
-            **({"rejected": "; ".join(f"{n}: {why}" for n, why in lowering.rejected.items())} if lowering.rejected else {}),
+            **lowering.detail(),
         }
         return lowering, detail
 

@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from fxcompress import ir, selectors
+from fxcompress.ops.int8_linear import quantization_error, quantize_weight_per_channel
 from fxcompress.pass_base import PassResult
 
 EMBEDDING = torch.ops.aten.embedding.default
@@ -24,8 +25,6 @@ def quantize_embeddings(gm: fx.GraphModule, skip: tuple[str, ...], head_tables: 
                         result: PassResult) -> None:
     """Rewrite every ``aten.embedding`` whose table is a float parameter; ``head_tables`` maps a weight's
     get_attr target to the (``W_q``, ``s_w``) nodes of the int8 linear made from it (tied LM head)."""
-    from .int8 import quantize_weight_per_channel, relative_error
-
     for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is EMBEDDING]:
         layer, table = ir.module_path(node) or node.name, node.args[0]
         problem = _problem(gm, node, table, skip, layer, head_tables)
@@ -51,7 +50,7 @@ def quantize_embeddings(gm: fx.GraphModule, skip: tuple[str, ...], head_tables: 
         result.rewritten.append(layer)
         result.details.append({
             "layer": layer, "mode": "weight_only", "op": "embedding", "weight_shape": tuple(weight.shape),
-            "weight_rel_error": relative_error(weight, weight_q, scale), "impl": "int8_embedding",
+            "weight_rel_error": quantization_error(weight, weight_q, scale), "impl": "int8_embedding",
             "chosen_by": "embeddings=True (size: a lookup gathers rows, it is not faster)",
             **({"shared_with": ", ".join(ir.module_path(u) for u in shared[0].users)} if shared else {}),
         })

@@ -33,7 +33,9 @@ from typing import Any, Callable
 
 import torch
 
-from fxcompress import int8_ops, tuning
+from fxcompress import tuning
+from fxcompress.ops import qengine
+from fxcompress.ops.int8_conv import TRITON_ENGINE
 
 fxops = torch.ops.fxcompress
 FAMILIES = {"dynamic": "int8_linear_dynamic", "static": "int8_linear_static", "weight_only": "int8_weight_only"}
@@ -97,7 +99,7 @@ def _float_candidate() -> OpCandidate:
 
 
 def _engine_available(engine: str) -> Callable[[GemmProblem], bool]:
-    return lambda problem: problem.device.type == "cpu" and int8_ops.engine_available(engine)
+    return lambda problem: problem.device.type == "cpu" and qengine.engine_available(engine)
 
 
 def _has(*flags: str) -> bool:
@@ -134,7 +136,7 @@ def _register() -> None:
     for device, name in SCHEME.items():
         tuning.register_candidate(dynamic.name, _op_candidate(name, fxops.int8_linear.default, available=_on(device)))
         tuning.register_candidate(static.name, _op_candidate(name, fxops.int8_linear_static.default, available=_on(device)))
-    for engine in int8_ops.QUANTIZED_ENGINES:
+    for engine in qengine.QUANTIZED_ENGINES:
         tuning.register_candidate(dynamic.name, _op_candidate(
             f"qengine:{engine}", fxops.int8_linear_qengine.default, (engine,), available=_engine_available(engine)))
     tuning.register_candidate(weight_only.name, _op_candidate("int8_weight_only", fxops.int8_weight_only_linear.default))
@@ -153,35 +155,52 @@ def relative_error(output, reference) -> float:
 
 @dataclass(frozen=True)
 class Lowering:
-    """The chosen candidate for one node, with everything the report shows about the choice."""
+    """The chosen candidate for one node (a GEMM or a conv), with everything the report shows about the choice."""
 
-    candidate: OpCandidate
+    candidate: tuning.Candidate
     choice: tuning.Choice
     errors: dict[str, float]
     rejected: dict[str, str]
 
+    @property
+    def impl(self) -> str:
+        return self.candidate.name
+
+    @property
+    def engine(self) -> str | None:
+        """The ``engine`` argument of the op node (``qengine:<engine>`` → ``engine``, ``triton``); ``None``: not an engine op."""
+        if self.impl == TRITON_ENGINE:
+            return TRITON_ENGINE
+        return self.impl.split(":", 1)[1] if self.impl.startswith("qengine:") else None
+
     def detail(self) -> dict:
         return {
-            "impl": self.candidate.name,
+            "impl": self.impl,
             "chosen_by": self.choice.reason + (" (cached)" if self.choice.cached else ""),
             "timings": self.choice.timings_text() or "-",
-            "output_rel_error": self.errors.get(self.candidate.name),
+            "output_rel_error": self.errors.get(self.impl),
             **({"rejected": "; ".join(f"{n}: {why}" for n, why in self.rejected.items())} if self.rejected else {}),
         }
 
 
-def choose_lowering(mode: str, problem: GemmProblem, *, tune: bool, allow_slower: bool, impl: str | None,
+def measured_choice(family_name: str, problem: Any, key: dict, *, scheme: str, scheme_error: Callable[[dict, Any], float],
+                    as_float: Callable = lambda y: y, tune: bool, allow_slower: bool, impl: str | None,
                     error_factor: float, min_run_time: float) -> Lowering:
-    """Check every available candidate against the fidelity contract, then time (or look up) the rest."""
-    family = tuning.family(FAMILIES[mode])
+    """The fidelity contract, then the measured choice, for one node of any int8 family.
+
+    Every available candidate runs on the node's real input; one whose error against the float
+    original exceeds ``error_factor`` × the ``scheme``'s own (``scheme_error(errors, reference)``) is
+    rejected; ``impl`` / ``allow_slower`` narrow the rest, which are timed (or looked up) under ``key``.
+    """
+    family = tuning.family(family_name)
     available = [c for c in family.candidates.values() if c.available(problem)]
     with torch.no_grad():
         reference = problem.float_run()
-        errors = {c.name: relative_error(c.run(problem), reference) for c in available if c.name != "float"}
-    scheme = "int8_weight_only" if mode == "weight_only" else SCHEME.get(problem.device.type)
-    budget = max(error_factor * errors.get(scheme, min(errors.values(), default=0.0)), 1e-6)
+        errors = {c.name: relative_error(as_float(c.run(problem)), reference) for c in available if c.name != "float"}
+        own_error = scheme_error(errors, reference)
+    budget = max(error_factor * own_error, 1e-6)
     errors["float"] = 0.0
-    rejected = {n: f"output error {e:.2g} > {error_factor:g}x the {mode} scheme's {budget / error_factor:.2g}"
+    rejected = {n: f"output error {e:.2g} > {error_factor:g}x the {scheme}'s {budget / error_factor:.2g}"
                 for n, e in errors.items() if e > budget}
     names = [c.name for c in available if c.name not in rejected]
     if impl is not None:
@@ -191,9 +210,19 @@ def choose_lowering(mode: str, problem: GemmProblem, *, tune: bool, allow_slower
     if not names:
         reason = rejected.get(impl) or f"{impl!r} is not available here ({[c.name for c in available]})"
         return Lowering(family.candidates["float"], tuning.Choice("float", f"impl={impl!r}: {reason}"), errors, rejected)
-    key = {**problem.key, "mode": mode, "candidates": sorted(names)}
-    choice = tuning.choose(family.name, problem, names, key, tune=tune, min_run_time=min_run_time)
+    choice = tuning.choose(family.name, problem, names, {**key, "candidates": sorted(names)}, tune=tune,
+                           min_run_time=min_run_time)
     return Lowering(family.candidates[choice.impl], choice, errors, rejected)
+
+
+def choose_lowering(mode: str, problem: GemmProblem, *, tune: bool, allow_slower: bool, impl: str | None,
+                    error_factor: float, min_run_time: float) -> Lowering:
+    """The measured choice for a GEMM; the budget is the error of the candidate computing the mode's scheme."""
+    scheme = "int8_weight_only" if mode == "weight_only" else SCHEME.get(problem.device.type)
+    return measured_choice(
+        FAMILIES[mode], problem, {**problem.key, "mode": mode}, scheme=f"{mode} scheme",
+        scheme_error=lambda errors, _: errors.get(scheme, min(errors.values(), default=0.0)),
+        tune=tune, allow_slower=allow_slower, impl=impl, error_factor=error_factor, min_run_time=min_run_time)
 
 
 @dataclass(frozen=True)

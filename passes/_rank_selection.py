@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+import warnings
+from typing import Any, Sequence
 
 import torch
+
+from fxcompress.errors import FxCompressWarning, PassConfigError
 
 
 @functools.lru_cache(maxsize=256)
@@ -65,3 +68,35 @@ def candidate_ranks(spectra: Sequence[torch.Tensor], round_to: int) -> list[tupl
             seen.add(ranks)
             result.append(ranks)
     return result
+
+
+def checked_layer_ranks(value: Any) -> tuple[tuple[str, int | float], ...]:
+    pairs = tuple(value.items()) if isinstance(value, dict) else value
+    if not isinstance(pairs, list | tuple) or not all(isinstance(p, list | tuple) and len(p) == 2 for p in pairs):
+        raise PassConfigError(f"low_rank layer_ranks={value!r} must be (layer selector, rank) pairs or a dict, e.g. {{'fc1': 32}}")
+    checked = tuple((p[0], p[1]) for p in pairs)
+    for name, rank in checked:
+        if not isinstance(name, str) or isinstance(rank, bool) or not isinstance(rank, int | float) or not (
+                rank >= 1 if isinstance(rank, int) else 0 < rank <= 1):
+            raise PassConfigError(f"low_rank layer_ranks: {name!r}: {rank!r} must be an int rank >= 1 or a fraction in (0, 1]")
+    return checked
+
+
+def check_fraction(field_name: str, value: Any, closed_top: bool) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (0 < value and (value <= 1 if closed_top else value < 1)):
+        interval = "(0, 1]" if closed_top else "(0, 1)"
+        raise PassConfigError(f"low_rank {field_name}={value!r} must be a fraction in {interval}, e.g. 0.9")
+
+
+def warn_rank_one(details: Sequence[dict]) -> None:
+    """Warn once when layers were factorized down to rank 1 (one singular vector: little of the layer is left)."""
+    ranked_one = [d["layer"] for d in details if 1 in [int(r) for r in str(d["rank"]).split("/")]]
+    if ranked_one:
+        shown = ", ".join(ranked_one[:3]) + (", ..." if len(ranked_one) > 3 else "")
+        warnings.warn(
+            f"low_rank: {len(ranked_one)} layer(s) factorized to rank 1 ({shown}): each keeps a single "
+            f"direction of its weight. Use a larger rank/energy/target_macs, or recover with fxcompress.distill.",
+            FxCompressWarning, stacklevel=3,
+        )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from fxcompress.passes import _refit
 from fxcompress.statistics import LAYER_OPS, InputStatistics, layer_statistics
 
 METHODS = ("svd-llm", "asvd")
@@ -48,8 +49,12 @@ def basis_factors(weight: torch.Tensor, basis: torch.Tensor, rank: int) -> tuple
     return u_r.T @ weight.double(), u_r
 
 
-def whiten_layers(gm, ctx, layers: list, method: str) -> None:
-    """Replace the spectra of ``low_rank``'s linear/pointwise layers by those of ``W·S``; note how each was treated."""
+def whiten_layers(gm, ctx, layers: list, method: str, centred: bool = False) -> None:
+    """Replace the spectra of ``low_rank``'s linear/pointwise layers by those of ``W·S``; note how each was treated.
+
+    ``centred`` (``low_rank``'s refit): ``S`` from the centred Gram matrix, with the layer's
+    :class:`~fxcompress.passes._refit.Fit` kept on ``layer.fit`` (full-Gram layers only).
+    """
     gemm_kinds = ("linear", "pointwise")
     measured = [layer for layer in layers if layer.kind in gemm_kinds and layer.node.target in LAYER_OPS]
     stats = layer_statistics(gm, ctx, [layer.node for layer in measured], gram=method == "svd-llm")
@@ -60,6 +65,9 @@ def whiten_layers(gm, ctx, layers: list, method: str) -> None:
             layer.whitening = "none (k×k conv: factorized data-free)"
         elif layer.node.name not in stats:
             layer.whitening = "none (not executed on the calibration data)"
+        elif centred and stats[layer.node.name].gram is not None:
+            layer.fit = _refit.independent_fit(layer.weight, stats[layer.node.name])
+            layer.svds, layer.whitening = [(layer.fit.basis, layer.fit.spectrum, None)], "svd-llm, centred refit"
         else:
             root, layer.whitening = input_root(stats[layer.node.name], method)
             u, sigma = whitened_svd(layer.weight.reshape(layer.weight.shape[0], -1), root)

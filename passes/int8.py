@@ -22,13 +22,13 @@ candidates' timings are in the pass's ``details``.
 
 from __future__ import annotations
 
-import math
 import operator
 
 import torch
 import torch.fx as fx
 
-import fxcompress.int8_ops  # noqa: F401  (registers torch.ops.fxcompress.*)
+import fxcompress.ops  # noqa: F401  (registers torch.ops.fxcompress.*)
+from fxcompress.ops.int8_linear import quantization_error, quantize_weight_per_channel
 from fxcompress import ir, selectors
 from fxcompress.pass_base import PassContext, PassResult
 from fxcompress.verify import node_values
@@ -47,19 +47,6 @@ fxops = torch.ops.fxcompress
 LINEAR = aten.linear.default
 CONV2D = aten.conv2d.default
 FUSABLE_ACTIVATIONS = {aten.relu.default: "relu", aten.gelu.default: "gelu"}
-
-
-def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``W [N, K] -> (W_q int8, s_w fp32 [N])`` with ``W ≈ s_w[:, None] · W_q``."""
-    w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
-
-
-def relative_error(weight: torch.Tensor, weight_q: torch.Tensor, scale: torch.Tensor) -> float:
-    """``‖W − s_w ⊙ W_q‖_F / ‖W‖_F``."""
-    w = weight.detach().double()
-    return ((w - weight_q.double() * scale.double()[:, None]).norm() / w.norm().clamp(min=1e-30)).item()
 
 
 def layer_name(node: fx.Node) -> str:
@@ -228,7 +215,7 @@ class _GemmRewrite:
             {
                 "layer": layer_name(node), "mode": self.config.mode, "op": "conv1x1" if node.target is CONV2D else "linear",
                 "weight_shape": tuple(w.shape), "fused_activation": activation, "gemm_group": len(group),
-                "weight_rel_error": relative_error(w.reshape(w.shape[0], -1), q, sc),
+                "weight_rel_error": quantization_error(w.reshape(w.shape[0], -1), q, sc),
                 "smoothed": sigma is not None,
                 **({"rounding": "gptq" if hessian is not None else "nearest (no input Hessian)"} if self.config.gptq else {}),
                 **({"input_scale": input_scale} if input_scale is not None else {}),

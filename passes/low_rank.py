@@ -30,29 +30,34 @@ Grouped and depthwise convs are left alone.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 
 from fxcompress import tuning
-from fxcompress.errors import FxCompressWarning, PassConfigError
+from fxcompress.errors import PassConfigError
 from fxcompress.ir import add_constant, attr_use_count, fake_value, get_attr, module_path
 from fxcompress.pass_base import Pass, PassContext, PassResult, register_pass
 from fxcompress.selectors import first_match
+from fxcompress.statistics import calibration_batches
 from fxcompress.verify import node_values
 from fxcompress.passes import _rank_selection as rs
 from fxcompress.passes._rank_budget import RankOption, allocate_budget
-from fxcompress.passes import _whitening
-from fxcompress.passes._factorizations import FACTORIZATIONS, Factorization, Geometry, Stage
-from fxcompress.passes._projections import ROUTER_REASON, batched_weight_readers, gemm_arguments, is_projection, routes_experts, weight_matrix
+from fxcompress.passes import _refit, _whitening
+from fxcompress.passes._rank_sensitivity import model_sensitivities
+from fxcompress.passes._factorizations import (
+    FACTORIZATIONS, LINEAR, Factorization, Geometry, Stage, factorize, reconstruct, run_stages, stage_call, svd,
+    format_ranks,
+)
+from fxcompress.passes._projections import (
+    ROUTER_REASON, batched_weight_readers, gemm_arguments, is_projection, routes_experts, weight_matrix,
+)
 
-_LINEAR = torch.ops.aten.linear.default
 _CONV_DIMS = {torch.ops.aten.conv1d.default: 1, torch.ops.aten.conv2d.default: 2}
-_CONV_OPS = {dims: op for op, dims in _CONV_DIMS.items()}
 METHODS = ("tucker2", "separable")
+REFITS = ("independent", "sequential")
+BUDGET_ERRORS = ("layer", "model")
 
 
 @dataclass
@@ -66,6 +71,7 @@ class _Layer:
     geometry: Geometry | None
     svds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None  # vh None: whitened basis
     whitening: str = "none"
+    fit: _refit.Fit | None = None  # refit: the least-squares target and bias of the whitened truncation
 
     @property
     def spectra(self) -> list[torch.Tensor]:
@@ -102,6 +108,14 @@ class LowRank(Pass):
     by at least this factor.
     ``whiten``: None (spectrum of W alone), "svd-llm" (input Gram matrix, exact output error) or
     "asvd" (activation-magnitude column scaling), on ``optimize(..., calibration=)`` data.
+    ``refit`` (with ``whiten="svd-llm"``): "independent" fits both factors and the bias in closed form to the
+    original layer's outputs (centred whitening: the bias absorbs the inputs' mean); "sequential" does
+    so on the inputs each layer gets once the layers before it are factorized, so later layers
+    compensate earlier errors (see :mod:`fxcompress.passes._refit`). Ranks are chosen first, on the
+    original model's statistics.
+    ``budget_error`` (``target_macs``): what the budget minimises — "layer": the sum of the layers' own
+    relative (whitened: output) errors; "model": each weighted by how much it moves the model's outputs,
+    probed once per layer on calibration data (see :mod:`fxcompress.passes._rank_sensitivity`).
     ``layer_ranks``: instead of one of those, ``(selector, rank)`` pairs (or a dict): each layer the
     first selector selects gets that rank (int or fraction, as ``rank``); other layers stay as they are.
     ``include``/``ignore``: module selectors (:mod:`fxcompress.selectors`); ``*`` matches within one
@@ -121,11 +135,13 @@ class LowRank(Pass):
     include: tuple[str, ...] = ("**",)
     ignore: tuple[str, ...] = ()
     whiten: str | None = None
+    refit: str | None = None
+    budget_error: str = "layer"
     layer_ranks: tuple[tuple[str, int | float], ...] = ()
 
     def __post_init__(self) -> None:
         """Exactly one of rank/energy/target_macs/layer_ranks, each in range; ``include``/``ignore`` normalised to tuples."""
-        object.__setattr__(self, "layer_ranks", _checked_layer_ranks(self.layer_ranks))
+        object.__setattr__(self, "layer_ranks", rs.checked_layer_ranks(self.layer_ranks))
         chosen = [n for n in ("rank", "energy", "target_macs", "layer_ranks") if getattr(self, n) not in (None, ())]
         if len(chosen) != 1:
             raise PassConfigError(
@@ -139,12 +155,17 @@ class LowRank(Pass):
             raise PassConfigError(f"low_rank rank={rank} must be >= 1; for a fraction of full rank pass a float, e.g. 0.25")
         if isinstance(rank, float) and not 0 < rank <= 1:
             raise PassConfigError(f"low_rank rank={rank} as a float is a fraction of full rank and must be in (0, 1]")
-        _check_fraction("energy", self.energy, closed_top=True)
-        _check_fraction("target_macs", self.target_macs, closed_top=False)
+        rs.check_fraction("energy", self.energy, closed_top=True)
+        rs.check_fraction("target_macs", self.target_macs, closed_top=False)
         if self.method not in METHODS:
             raise PassConfigError(f"low_rank method={self.method!r} is unknown; use one of {METHODS}")
         if self.whiten is not None and self.whiten not in _whitening.METHODS:
             raise PassConfigError(f"low_rank whiten={self.whiten!r} is unknown; use None or one of {_whitening.METHODS}")
+        if self.refit is not None and (self.refit not in REFITS or self.whiten != "svd-llm"):
+            raise PassConfigError(f"low_rank refit={self.refit!r} needs whiten='svd-llm' and one of {REFITS}; "
+                                  f"e.g. LowRank(target_macs=0.5, whiten='svd-llm', refit='sequential')")
+        if self.budget_error not in BUDGET_ERRORS:
+            raise PassConfigError(f"low_rank budget_error={self.budget_error!r} is unknown; use one of {BUDGET_ERRORS}")
         if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
             raise PassConfigError(f"low_rank round_to={self.round_to!r} must be an int >= 1, e.g. 8 (1: no rounding)")
         speedup = self.min_speedup
@@ -166,15 +187,22 @@ class LowRank(Pass):
         for weight, op in batched_weight_readers(gm):
             result.skip(weight, f"batched (mixture-of-experts) weights read by {op} are not factorized")
         for layer in layers:
-            layer.svds = [_svd(m) for m in layer.factorization.matrices(layer.weight)]
+            layer.svds = [svd(m) for m in layer.factorization.matrices(layer.weight)]
         if self.whiten is not None:
-            _whitening.whiten_layers(gm, ctx, layers, self.whiten)
-        for layer, ranks in zip(layers, self._choose_ranks(layers)):
-            if ranks is None:
+            _whitening.whiten_layers(gm, ctx, layers, self.whiten, centred=self.refit is not None)
+        chosen = dict(zip((layer.name for layer in layers), self._choose_ranks(gm, ctx, layers)))
+        sequential = []
+        for layer in layers:
+            ranks = chosen[layer.name]
+            if self.refit == "sequential" and layer.fit is not None and (ranks is None or layer.macs(ranks) < layer.macs()):
+                sequential.append(layer)
+            elif ranks is None:
                 result.skip(layer.name, "target_macs budget met without it (other layers lose less energy per MAC)")
-                continue
-            self._rewrite_if_cheaper(gm, layer, ranks, result)
-        _warn_rank_one(result.details)
+            else:
+                self._rewrite_if_cheaper(gm, layer, ranks, result)
+        _refit.sequential_refit(gm, ctx, sequential, lambda layer: self._rewrite_if_cheaper(gm, layer, chosen[layer.name], result)
+                                if chosen[layer.name] else _refit.refit_whole(gm, layer, result))
+        rs.warn_rank_one(result.details)
         return result
 
     def _collect(self, gm: fx.GraphModule, ctx: PassContext, result: PassResult) -> list[_Layer]:
@@ -231,9 +259,11 @@ class LowRank(Pass):
                 return "method='separable' applies to 2-d convs only"
         return None
 
-    def _choose_ranks(self, layers: list[_Layer]) -> list[tuple[int, ...] | None]:
+    def _choose_ranks(self, gm: fx.GraphModule, ctx: PassContext, layers: list[_Layer]) -> list[tuple[int, ...] | None]:
         if self.target_macs is not None:
             options = [_rank_options(layer, rs.candidate_ranks(layer.spectra, self.round_to)) for layer in layers]
+            if self.budget_error == "model":
+                options = self._model_weighted(gm, ctx, layers, options)
             chosen = allocate_budget([layer.macs() for layer in layers], options, self.target_macs)
             return [option.ranks if option else None for option in chosen]
         ranks = []
@@ -248,17 +278,32 @@ class LowRank(Pass):
             ranks.append(tuple(per_mode))
         return ranks
 
+    def _model_weighted(self, gm: fx.GraphModule, ctx: PassContext, layers: list[_Layer],
+                        options: list[list[RankOption]]) -> list[list[RankOption]]:
+        """``options`` with each layer's loss scaled by its probed model-output sensitivity (the median where unprobed)."""
+        probes = []
+        for layer, layer_options in zip(layers, options):
+            cheaper = [o for o in layer_options if o.macs < layer.macs()] or layer_options
+            probes.append(min(cheaper, key=lambda o: abs(o.macs - self.target_macs * layer.macs())))
+        sensitivities = model_sensitivities(
+            gm, calibration_batches(ctx), layers, [p.loss for p in probes],
+            lambda layer: _refit.approximation(gm, layer, probes[layers.index(layer)].ranks))
+        measured = sorted(s for s in sensitivities if s is not None)
+        fallback = measured[len(measured) // 2] if measured else 1.0
+        return [[RankOption(o.ranks, o.macs, o.loss * (fallback if s is None else s)) for o in layer_options]
+                for layer_options, s in zip(options, sensitivities)]
+
     def _rewrite_if_cheaper(self, gm: fx.GraphModule, layer: _Layer, ranks: tuple[int, ...], result: PassResult) -> None:
         before, after = layer.macs(), layer.macs(ranks)
-        rank_text = _fmt_ranks(ranks)
+        rank_text = format_ranks(ranks)
         if after >= before:
             result.skip(layer.name, f"factorized at rank {rank_text} costs {after} MACs >= {before} unfactorized")
             return
-        stages = factorize(layer.weight, layer.kind, ranks, layer.geometry, layer.svds)
+        stages = _refit.factorized(layer, ranks)
         row = {
             "layer": layer.name,
             "kind": layer.kind,
-            "full_rank": _fmt_ranks(layer.full_ranks),
+            "full_rank": format_ranks(layer.full_ranks),
             "rank": rank_text,
             "macs_before": before,
             "macs_after": after,
@@ -274,7 +319,7 @@ class LowRank(Pass):
             if speedup < self.min_speedup:
                 result.skip(layer.name, f"measured speedup {speedup:.2f}x < min_speedup {self.min_speedup}")
                 return
-        _emit(gm, layer, stages)
+        _emit(gm, layer, stages, _refit.refit_bias(gm, layer, stages))
         result.rewritten.append(layer.name)
         result.details.append(row)
 
@@ -295,56 +340,11 @@ def _kind(node: fx.Node, weight: torch.Tensor, method: str) -> str:
     return "pointwise" if math.prod(weight.shape[2:]) == 1 else method
 
 
-def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD through a QR of the tall orientation: T = Q R, R = U' S Vᵀ ⇒ T = (Q U') S Vᵀ.
-
-    The SVD then runs on the small square R. LAPACK's gesdd does this itself for tall inputs but not
-    for wide ones, whose thin SVD was 5-6x slower than their transpose's (512 x 4608, 1 thread);
-    QR first is as fast as the better orientation whichever LAPACK is installed.
-    """
-    wide = matrix.shape[0] < matrix.shape[1]
-    tall = matrix.T if wide else matrix
-    q, r = torch.linalg.qr(tall)
-    u_r, s, vh = torch.linalg.svd(r, full_matrices=False)
-    u = q @ u_r
-    return (vh.T, s, u.T) if wide else (u, s, vh)
-
-
 def _rank_options(layer: _Layer, candidates: list[tuple[int, ...]]) -> list[RankOption]:
     """MACs and discarded energy (summed over the spectra) of every candidate, from one cumulative sum per spectrum."""
     kept = [rs.energy_kept(s).tolist() for s in layer.spectra]
     return [RankOption(ranks, layer.macs(ranks), sum(1.0 - k[r - 1] if r > 0 else 1.0 for k, r in zip(kept, ranks)))
             for ranks in candidates]
-
-
-def factorize(
-    weight: torch.Tensor,
-    kind: str,
-    ranks: tuple[int, ...],
-    geometry: Geometry | None = None,
-    svds: list | None = None,
-) -> list[Stage]:
-    """The chain of layers replacing one with ``weight`` (the bias goes on the last one).
-
-    ``kind``: a key of :data:`~fxcompress.passes._factorizations.FACTORIZATIONS`; ``geometry``: the
-    conv's (stride, padding, dilation), one entry per spatial dim.
-    """
-    factorization = FACTORIZATIONS[kind]
-    svds = svds if svds is not None else [_svd(m) for m in factorization.matrices(weight)]
-    return factorization.stages(weight, svds, ranks, geometry)
-
-
-def run_stages(x: torch.Tensor, stages: list[Stage], bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Evaluate a factorized chain eagerly (as the rewritten graph does)."""
-    for i, stage in enumerate(stages):
-        op, tail = _stage_call(stage)
-        x = op(x, stage.weight, bias if i == len(stages) - 1 else None, *tail)
-    return x
-
-
-def reconstruct(kind: str, stages: list[Stage]) -> torch.Tensor:
-    """Ŵ, the single weight equivalent to the chain of stages (bias excluded)."""
-    return FACTORIZATIONS[kind].reconstruct([stage.weight.float() for stage in stages])
 
 
 def _relative_error(layer: _Layer, stages: list[Stage]) -> float:
@@ -354,21 +354,16 @@ def _relative_error(layer: _Layer, stages: list[Stage]) -> float:
     return float(error / norm) if norm > 0 else 0.0
 
 
-def _stage_call(stage: Stage) -> tuple[Callable, tuple]:
-    """(op, trailing args after (input, weight, bias)) for one stage."""
-    if stage.geometry is None:
-        return _LINEAR, ()
-    return _CONV_OPS[stage.weight.dim() - 2], (*stage.geometry, 1)
-
-
-def _emit(gm: fx.GraphModule, layer: _Layer, stages: list[Stage]) -> None:
+def _emit(gm: fx.GraphModule, layer: _Layer, stages: list[Stage], new_bias: torch.Tensor | None = None) -> None:
     node, graph = layer.node, gm.graph
     args = gemm_arguments(node)
     value = args["input"]
+    if new_bias is not None:
+        args["bias"] = add_constant(gm, f"{layer.name or node.name}_lowrank_bias", new_bias, before=node)
     for i, stage in enumerate(stages):
         weight = add_constant(gm, f"{layer.name or node.name}_lowrank{i}", stage.weight, before=node)
         bias = args["bias"] if i == len(stages) - 1 else None
-        op, tail = _stage_call(stage)
+        op, tail = stage_call(stage)
         with graph.inserting_before(node):
             value = graph.call_function(op, (value, weight, bias, *tail))
         value.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
@@ -394,46 +389,10 @@ def _measured_speedup(layer: _Layer, stages: list[Stage]) -> float:
     original_tail = (*layer.geometry, 1) if layer.geometry else ()
 
     def original() -> torch.Tensor:
-        return (layer.node.target if layer.geometry else _LINEAR)(x, layer.weight, None, *original_tail)
+        return (layer.node.target if layer.geometry else LINEAR)(x, layer.weight, None, *original_tail)
 
     def factorized() -> torch.Tensor:
         return run_stages(x, stages)
 
     timings = tuning.compare({"original": original, "factorized": factorized}, x.device, min_run_time=0.05)
     return timings["original"].median_ms / timings["factorized"].median_ms
-
-
-def _fmt_ranks(ranks: tuple[int, ...]) -> int | str:
-    return ranks[0] if len(ranks) == 1 else "/".join(map(str, ranks))
-
-
-def _checked_layer_ranks(value: Any) -> tuple[tuple[str, int | float], ...]:
-    pairs = tuple(value.items()) if isinstance(value, dict) else value
-    if not isinstance(pairs, list | tuple) or not all(isinstance(p, list | tuple) and len(p) == 2 for p in pairs):
-        raise PassConfigError(f"low_rank layer_ranks={value!r} must be (layer selector, rank) pairs or a dict, e.g. {{'fc1': 32}}")
-    checked = tuple((p[0], p[1]) for p in pairs)
-    for name, rank in checked:
-        if not isinstance(name, str) or isinstance(rank, bool) or not isinstance(rank, int | float) or not (
-                rank >= 1 if isinstance(rank, int) else 0 < rank <= 1):
-            raise PassConfigError(f"low_rank layer_ranks: {name!r}: {rank!r} must be an int rank >= 1 or a fraction in (0, 1]")
-    return checked
-
-
-def _check_fraction(field_name: str, value: Any, closed_top: bool) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (0 < value and (value <= 1 if closed_top else value < 1)):
-        interval = "(0, 1]" if closed_top else "(0, 1)"
-        raise PassConfigError(f"low_rank {field_name}={value!r} must be a fraction in {interval}, e.g. 0.9")
-
-
-def _warn_rank_one(details: Sequence[dict]) -> None:
-    """Warn once when layers were factorized down to rank 1 (one singular vector: little of the layer is left)."""
-    ranked_one = [d["layer"] for d in details if 1 in [int(r) for r in str(d["rank"]).split("/")]]
-    if ranked_one:
-        shown = ", ".join(ranked_one[:3]) + (", ..." if len(ranked_one) > 3 else "")
-        warnings.warn(
-            f"low_rank: {len(ranked_one)} layer(s) factorized to rank 1 ({shown}): each keeps a single "
-            f"direction of its weight. Use a larger rank/energy/target_macs, or recover with fxcompress.distill.",
-            FxCompressWarning, stacklevel=3,
-        )

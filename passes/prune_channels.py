@@ -20,10 +20,10 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import torch
 import torch.fx as fx
-from torch.utils.flop_counter import FlopCounterMode
 
 from fxcompress.errors import FxCompressWarning, PassConfigError
 from fxcompress.pass_base import Pass, PassContext, PassResult, register_pass
+from fxcompress.report import count_macs
 from fxcompress.selectors import first_match
 from fxcompress.passes.prune import compensate as compensation
 from fxcompress.passes.prune.compensate import COMPENSATIONS
@@ -238,14 +238,6 @@ def frozen_summary(graph: ChannelGraph) -> list[tuple[str, str]]:
     ]
 
 
-def count_macs(module: torch.nn.Module, ctx: PassContext) -> int:
-    """Multiply-accumulates of one forward on the example inputs (FLOPs / 2)."""
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        ctx.run(module)
-    return counter.get_total_flops() // 2
-
-
 def _warn_extreme(ratio: float, groups: list[dict], gm: fx.GraphModule) -> None:
     fewest = min(groups, key=lambda d: d["kept_channels"], default=None)
     where = f"; fewest in a group: {fewest['kept_channels']} channels ({fewest['group']})" if fewest else ""
@@ -274,4 +266,4 @@ def _group_details(graph: ChannelGraph, chosen: list[np.ndarray]) -> list[dict]:
     return details
 
 
-__all__ = ["PruneChannels", "consistent_removal", "count_macs", "frozen_summary", "group_name", "removed_indices"]
+__all__ = ["PruneChannels", "consistent_removal", "frozen_summary", "group_name", "removed_indices"]

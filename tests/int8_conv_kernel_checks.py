@@ -140,7 +140,7 @@ def test_bad_out_dtype_is_refused():
 
 def test_cuda_body_of_the_int8_conv_op_packs_the_weight_and_fuses_the_residual():
     """``fxcompress::int8_conv``'s CUDA kernel (called here on CPU tensors, which the interpreter runs)."""
-    from fxcompress import int8_conv_ops
+    from fxcompress.ops import int8_conv as int8_conv_ops
 
     shape, c_out, kernel, stride, padding, dilation, groups = GEOMETRIES["3x3 groups 2"]
     x, w, z = _case(shape, c_out, kernel, groups, 128)

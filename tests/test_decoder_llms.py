@@ -14,7 +14,8 @@ from fxcompress import apply_to_model, ir
 from fxcompress.capture import capture
 from fxcompress.errors import FxCompressWarning, InvalidInputError
 from fxcompress.manager import PassManager
-from fxcompress.pass_base import PassContext, make_pass, registered_passes
+from fxcompress.pass_base import PassContext
+from fxcompress.registry import make_pass, registered_passes
 from fxcompress.passes.low_rank import LowRank
 from fxcompress.passes.prune_channels import PruneChannels
 from tests import llm_zoo

@@ -9,7 +9,7 @@ import torch.nn as nn
 import fxcompress
 from fxcompress.passes import Int8
 from fxcompress.passes._gptq import gptq_quantize, smoothed_hessian
-from fxcompress.passes.int8 import quantize_weight_per_channel
+from fxcompress.ops.int8_linear import quantize_weight_per_channel
 
 
 def correlated(rows: int, features: int, seed: int) -> torch.Tensor:

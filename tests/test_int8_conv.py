@@ -12,14 +12,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxcompress
-from fxcompress import int8_conv_ops, tuning
+from fxcompress import tuning
+from fxcompress.ops.int8_conv import CONV_ENGINES, activation_quant_max, conv_engine_available
 from fxcompress.calibrate import mse_optimal_range
 from fxcompress.models import ResNetSmall, mobilenet_small
 from fxcompress.passes import FoldBN, Int8
 from fxcompress.passes import _int8_conv
 
 fxops = torch.ops.fxcompress
-ENGINE = next(e for e in int8_conv_ops.CONV_ENGINES if int8_conv_ops.conv_engine_available(e))
+ENGINE = next(e for e in CONV_ENGINES if conv_engine_available(e))
 IMPL = f"qengine:{ENGINE}"
 
 
@@ -88,12 +89,12 @@ def test_each_conv_variant_alone_is_within_its_quantization_error_bound(variant)
 def test_the_top_of_the_activation_grid_does_not_saturate_on_this_cpu():
     """Every input at the grid's top and every weight at 127: the worst case for the int16 pair sums of
     non-VNNI x86 kernels. The grid chosen for this CPU must make every engine exact on it."""
-    top = int8_conv_ops.activation_quant_max(int8_conv_ops.CONV_ENGINES)
+    top = activation_quant_max(CONV_ENGINES)
     channels = 64
     q = torch.full((1, channels, 2, 2), top, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
     weight = torch.full((3, channels, 1, 1), 127, dtype=torch.int8)
     exact = top * 127 * channels
-    for engine in filter(int8_conv_ops.conv_engine_available, int8_conv_ops.CONV_ENGINES):
+    for engine in filter(conv_engine_available, CONV_ENGINES):
         y = fxops.int8_conv(q, 1.0, 0, weight, torch.ones(3), None, [1, 1], [0, 0], [1, 1], 1, exact / 200, 0, False,
                             engine)
         assert torch.all(y == 200), f"{engine}: {y.flatten()[:3].tolist()} instead of 200 at activation top {top}"

@@ -10,8 +10,10 @@ import types
 import pytest
 import torch
 
-from fxcompress import int8_conv_ops, tuning
+from fxcompress import tuning
+from fxcompress.ops import int8_conv as int8_conv_ops
 from fxcompress.passes import _int8_conv
+from fxcompress.passes._int8_lowering import Lowering
 
 fxops = torch.ops.fxcompress
 
@@ -25,7 +27,7 @@ def test_triton_is_the_cuda_candidate_of_the_int8_conv_family():
     names = [n for n, c in candidates.items() if c.available(on_cuda)]
     assert sorted(names) == ["float", "triton"]
     assert tuning.family(_int8_conv.FAMILY).static_rule(on_cuda, names) == "triton"  # tune=False on CUDA
-    lowering = _int8_conv.ConvLowering("triton", tuning.Choice("triton", "test"), {}, {})
+    lowering = Lowering(triton, tuning.Choice("triton", "test"), {}, {})
     assert lowering.engine == "triton" and "triton" in int8_conv_ops.FUSED_ADD_ENGINES  # the residual add is fused
 
 

@@ -9,9 +9,9 @@ import torch.nn as nn
 import fxcompress
 from fxcompress.calibrate import calibrate
 from fxcompress.errors import InvalidInputError, PassConfigError
-from fxcompress.int8_ops import quantize_rows_aten
+from fxcompress.ops.int8_linear import quantize_rows_aten, quantize_weight_per_channel
 from fxcompress.models import token_batch, transformer_small
-from fxcompress.passes.int8 import Int8, quantize_weight_per_channel
+from fxcompress.passes.int8 import Int8
 from fxcompress.verify import fidelity
 
 INT8_OPS = {

@@ -15,7 +15,8 @@ from fxcompress.manager import PassManager, apply_pass
 from fxcompress.models import BasicBlock
 from fxcompress.pass_base import PassContext
 from fxcompress.passes import _rank_selection as rs
-from fxcompress.passes.low_rank import LowRank, factorize, reconstruct, run_stages
+from fxcompress.passes._factorizations import factorize, reconstruct, run_stages
+from fxcompress.passes.low_rank import LowRank
 from fxcompress.report import count_flops
 
 
@@ -288,13 +289,14 @@ def test_include_string_is_accepted_as_one_pattern():
 
 
 def test_registered_and_configured_by_name():
-    from fxcompress.pass_base import make_pass
+    from fxcompress.registry import make_pass
 
     low_rank = make_pass("low_rank", energy=0.9, round_to=8, include=["encoder.**"])
     assert isinstance(low_rank, LowRank) and low_rank.include == ("encoder.**",)
     assert low_rank.config() == {
         "pass": "low_rank", "rank": None, "energy": 0.9, "target_macs": None, "method": "tucker2",
-        "round_to": 8, "min_speedup": None, "include": ("encoder.**",), "ignore": (), "whiten": None, "layer_ranks": (),
+        "round_to": 8, "min_speedup": None, "include": ("encoder.**",), "ignore": (), "whiten": None, "refit": None,
+        "budget_error": "layer", "layer_ranks": (),
     }
     with pytest.raises(PassConfigError):
         make_pass("low_rank", energy=0.9, ranks=4)

@@ -20,8 +20,10 @@ from fxcompress import tuning
 from fxcompress.errors import FxCompressWarning, InvalidInputError
 from fxcompress.passes import LowRank, PruneChannels
 from fxcompress.report import count_flops
-from fxcompress.search import Target, load_pipeline, search
+from fxcompress.search import Target, driver, load_pipeline, search
 from fxcompress.search.allocate import Choice, Front
+from fxcompress.search.cache import ANALYSES, CAPTURES
+from fxcompress.search.cost_model import CostModel
 from fxcompress.pass_base import PassContext
 
 
@@ -131,6 +133,72 @@ def test_latency_target_is_met_on_the_injected_clock_and_the_pipeline_replays(sy
     assert torch.equal(replayed(*x), direct(*x))
     ctx = PassContext(x, {})
     assert count_flops(replayed, ctx) / count_flops(model, ctx) <= 0.7 * 1.05  # the FLOP clock's measure
+
+
+class LinearStack(nn.Module):
+    """Four 128-wide linears; layer ``i`` has an exactly rank-``16 (i + 1)`` weight, so low rank's options
+    are lossless on some layers and lossy on others, and their savings add up in 1/16ths of the model."""
+
+    def __init__(self, width: int = 128):
+        super().__init__()
+        g = torch.Generator().manual_seed(2)
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(4))
+        with torch.no_grad():
+            for i, layer in enumerate(self.layers):
+                rank = 16 * (i + 1)
+                layer.weight.copy_(torch.randn(width, rank, generator=g) @ torch.randn(rank, width, generator=g) / width)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x
+
+
+class HalfPricedNewNodes(CostModel):
+    """A cost model biased by a known factor: every node the base graph does not have (the factors a
+    rewrite introduces) is predicted at half its measured time."""
+
+    def calibrate(self, base, measured_ms):
+        base_keys = set(base.keys)
+        self.timings = {k: t if k in base_keys else t / 2 for k, t in self.timings.items()}
+        super().calibrate(base, measured_ms)
+
+
+def test_correction_rounds_meet_the_budget_a_biased_cost_model_misses(monkeypatch):
+    model, x = LinearStack().eval(), (torch.randn(64, 128, generator=torch.Generator().manual_seed(3)),)
+    target = Target(latency=0.6, passes=("low_rank",), ranks=(0.25, 0.125), baselines=False)
+    ANALYSES.clear()
+    monkeypatch.setattr(driver, "CostModel", HalfPricedNewNodes)
+    found = search(model, x, target, clock=flop_clock)
+    ANALYSES.clear()
+    first, last = found.rounds[0], found.rounds[-1]
+    assert first.measured > 0.6 * 1.05 and first.measured > first.predicted * 1.1  # the bias shows in round 1
+    assert len(found.rounds) >= 2 and last.aim < first.aim
+    assert found.chosen.source == "search" and found.chosen.meets and found.chosen.latency <= 0.6 * 1.05
+    assert found.message == "" and "correction rounds" in str(found)
+
+
+def test_several_targets_on_one_model_share_the_capture_and_the_analysis(monkeypatch):
+    model, x = LowRankThenFullRank(64).eval(), (torch.randn(8, 64),)
+    calls = {"capture": 0, "analyze": 0}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    CAPTURES.clear()
+    ANALYSES.clear()
+    monkeypatch.setattr(driver, "capture", counted("capture", driver.capture))
+    monkeypatch.setattr(driver, "analyze", counted("analyze", driver.analyze))
+    results = [search(model, x, Target(macs=budget, passes=("low_rank",), ranks=(0.25, 0.125))) for budget in (0.9, 0.75, 0.6)]
+    assert calls == {"capture": 1, "analyze": 1}
+    assert [r.chosen.macs <= b for r, b in zip(results, (0.9, 0.75, 0.6))] == [True] * 3
+    with torch.no_grad():
+        model.a.weight.mul_(2)  # new weights: a new capture and analysis
+    search(model, x, Target(macs=0.75, passes=("low_rank",), ranks=(0.25, 0.125)))
+    assert calls == {"capture": 2, "analyze": 2}
 
 
 def test_unreachable_target_returns_the_best_reachable_point_with_a_message(synthetic):

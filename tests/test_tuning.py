@@ -13,9 +13,11 @@ import torch.fx as fx
 import torch.nn as nn
 
 import fxcompress
-from fxcompress import int8_ops, tuning
+from fxcompress import tuning
+from fxcompress.ops import qengine
 from fxcompress.pass_base import Pass, PassResult
-from fxcompress.passes.int8 import Int8, quantize_weight_per_channel
+from fxcompress.passes.int8 import Int8
+from fxcompress.ops.int8_linear import quantize_weight_per_channel
 from fxcompress.report import ReportConfig, latency_guard
 from fxcompress.verify import fidelity
 
@@ -141,7 +143,7 @@ def test_qengine_op_export_save_load_compile_and_other_batch(tmp_path):
         torch.testing.assert_close(compiled(other), gm(other))
 
 
-@pytest.mark.parametrize("engine", [e for e in int8_ops.QUANTIZED_ENGINES if int8_ops.engine_available(e)])
+@pytest.mark.parametrize("engine", [e for e in qengine.QUANTIZED_ENGINES if qengine.engine_available(e)])
 def test_quantized_engines_are_accurate_cached_and_thread_safe(engine):
     x, w, b = torch.randn(33, 96), torch.randn(80, 96), torch.randn(80)
     w_q, w_scale = quantize_weight_per_channel(w)
@@ -159,9 +161,9 @@ def test_quantized_engines_are_accurate_cached_and_thread_safe(engine):
     assert all(torch.equal(r, results[0]) for r in results)
     reference = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b))
     assert fidelity(reference, results[0]).cosine > 0.999
-    packs = len(int8_ops.prepacked)
+    packs = len(qengine.prepacked)
     op(x, w_q, w_scale, b, "gelu", engine)
-    assert len(int8_ops.prepacked) == packs  # reused, not repacked
+    assert len(qengine.prepacked) == packs  # reused, not repacked
     w_q.mul_(-1)  # in-place change: the version counter invalidates the packed weight
     assert fidelity(-torch.nn.functional.linear(x, w, None) + b, op(x, w_q, w_scale, b, "none", engine)).cosine > 0.999
 

@@ -1,6 +1,6 @@
 """Triton GPU kernels that rewritten nodes lower to (imported as ``fxcompress.triton_kernels``).
 
-The constants below are shared with the CPU bodies of the same ops (``fxcompress/int8_ops.py``); this
+The constants below are shared with the CPU bodies of the same ops (``fxcompress/ops/``); this
 file imports nothing, so reading them does not import Triton (optional off Linux x86-64).
 """
 

@@ -43,15 +43,10 @@ def _direct_config(bm, bc, warps):
 
 
 # M (pixels) is large for every CNN layer; N is 16..2048 channels; K from 27 (stem 3×3×3) to 4608.
-_GEMM_CONFIGS = [
-    gemm_config(128, 128, 64, 4, 8),
-    gemm_config(128, 64, 64, 4, 4),
-    gemm_config(64, 128, 64, 4, 4),
-    gemm_config(128, 256, 64, 3, 8),
-    gemm_config(64, 64, 64, 4, 4),
-    gemm_config(128, 32, 64, 4, 4),
-    gemm_config(64, 32, 32, 5, 2),
-]
+_GEMM_CONFIGS = [gemm_config(*tile) for tile in (  # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)
+    (128, 128, 64, 4, 8), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 3, 8),
+    (64, 64, 64, 4, 4), (128, 32, 64, 4, 4), (64, 32, 32, 5, 2),
+)]
 _DIRECT_CONFIGS = [_direct_config(64, 64, 4), _direct_config(128, 32, 4), _direct_config(32, 128, 4), _direct_config(16, 256, 4)]
 
 

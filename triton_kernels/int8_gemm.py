@@ -20,17 +20,10 @@ from fxcompress.triton_kernels._common import (
 
 
 # H100: large tiles for compute-bound prefill; BLOCK_M = 16/32 tiles for decode-sized M.
-_GPU_CONFIGS = [
-    gemm_config(128, 256, 128, 3, 8),
-    gemm_config(256, 128, 128, 3, 8),
-    gemm_config(128, 128, 128, 4, 8),
-    gemm_config(128, 128, 64, 4, 4),
-    gemm_config(64, 128, 128, 4, 4),
-    gemm_config(64, 64, 128, 5, 4),
-    gemm_config(32, 128, 128, 4, 4),
-    gemm_config(16, 128, 256, 3, 4),
-    gemm_config(16, 64, 256, 4, 4),
-]
+_GPU_CONFIGS = [gemm_config(*tile) for tile in (  # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps)
+    (128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8), (128, 128, 64, 4, 4), (64, 128, 128, 4, 4),
+    (64, 64, 128, 5, 4), (32, 128, 128, 4, 4), (16, 128, 256, 3, 4), (16, 64, 256, 4, 4),
+)]
 _INTERPRETER_CONFIGS = [gemm_config(16, 32, 32, 1, 4, group_m=2)]
 
 

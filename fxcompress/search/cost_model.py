@@ -83,10 +83,12 @@ Clock = Callable[[dict[str, Callable[[], Any]]], dict[str, tuning.Timing]]
 """Times callables side by side: :func:`measured_clock` on the machine; tests inject a deterministic one."""
 
 
-def measured_clock(device: torch.device = torch.device("cpu"), min_run_time: float = 0.02, rounds: int = 7,
-                   warmup: int = 2) -> Clock:
+def measured_clock(device: torch.device = torch.device("cpu"), min_run_time: float = 0.02, rounds: int = 5,
+                   warmup: int = 1) -> Clock:
     """:func:`fxcompress.tuning.compare` after ``warmup`` extra calls of each callable (first calls of a
-    kernel at a new shape pay for its set-up, which one warm-up call does not always absorb)."""
+    kernel at a new shape pay for its set-up, which compare's own one warm-up call does not always
+    absorb). The defaults are for the cost model's nodes: hundreds of callables, so short blocks and
+    few rounds (a node costs ~8 calls); its error is corrected end to end by the correction rounds."""
 
     def clock(fns: dict[str, Callable[[], Any]]) -> dict[str, tuning.Timing]:
         with torch.no_grad():
@@ -111,14 +113,15 @@ class CostModel:
     def _known(self, key: str) -> bool:
         return key in self.timings or key in self._pending
 
-    def profile(self, gm: fx.GraphModule, args: tuple, kwargs: dict) -> GraphProfile:
-        """Record ``gm``'s nodes on these inputs; nodes not seen before are timed by the next :meth:`measure`."""
+    def profile(self, gm: fx.GraphModule, args: tuple, kwargs: dict) -> tuple[GraphProfile, Any]:
+        """Record ``gm``'s nodes on these inputs (and return its outputs on them, which the error
+        measurement can reuse); nodes not seen before are timed by the next :meth:`measure`."""
         recorder = _Recorder(gm, self._known)
         flat = tree_flatten_spec((args, kwargs), gm._in_spec) if getattr(gm, "_in_spec", None) else list(args)
         with torch.no_grad():
-            recorder.run(*flat)
+            outputs = recorder.run(*flat)
         self._pending.update(recorder.thunks)
-        return GraphProfile(recorder.keys)
+        return GraphProfile(recorder.keys), outputs
 
     def measure(self, reference: Callable[[], Any] | None = None, reference_profile: GraphProfile | None = None) -> int:
         """Time every node recorded but not yet timed, interleaved in one run, and with them the whole
@@ -157,9 +160,10 @@ class CostModel:
         self.correction = measured_ms / total if total > 0 else 1.0
 
 
-def static_costs(gm: fx.GraphModule, ctx: Any, profile: GraphProfile) -> GraphProfile:
-    """Fill in the counted (not timed) costs: weight bytes and MACs of one forward on the example inputs."""
+def static_costs(gm: fx.GraphModule, ctx: Any, profile: GraphProfile, macs: bool = True) -> GraphProfile:
+    """Fill in the counted (not timed) costs: weight bytes and (unless ``macs=False``: a forward saved)
+    the MACs of one forward on the example inputs."""
     profile.weight_bytes = weight_bytes(gm)
-    profile.macs = count_flops(gm, ctx) // 2
+    profile.macs = count_flops(gm, ctx) // 2 if macs else 0
     return profile
 

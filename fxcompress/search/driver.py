@@ -1,21 +1,25 @@
-"""``optimize(model, x, target=Target(...))``: sensitivity, cost model, allocation, end-to-end verification.
+"""``optimize(model, x, target=Target(...))``: sensitivity, cost model, allocation, correction rounds.
 
-1. Capture; run the lossless passes: the *base* graph every option is measured on.
+1. Capture; run the lossless passes: the *base* graph every option is measured on (both cached per
+   model, :mod:`.cache`: several targets share one capture and one analysis).
 2. :func:`find_space` lists the sites; :func:`analyze` applies every option alone (error + profile).
 3. The cost model times the nodes of all option graphs; its correction is the base graph's measured
    end-to-end latency over its node sum.
-4. :class:`Front` (exact multiple-choice knapsack over the measured savings) proposes, for the budget
-   and for tighter ones (a margin for what the additive model misses), the least-error allocations.
-5. Each proposal and each single-pass baseline is built by the pass manager and measured end to end,
-   interleaved with the input model (the chosen one is then built again, verified, by ``optimize``). The least-error candidate that meets the target wins; if
-   none does after one re-solve with the measured/predicted ratio, the best reachable one is returned
-   with a message.
+4. :class:`Front` (exact multiple-choice knapsack over the measured savings) gives the least-error
+   allocation for any required saving.
+5. Correction rounds: the allocation for the budget is built by the pass manager (unverified: the
+   chosen one is built again, verified, by ``optimize``) and measured end to end, interleaved with
+   the input model. The cost model's error is taken as a factor on the predicted fraction: a pipeline
+   predicted at ``p`` and measured at ``m`` makes the next allocation aim at ``budget · p / m``.
+   Rounds stop when a measurement lands within ``tolerance`` of the budget, when the allocation would
+   repeat, or after ``verify_candidates`` rounds. The single-pass baselines are measured alike. The
+   least-error candidate that meets the target wins; if none does, the closest one is returned with
+   a message saying how close it got and why.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 import time
 import warnings
 from typing import Any
@@ -23,21 +27,23 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from ..capture import capture, check_model_and_inputs, eval_copy
+from ..capture import capture, check_model_and_inputs
 from ..inputs import Inputs
 from ..errors import FxCompressWarning
-from ..pass_base import PassContext, make_pass
+from ..pass_base import PassContext
+from ..registry import make_pass
 from ..quiet import quiet
 from ..statistics import check_calibration
 from ..training import Batch
-from .allocate import Choice, Front
+from .allocate import Allocation, Choice, Front
+from .cache import ANALYSES, CAPTURES, content_digest, model_digest
 from .cost_model import Clock, CostModel, GraphProfile, measured_clock, static_costs
-from .result import Candidate, SearchResult
-from .sensitivity import Analysis, ErrorMeter, analyze, cached_analysis, content_digest
-from .space import LOSSLESS, Setting, Space, apply, find_space
+from .result import Candidate, Round, SearchResult
+from .sensitivity import Analysis, Built, ErrorMeter, analyze
+from .space import LOSSLESS, Setting, apply, find_space
 from .target import Target
 
-MARGINS = (1.0, 0.9, 0.8, 0.7, 0.6)
+ERROR_MARGINS = (1.0, 0.9, 0.8, 0.7, 0.6)  # only max_error: the error allowed to the allocator, tightened
 
 
 class Search:
@@ -48,27 +54,32 @@ class Search:
         self.target, self.progress, self.clock = target, progress, clock
         inputs = Inputs.of(example_inputs)
         check_model_and_inputs(model, inputs)
-        self.model = eval_copy(model)
-        self.input_gm = capture(self.model, inputs)
         calibration = check_calibration(target.calibration)
         self.ctx = PassContext(inputs.args, inputs.kwargs, calibration=calibration)
-        self.base = apply(self.input_gm, [make_pass(p) for p in LOSSLESS], self.ctx)
+        self.input_gm, self.base = CAPTURES.get(model_digest(model, inputs.args, inputs.kwargs),
+                                                lambda: self._capture(model, inputs))
         self.device = next((t.device for t in self.ctx.tensors()), torch.device("cpu"))
         batches = [Batch.of(b) for b in calibration] if calibration is not None else [Batch(inputs.args, inputs.kwargs, None)]
-        self.meter = ErrorMeter(self.base, batches, target.metric)
         self.timed = target.resource in (None, "latency")
         key = content_digest(self.base, batches, target.passes, target.prune_ratios, target.ranks, repr(target.metric),
-                             repr(clock), self.timed)
-        self.costs, self.analysis = cached_analysis(key, self._analyze)
+                             repr(clock), target.resource)
+        self.meter, self.costs, self.analysis = ANALYSES.get(key, lambda: self._analyze(batches, Batch(inputs.args, inputs.kwargs, None)))
         self.candidates: list[Candidate] = []
+        self.rounds: list[Round] = []
         self._models: dict[str, fx.GraphModule] = {}
 
-    def _analyze(self) -> tuple[CostModel, Analysis]:
+    def _capture(self, model: torch.nn.Module, inputs: Inputs) -> tuple[fx.GraphModule, fx.GraphModule]:
+        input_gm = capture(model, inputs)
+        return input_gm, apply(input_gm, [make_pass(p) for p in LOSSLESS], self.ctx)
+
+    def _analyze(self, batches: list[Batch], example: Batch) -> tuple[ErrorMeter, CostModel, Analysis]:
         t = self.target
+        meter = ErrorMeter(self.base, batches, t.metric, example)
         costs = CostModel(self.device, self.clock)
         space = find_space(self.base, self.ctx, t.passes, t.prune_ratios, t.ranks)
-        return costs, analyze(self.base, self.input_gm, self.ctx, space, self.meter, costs if self.timed else None,
-                              t.time_budget_s, self.progress)
+        analysis = analyze(self.base, self.input_gm, self.ctx, space, meter, costs if self.timed else None,
+                           t.resource == "macs", t.time_budget_s, self.progress)
+        return meter, costs, analysis
 
     # -- quantities -----------------------------------------------------------------------------------
 
@@ -95,38 +106,48 @@ class Search:
 
     # -- end-to-end measurement -----------------------------------------------------------------------
 
-    def _add(self, name: str, source: str, passes: list, predicted: float | None = None) -> None:
-        """Build a pipeline on the input graph and measure it (error, size, MACs; latency in :meth:`_time_all`).
+    def _add(self, name: str, source: str, passes: list, predicted: float | None = None) -> Candidate:
+        """Build a pipeline on the input graph and measure error, size and MACs (latency: :meth:`_measure`).
         Built pipelines are kept with the analysis: another target on the same model reuses them."""
-        if any(c.name == name for c in self.candidates):
-            return
         configs = [p.config() for p in passes]
+        existing = next((c for c in self.candidates if c.pipeline == configs), None)
+        if existing is not None:
+            existing.predicted = existing.predicted if existing.predicted is not None else predicted
+            return existing
         key = json.dumps(configs, sort_keys=True, default=str)
         if key not in self.analysis.built:
             gm = apply(self.input_gm, passes, self.ctx)
             profile = static_costs(gm, self.ctx, GraphProfile([]))
             error = self.meter(gm) if source != "input" else 0.0
-            self.analysis.built[key] = (gm, error, profile.weight_bytes / self.input_size, profile.macs / self.input_macs)
-        gm, error, size, macs = self.analysis.built[key]
-        self._models[name] = gm
-        self.candidates.append(Candidate(name, source, configs, error, size=size, macs=macs, predicted=predicted))
+            self.analysis.built[key] = Built(gm, error, profile.weight_bytes / self.input_size, profile.macs / self.input_macs,
+                                             1.0 if source == "input" else None)
+        built = self.analysis.built[key]
+        self._models[name] = built.gm
+        candidate = Candidate(name, source, configs, built.error, built.latency, built.size, built.macs, predicted)
+        self.candidates.append(candidate)
+        return candidate
 
-    def _time_all(self) -> None:
-        """Latency of every candidate (and the input model) as a fraction of the input, interleaved."""
+    def _measure(self) -> None:
+        """Latency of the candidates not timed yet, as a fraction of the input model timed in the same,
+        interleaved run (a fraction measured once is kept with the built pipeline)."""
         if self.target.resource not in (None, "latency"):
             return
-        fns = {name: (lambda gm=gm: self.ctx.run(gm)) for name, gm in self._models.items()}
-        timings = (self.clock or measured_clock(self.device, min_run_time=0.2, warmup=1))(fns)
-        for c in self.candidates:
+        new = [c for c in self.candidates if c.latency is None]
+        if not new:
+            return
+        fns = {name: (lambda gm=self._models[name]: self.ctx.run(gm)) for name in ["input", *(c.name for c in new)]}
+        timings = (self.clock or measured_clock(self.device, min_run_time=0.2, rounds=7))(fns)
+        for c in new:
             c.latency = timings[c.name].median_ms / timings["input"].median_ms
+            self.analysis.built[json.dumps(c.pipeline, sort_keys=True, default=str)].latency = c.latency
 
-    def _judge(self) -> None:
-        """A candidate meets a budget when its measured quantity is within it (latency: plus ``tolerance``);
-        with only ``max_error``, when its error is within that."""
+    def _meets(self, c: Candidate) -> bool:
+        """Within the budget (latency: plus ``tolerance``, timing noise); only ``max_error``: within it."""
         t = self.target
+        if t.resource is None:
+            return c.error <= t.max_error
         slack = 1 + (t.tolerance if t.resource == "latency" else 0.0)
-        for c in self.candidates:
-            c.meets = (getattr(c, t.resource) <= t.budget * slack + 1e-12) if t.resource else c.error <= t.max_error
+        return getattr(c, t.resource) <= t.budget * slack + 1e-12
 
     # -- the search ----------------------------------------------------------------------------------
 
@@ -140,14 +161,13 @@ class Search:
             self._add_baselines()
         front = self._front()
         reference = self._reference_quantity()
-        scale = 1.0
-        for _ in range(2):
-            self._propose(front, reference, scale)
-            self._time_all()
-            self._judge()
-            if any(c.meets and c.source == "search" for c in self.candidates) or t.resource is None:
-                break
-            scale = self._rescale(scale)
+        if t.resource is None:
+            self._within_error(front, reference)
+        else:
+            self._correction_rounds(front, reference)
+        self._measure()
+        for c in self.candidates:
+            c.meets = self._meets(c)
         chosen, message = self._choose()
         base = self._quantity(self.analysis.base)
         front_points = [((base - saving) / reference, error) for saving, error in front.points()]
@@ -157,7 +177,8 @@ class Search:
             stats["latency correction"] = self.costs.correction
         if self.analysis.unmeasured:
             stats["options not measured (time_budget_s)"] = len(self.analysis.unmeasured)
-        return SearchResult(t.describe(), t.resource, t.budget, chosen, self.candidates, front_points, message, stats)
+        return SearchResult(t.describe(), t.resource, t.budget, chosen, self.candidates, front_points, message, stats,
+                            self.rounds)
 
     def _reference_quantity(self) -> float:
         """The input model's quantity in the units of the front (latency: as the cost model predicts it)."""
@@ -180,44 +201,71 @@ class Search:
             except Exception as exc:  # a baseline that fails is reported, the search goes on
                 warnings.warn(f"fxcompress search: baseline {name} failed ({type(exc).__name__}: {exc})", FxCompressWarning, stacklevel=2)
 
-    def _propose(self, front: Front, reference: float, scale: float) -> None:
-        """Build the least-error allocations for the budget and tighter ones (at most ``verify_candidates``)."""
+    def _add_allocation(self, allocation: Allocation, reference: float) -> Candidate:
+        settings = self._settings(allocation.picks)
+        name = "auto: " + (", ".join(f"{s.site} {s.label()}" for s in settings) or "lossless only")
+        predicted = (self._quantity(self.analysis.base) - allocation.saving) / reference
+        name = name if len(name) < 90 else f"auto #{len(self.candidates)} ({len(settings)} settings)"
+        return self._add(name, "search", self.analysis.space.pipeline(settings), predicted)
+
+    def _correction_rounds(self, front: Front, reference: float) -> None:
+        """Allocate for the aim, build, measure, rescale the aim by predicted/measured; see the module doc."""
         t = self.target
-        base = self._quantity(self.analysis.base)
-        proposals = []
-        for margin in MARGINS:
-            if t.resource is not None:
-                allocation = front.allocation(base - t.budget * reference * margin * scale)
-                if allocation is None:
-                    allocation = front.allocation(front.max_saving * 0.999) or front.allocation(0.0)
-            else:
-                allocation = front.cheapest_within(t.max_error * margin)
+        low, high = t.budget * (1 - t.tolerance), t.budget * (1 + (t.tolerance if t.resource == "latency" else 0.0))
+        aim, tried = t.budget, []
+        for _ in range(t.verify_candidates):
+            allocation, reachable = self._allocation(front, reference, aim, tried)
+            if allocation is None:
+                break
+            tried.append(allocation)
+            candidate = self._add_allocation(allocation, reference)
+            self._measure()
+            measured = getattr(candidate, t.resource)
+            self.rounds.append(Round(aim, candidate.predicted, measured, candidate.name, reachable))
+            if low <= measured <= high or (not reachable and measured > high) or not measured > 0:
+                break
+            aim = _next_aim(aim, candidate.predicted, measured, t.budget)
+
+    def _allocation(self, front: Front, reference: float, aim: float, tried: list[Allocation]) -> tuple[Allocation | None, bool]:
+        """The least-error allocation predicted at ``aim`` (``reachable=False``: the largest saving, which
+        falls short of it); a repeat of a tried one moves one step tighter when the last one was over the
+        budget, and ends the rounds when it was under (nothing new to learn)."""
+        required = self._quantity(self.analysis.base) - aim * reference
+        allocation = front.allocation(required)
+        reachable = allocation is not None
+        if allocation is None:
+            allocation = front.allocation(front.max_saving * 0.999) or front.allocation(0.0)
+        if all(allocation.picks != a.picks for a in tried):
+            return allocation, reachable
+        last = self.rounds[-1]
+        if not reachable or last.measured <= self.target.budget:
+            return None, reachable
+        tighter = front.allocation(max(a.saving for a in tried) + front.step)
+        if tighter is None or any(tighter.picks == a.picks for a in tried):
+            return None, False
+        return tighter, True
+
+    def _within_error(self, front: Front, reference: float) -> None:
+        """Only ``max_error``: the largest saving within it, and within tighter fractions of it (errors
+        do not add up exactly), at most ``verify_candidates`` pipelines."""
+        t = self.target
+        proposals: list[Allocation] = []
+        for margin in ERROR_MARGINS:
+            allocation = front.cheapest_within(t.max_error * margin)
             if allocation.picks not in [p.picks for p in proposals]:
                 proposals.append(allocation)
             if len(proposals) >= t.verify_candidates:
                 break
         for allocation in proposals:
-            settings = self._settings(allocation.picks)
-            name = "auto: " + (", ".join(f"{s.site} {s.label()}" for s in settings) or "lossless only")
-            predicted = (base - allocation.saving) / reference
-            self._add(name if len(name) < 90 else f"auto #{len(self.candidates)} ({len(settings)} settings)", "search",
-                      self.analysis.space.pipeline(settings), predicted)
-
-    def _rescale(self, scale: float) -> float:
-        """Tighten the budget by how much the measurement exceeded the prediction (median over proposals)."""
-        resource = self.target.resource
-        ratios = [getattr(c, resource) / c.predicted for c in self.candidates
-                  if c.source == "search" and c.predicted and getattr(c, resource)]
-        return scale / max(statistics.median(ratios), 1.05) if ratios else scale * 0.8
+            self._add_allocation(allocation, reference)
 
     def _choose(self) -> tuple[Candidate, str]:
         t = self.target
         measured = [c for c in self.candidates if c.source != "input"] or self.candidates
         meeting = [c for c in measured if c.meets]
         if t.resource is None:
-            within = [c for c in measured if c.error <= t.max_error]
-            if within:
-                return min(within, key=lambda c: (c.latency or 0.0, c.error)), ""
+            if meeting:
+                return min(meeting, key=lambda c: (c.latency or 0.0, c.error)), ""
             best = min(measured, key=lambda c: c.error)
             return best, (f"no pipeline found within max_error={t.max_error:g}; the least error measured is "
                           f"{best.error:.3g} ({best.name})")
@@ -228,9 +276,30 @@ class Search:
                               f"no measured pipeline meets both")
             return best, ""
         best = min(measured, key=lambda c: (getattr(c, t.resource), c.error))
-        return best, (f"target {t.resource}<={t.budget:g} of the input model is not reachable with "
-                      f"{', '.join(t.passes)} in this search space: the best reachable point measures "
-                      f"{t.resource} {getattr(best, t.resource):.3g} with error {best.error:.3g} ({best.name})")
+        return best, self._not_met_message(best)
+
+    def _not_met_message(self, best: Candidate) -> str:
+        """Why no candidate meets the budget: the space cannot reach it, or the rounds ran out."""
+        t = self.target
+        closest = f"{t.resource} {getattr(best, t.resource):.3g} with error {best.error:.3g} ({best.name})"
+        if not self.rounds or not self.rounds[-1].reachable:
+            return (f"target {t.resource}<={t.budget:g} of the input model is not reachable with {', '.join(t.passes)} "
+                    f"in this search space: the best reachable point measures {closest}")
+        rounds = "; ".join(f"{r.predicted:.3g} -> {r.measured:.3g}" for r in self.rounds)
+        return (f"target {t.resource}<={t.budget:g} not met after {len(self.rounds)} correction round(s): the closest "
+                f"measures {closest}; predicted -> measured per round: {rounds} (the additive cost model misses what "
+                f"rewrites change together, and timing noise; more rounds: Target(verify_candidates=...))")
+
+
+MAX_AIM_STEP = 2.0  # one round moves the aim by at most this factor (a noisy measurement is one sample)
+
+
+def _next_aim(aim: float, predicted: float, measured: float, budget: float) -> float:
+    """``budget · predicted / measured``: the prediction that, under the measured/predicted factor, lands
+    on the budget. A prediction <= 0 (savings summed past the whole model: the additive model broke
+    down) scales the aim itself instead; the step is bounded by :data:`MAX_AIM_STEP` either way."""
+    proposed = budget * predicted / measured if predicted > 0 else aim * budget / measured
+    return min(max(proposed, aim / MAX_AIM_STEP), aim * MAX_AIM_STEP)
 
 
 @quiet

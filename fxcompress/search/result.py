@@ -8,6 +8,7 @@ the same model. The Pareto report is a table (tabulate) and, with matplotlib ins
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -16,7 +17,8 @@ from typing import Any
 from tabulate import tabulate
 
 from ..errors import InvalidInputError
-from ..pass_base import Pass, make_pass
+from ..pass_base import Pass
+from ..registry import make_pass
 
 
 @dataclass
@@ -34,6 +36,19 @@ class Candidate:
     meets: bool = False
 
 
+@dataclass(frozen=True)
+class Round:
+    """One correction round: the fraction the allocation aimed at, the cost model's prediction for the
+    allocation, its measurement end to end (fractions of the input model), and whether the search space
+    reaches the aim at all (``reachable=False``: the largest saving was built)."""
+
+    aim: float
+    predicted: float
+    measured: float
+    candidate: str
+    reachable: bool = True
+
+
 @dataclass
 class SearchResult:
     """The search's report: target, every measured candidate, the predicted front and the chosen one."""
@@ -46,6 +61,8 @@ class SearchResult:
     front: list[tuple[float, float]] = field(default_factory=list)  # predicted (resource fraction, error)
     message: str = ""
     stats: dict = field(default_factory=dict)
+    rounds: list[Round] = field(default_factory=list)
+    plot_path: str | None = None  # where :meth:`plot` last wrote the Pareto plot
 
     @property
     def pipeline(self) -> list[dict]:
@@ -66,16 +83,26 @@ class SearchResult:
         return tabulate(rows, headers="keys", tablefmt="github", floatfmt=".4g", missingval="-")
 
     def __str__(self) -> str:
-        head = f"target: {self.target}; chosen: {self.chosen.name} (* below)"
+        chosen, resource = self.chosen, self.resource or "latency"
+        lines = [f"target: {self.target}; chosen: {chosen.name} (* below)",
+                 "chosen pipeline:\n" + describe_pipeline(chosen.pipeline)]
+        measured = getattr(chosen, resource)
+        if measured is not None:
+            predicted = f"predicted {chosen.predicted:.3g}, " if chosen.predicted is not None else ""
+            lines.append(f"{resource} (fraction of the input model): {predicted}measured {measured:.3g}; error {chosen.error:.3g}")
+        if self.rounds:
+            lines.append("correction rounds (aim -> predicted, measured): " + "; ".join(
+                f"{r.aim:.3g} -> {r.predicted:.3g}, {r.measured:.3g}" for r in self.rounds))
         stats = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in self.stats.items())
-        text = head + (f"\nsearch: {stats}" if stats else "") + "\n" + self.table()
-        return text + (f"\n{self.message}" if self.message else "")
+        lines += ([f"search: {stats}"] if stats else []) + [self.table()]
+        lines += ([self.message] if self.message else []) + ([f"Pareto plot: {self.plot_path}"] if self.plot_path else [])
+        return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps({
             "target": self.target, "resource": self.resource, "budget": self.budget, "message": self.message,
             "chosen": asdict(self.chosen), "candidates": [asdict(c) for c in self.candidates], "front": self.front,
-            "stats": self.stats,
+            "stats": self.stats, "rounds": [asdict(r) for r in self.rounds], "plot": self.plot_path,
         }, default=str))
 
     def save_pipeline(self, path: str | os.PathLike) -> None:
@@ -113,7 +140,35 @@ class SearchResult:
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
-        return str(path)
+        self.plot_path = str(path)
+        return self.plot_path
+
+
+def describe_pipeline(configs: list[dict], shown: int = 6) -> str:
+    """One line per pass: its name and the options that differ from the pass's defaults (long per-layer
+    settings shortened to their first ``shown`` entries)."""
+    lines = []
+    for config in configs:
+        pass_ = make_pass(config)
+        changed = []
+        for f in dataclasses.fields(pass_):
+            value = getattr(pass_, f.name)
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if f.init and value != default:
+                changed.append(f"{f.name}={_short(value, shown)}")
+        lines.append(f"  {config['pass']}" + (f"({', '.join(changed)})" if changed else ""))
+    return "\n".join(lines)
+
+
+def _short(value: Any, shown: int) -> str:
+    if isinstance(value, tuple) and value and all(isinstance(v, tuple) and len(v) == 2 for v in value):
+        items = [f"{k}: {v:g}" if isinstance(v, float) else f"{k}: {v}" for k, v in value]
+    elif isinstance(value, tuple) and len(value) > shown:
+        items = [str(v) for v in value]
+    else:
+        return repr(value)
+    rest = f", ... ({len(items)} in all)" if len(items) > shown else ""
+    return "{" + ", ".join(items[:shown]) + rest + "}"
 
 
 def load_pipeline(path: str | os.PathLike) -> list[Pass]:

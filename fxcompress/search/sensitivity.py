@@ -4,20 +4,19 @@ Error by default is ``1 − cosine`` of the candidate's outputs against the base
 calibration batches (:func:`fxcompress.verify.fidelity`, the pass manager's measure); with a
 ``metric`` (quality, higher is better) it is the drop of the metric. For small independent
 perturbations both add up over sites (``1 − cos ≈ ½‖δ‖²/‖y‖²``), which is what the allocator assumes.
-Each option's graph is also profiled for the cost model. A whole analysis is cached in the process by
-the base graph's content, the calibration data and the search space, so several targets on one
-model (the benchmark's 0.7/0.5/0.35) measure once.
+Each option's graph is also profiled for the cost model. A whole analysis is cached in the process
+(:mod:`.cache`), so several targets on one model (the benchmark's 0.7/0.5/0.35) measure once.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+from torch.utils import _pytree as pytree
 
 from ..pass_base import PassContext
 from ..quiet import progress_bar
@@ -26,27 +25,38 @@ from ..verify import fidelity
 from .cost_model import CostModel, GraphProfile, static_costs
 from .space import Setting, Space, apply
 
-_CACHE: dict[str, "Analysis"] = {}
-_CACHE_SIZE = 4
-
-
 class ErrorMeter:
-    """The error of a graph relative to the base graph: ``1 − cosine`` on the batches, or a metric drop."""
+    """The error of a graph relative to the base graph: ``1 − cosine`` on the batches, or a metric drop.
 
-    def __init__(self, base: fx.GraphModule, batches: list[Batch], metric: Callable[[Any], float] | None):
+    A batch that is the example inputs (the default when no calibration is given; often the first
+    calibration batch) is not run again when the caller has the graph's outputs on them already."""
+
+    def __init__(self, base: fx.GraphModule, batches: list[Batch], metric: Callable[[Any], float] | None,
+                 example: Batch | None = None):
         self.batches, self.metric = batches, metric
+        self.example_index = next((i for i, b in enumerate(batches) if example is not None and _same_batch(b, example)), None)
         self.reference = self._outputs(base) if metric is None else None
         self.base_quality = float(metric(base)) if metric is not None else None
 
-    def _outputs(self, gm: fx.GraphModule) -> list:
+    def _outputs(self, gm: fx.GraphModule, example_outputs: Any = None) -> list:
         with torch.no_grad():
-            return [gm(*b.args, **b.kwargs) for b in self.batches]
+            return [example_outputs if i == self.example_index and example_outputs is not None else gm(*b.args, **b.kwargs)
+                    for i, b in enumerate(self.batches)]
 
-    def __call__(self, gm: fx.GraphModule) -> float:
+    def __call__(self, gm: fx.GraphModule, example_outputs: Any = None) -> float:
+        """``example_outputs``: ``gm``'s outputs on the example inputs, if the caller has them."""
         if self.metric is not None:
             return self.base_quality - float(self.metric(gm))
-        cosine = fidelity(self.reference, self._outputs(gm)).cosine
+        cosine = fidelity(self.reference, self._outputs(gm, example_outputs)).cosine
         return 1.0 - cosine if cosine == cosine else float("inf")
+
+
+def _same_batch(a: Batch, b: Batch) -> bool:
+    flat_a, spec_a = pytree.tree_flatten((a.args, a.kwargs))
+    flat_b, spec_b = pytree.tree_flatten((b.args, b.kwargs))
+    return spec_a == spec_b and all(
+        x is y or isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
+        and x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(flat_a, flat_b))
 
 
 @dataclass
@@ -56,6 +66,18 @@ class Measured:
     setting: Setting
     error: float
     profile: GraphProfile
+
+
+@dataclass
+class Built:
+    """A pipeline built on the input graph and measured: error, size and MACs (fractions of the input
+    model), and its latency fraction once timed. Kept with the analysis, so later targets reuse it."""
+
+    gm: fx.GraphModule
+    error: float
+    size: float
+    macs: float
+    latency: float | None = None
 
 
 @dataclass
@@ -69,35 +91,29 @@ class Analysis:
     failed: dict[Setting, str] = field(default_factory=dict)
     unmeasured: list[Setting] = field(default_factory=list)
     seconds: float = 0.0
-    built: dict[str, tuple] = field(default_factory=dict)  # pipeline configs -> (graph, error, size, MACs)
+    built: dict[str, "Built"] = field(default_factory=dict)  # pipeline configs (JSON) -> the built candidate
 
 
 def analyze(base: fx.GraphModule, input_gm: fx.GraphModule, ctx: PassContext, space: Space, meter: ErrorMeter,
-            costs: CostModel | None, time_budget_s: float | None = None, progress: bool | None = None) -> Analysis:
+            costs: CostModel | None, macs: bool, time_budget_s: float | None = None, progress: bool | None = None) -> Analysis:
     """Measure every option of ``space`` alone on ``base`` (until ``time_budget_s``), then time the nodes
     of all option graphs, of ``base`` and of the input graph together (no timing without ``costs``:
-    a size or MACs budget is counted)."""
+    a size or MACs budget is counted; MACs are counted only with ``macs``)."""
     start = time.perf_counter()
 
-    def profile(gm: fx.GraphModule) -> GraphProfile:
-        return static_costs(gm, ctx, costs.profile(gm, ctx.args, ctx.kwargs) if costs is not None else GraphProfile([]))
+    def profile(gm: fx.GraphModule) -> tuple[GraphProfile, Any]:
+        profiled, outputs = costs.profile(gm, ctx.args, ctx.kwargs) if costs is not None else (GraphProfile([]), None)
+        return static_costs(gm, ctx, profiled, macs), outputs
 
-    profiles = [profile(gm) for gm in (base, input_gm)]
-    analysis = Analysis(space, *profiles)
+    analysis = Analysis(space, profile(base)[0], profile(input_gm)[0])
     settings = [s for site in space.sites for s in site.options]
     with progress_bar(progress, total=len(settings), desc="sensitivity", unit="option") as bar:
         for setting in settings:
+            bar.set_postfix_str(f"{setting.site}: {setting.label()}"[-40:])
             if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
                 analysis.unmeasured.append(setting)
-                continue
-            bar.set_postfix_str(f"{setting.site}: {setting.label()}"[-40:])
-            try:
-                gm = apply(base, space.pipeline([setting], lossless=False), ctx)
-            except Exception as exc:  # an option a pass cannot apply is dropped, with its reason
-                analysis.failed[setting] = f"{type(exc).__name__}: {exc}"
-                bar.update(1)
-                continue
-            analysis.options[setting] = Measured(setting, meter(gm), profile(gm))
+            else:
+                _measure_option(analysis, setting, base, ctx, meter, profile)
             bar.update(1)
     if costs is not None:
         costs.measure(lambda: ctx.run(base), analysis.base)
@@ -105,36 +121,12 @@ def analyze(base: fx.GraphModule, input_gm: fx.GraphModule, ctx: PassContext, sp
     return analysis
 
 
-def cached_analysis(key: str, compute: Callable[[], Analysis]) -> Analysis:
-    if key not in _CACHE:
-        while len(_CACHE) >= _CACHE_SIZE:
-            _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = compute()
-    return _CACHE[key]
-
-
-def content_digest(*parts: Any) -> str:
-    """A digest of graphs (code and tensors), tensors, batches and plain values, for the analysis cache."""
-    digest = hashlib.sha1()
-
-    def feed(value: Any) -> None:
-        if isinstance(value, fx.GraphModule):
-            digest.update(value.code.encode())
-            for name, tensor in sorted(value.state_dict(keep_vars=False).items()):
-                digest.update(name.encode())
-                feed(tensor)
-        elif isinstance(value, torch.Tensor):
-            digest.update(str((tuple(value.shape), value.dtype)).encode())
-            digest.update(value.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(value, Batch):
-            feed(value.args)
-            feed(sorted(value.kwargs.items()))
-        elif isinstance(value, list | tuple):
-            for v in value:
-                feed(v)
-        else:
-            digest.update(repr(value).encode())
-
-    for part in parts:
-        feed(part)
-    return digest.hexdigest()
+def _measure_option(analysis: Analysis, setting: Setting, base: fx.GraphModule, ctx: PassContext, meter: ErrorMeter,
+                    profile: Callable[[fx.GraphModule], tuple[GraphProfile, Any]]) -> None:
+    try:
+        gm = apply(base, analysis.space.pipeline([setting], lossless=False), ctx)
+    except Exception as exc:  # an option a pass cannot apply is dropped, with its reason
+        analysis.failed[setting] = f"{type(exc).__name__}: {exc}"
+        return
+    profiled, outputs = profile(gm)
+    analysis.options[setting] = Measured(setting, meter(gm, outputs), profiled)

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from ..errors import FxCompressWarning
-from ..manager import PassManager
-from ..pass_base import Pass, PassContext, make_pass
+from ..manager import apply_pass
+from ..pass_base import Pass, PassContext
+from ..registry import make_pass
 
 LOSSLESS = ("eliminate_identity", "fold_bn")
 
@@ -73,13 +74,17 @@ class Space:
         return passes
 
 
-def apply(base: fx.GraphModule, passes: list[Pass], ctx: PassContext, verify: bool = False) -> fx.GraphModule:
-    """A copy of ``base`` with ``passes`` run by the pass manager (``base`` is not changed). The passes'
-    warnings about a candidate are not the user's: only the chosen pipeline, built by ``optimize``, warns."""
+def apply(base: fx.GraphModule, passes: list[Pass], ctx: PassContext) -> fx.GraphModule:
+    """A copy of ``base`` (not changed) with ``passes`` applied, each cleaned up after as the pass manager
+    does (:func:`~fxcompress.manager.apply_pass`: hooks, dead code, lint, recompile) but without the
+    manager's model runs and checks: a candidate is measured by the search, and the chosen pipeline is
+    built again, verified, by ``optimize``. The passes' warnings about a candidate are not the user's
+    (only the chosen pipeline warns)."""
     gm = copy.deepcopy(base)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FxCompressWarning)
-        PassManager(passes, verify=verify).run(gm, ctx)
+        for pass_ in passes:
+            apply_pass(pass_, gm, ctx)
     return gm
 
 

@@ -26,7 +26,9 @@ class Target:
     units. ``tolerance``: a measured latency within this fraction above the budget counts as meeting it
     (timing noise). ``time_budget_s``: the sensitivity analysis stops measuring new options after it.
     The option grids (``prune_ratios``, ``ranks``, ``int8``) and ``passes`` (which lossy passes to
-    search over) define the search space.
+    search over) define the search space. ``verify_candidates``: the most allocations built and
+    measured end to end (the correction rounds; only ``max_error``: proposals within it).
+    ``baselines``: also build and measure each single lossy pass, for the Pareto report.
     """
 
     latency: float | None = None

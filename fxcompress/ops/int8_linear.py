@@ -1,8 +1,8 @@
 """The int8 custom operators that the ``int8`` pass rewrites linear layers into.
 
-Registered under the ``fxcompress`` namespace when this module is imported (``import fxcompress``
-does it), so ``torch.export`` keeps them as single nodes (save/load round-trips them) and
-``torch.compile`` traces them without graph breaks. Where CUDA and Triton exist they are
+Registered under the ``fxcompress`` namespace when this module is imported (``fxcompress.ops`` imports
+it: the passes and :func:`fxcompress.load` do), so ``torch.export`` keeps them as single nodes
+(save/load round-trips them) and ``torch.compile`` traces them without graph breaks. Where CUDA and Triton exist they are
 ``torch.library.triton_op`` s (Inductor sees the Triton kernels and can fuse around them); elsewhere
 plain ``torch.library.custom_op`` s with the same schemas, because ``triton_op`` scans its body with
 Inductor's utilities when it is defined (importing Inductor costs ~2 s that a CPU-only user would
@@ -12,7 +12,7 @@ pay for nothing). The Triton kernels are imported on first CUDA use. Each op has
   ``torch.library.wrap_triton``;
 * CPU implementations through ATen (``torch._int_mm`` for the int8 GEMM) and, as the separate op
   ``int8_linear_qengine``, PyTorch's quantized engines (FBGEMM/x86/oneDNN/QNNPACK prepacked dynamic
-  linear; the prepacked weight is built lazily per weight tensor and cached, see :func:`prepacked`);
+  linear; the prepacked weight is built lazily per weight tensor and cached, see :mod:`.qengine`);
 * a fake implementation (shape only);
 * a FLOP formula for ``torch.utils.flop_counter`` (2·M·N·K, as for ``aten.linear``).
 
@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import threading
 import types
 import warnings
-import weakref
 from typing import Callable, Optional
 
 import torch
@@ -41,9 +39,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from fxcompress.triton_kernels import ACTIVATIONS, EPS  # constants only: imports no Triton
 
-QUANTIZED_ENGINES = ("x86", "fbgemm", "onednn", "qnnpack")
-"""PyTorch quantized engines with a prepacked dynamic linear; which exist depends on the build."""
-
+from .qengine import check_engine, engine_scope, per_channel_qweight, prepacked, reduce_range
 
 @functools.cache
 def _kernels() -> types.SimpleNamespace:
@@ -97,6 +93,19 @@ def _check_activation(activation: str) -> None:
 
 
 # --- ATen (CPU) building blocks -------------------------------------------------------------------
+
+def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W [N, K] -> (W_q int8, s_w fp32 [N])`` with ``W ≈ s_w[:, None] · W_q``: the weight format of every int8 op."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def quantization_error(weight: Tensor, weight_q: Tensor, scale: Tensor) -> float:
+    """``‖W − s_w ⊙ W_q‖_F / ‖W‖_F`` of a weight in that format."""
+    w = weight.detach().double()
+    return ((w - weight_q.double() * scale.double()[:, None]).norm() / w.norm().clamp(min=1e-30)).item()
+
 
 def quantize_rows_aten(x: Tensor, static_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """``x [M, K] -> (q int8, s fp32 [M, 1])`` with ``x ≈ s ⊙ q``; ``s = absmax/127`` per row unless static.
@@ -195,63 +204,11 @@ def int8_weight_only_linear(x: Tensor, weight_q: Tensor, weight_scale: Tensor, b
     return y.reshape(*x.shape[:-1], weight_q.shape[0])
 
 
-def _reduce_range(engine: str) -> bool:
-    # FBGEMM's u8·s8 AVX2 kernels (VPMADDUBSW) can saturate int16 pairs: 7-bit activations avoid it.
-    return engine in ("x86", "fbgemm")
-
-
-class _PrepackCache:
-    """Prepacked weights of the quantized engines, built on first use and kept per ``weight_q`` tensor.
-
-    ``torch.export`` cannot save an engine's packed-parameter object, so the graph stores the int8
-    weight and its scales as tensors and the op packs them here; an entry dies with its weight tensor
-    (a finalizer on it) and is rebuilt when the weight, scales or bias change (version counters, data pointers).
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._packs: dict[int, dict] = {}
-
-    def get(self, weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor], engine: str, pack=None, config: tuple = ()):
-        """``pack(weight_q, weight_scale, bias, engine, *config)`` (default: the linear prepack) on a miss."""
-        stamp = (engine, weight_q._version, weight_q.data_ptr(), weight_scale._version, weight_scale.data_ptr(),
-                 None if bias is None else (bias._version, bias.data_ptr()), config)
-        with self._lock:
-            entry = self._packs.get(id(weight_q))
-            if entry is None:
-                entry = self._packs[id(weight_q)] = {}
-                weakref.finalize(weight_q, self._packs.pop, id(weight_q), None)
-            packed = entry.get(stamp)
-            if packed is None:
-                packed = (pack or _prepack)(weight_q, weight_scale, bias, engine, *config)
-                for stale in [k for k in entry if k[0] == engine]:
-                    del entry[stale]
-                entry[stamp] = packed
-        return packed
-
-    def __len__(self) -> int:
-        return sum(len(entry) for entry in self._packs.values())
-
-
 def _prepack(weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor], engine: str):
-    previous = torch.backends.quantized.engine
-    try:
-        torch.backends.quantized.engine = engine
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # quantized tensor creation is deprecated; it is this engine's input format
-            qweight = torch._make_per_channel_quantized_tensor(
-                weight_q.detach(), weight_scale.detach().double(), torch.zeros(weight_q.shape[0], dtype=torch.long), 0
-            )
-            return torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float())
-    finally:
-        torch.backends.quantized.engine = previous
-
-
-prepacked = _PrepackCache()
-
-
-def engine_available(engine: str) -> bool:
-    return engine in torch.backends.quantized.supported_engines
+    with engine_scope(engine), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized tensor creation is deprecated; it is this engine's input format
+        return torch.ops.quantized.linear_prepack(per_channel_qweight(weight_q, weight_scale),
+                                                  None if bias is None else bias.detach().float())
 
 
 def _qengine_fake(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor], activation: str, engine: str) -> Tensor:
@@ -265,14 +222,10 @@ def int8_linear_qengine(
     """Dynamic W8A8 through a PyTorch quantized engine (CPU): ``x`` is quantized per tensor (u8,
     asymmetric) at run time, ``W`` per output channel (the same ``W_q, s_w`` as ``int8_linear``)."""
     _check_activation(activation)
-    if x.device.type != "cpu" or not engine_available(engine):
-        raise RuntimeError(
-            f"fxcompress::int8_linear_qengine runs on the CPU with a quantized engine this PyTorch build has "
-            f"({torch.backends.quantized.supported_engines}); got {x.device} and {engine!r}: re-run the int8 pass here"
-        )
-    packed = prepacked.get(weight_q, weight_scale, bias, engine)
+    check_engine(x, engine, "int8_linear_qengine")
+    packed = prepacked.get(weight_q, weight_scale, bias, engine, _prepack)
     rows = _as_rows(x).float().contiguous()
-    y = _activate(torch.ops.quantized.linear_dynamic(rows, packed, _reduce_range(engine)), activation)
+    y = _activate(torch.ops.quantized.linear_dynamic(rows, packed, reduce_range(engine)), activation)
     return y.to(x.dtype).reshape(*x.shape[:-1], weight_q.shape[0])
 
 

@@ -15,8 +15,8 @@ graph; inside each op they are zero-copy views of the ``uint8`` storage (``Tenso
   sums into it in place); the other engines quantize the
   conv output at the calibrated ``(s_mid, z_mid)`` and run ``quantized::add[_relu]``.
 
-The engine's prepacked weight is built lazily per weight tensor and cached (the ``int8_ops``
-prepack cache). 4-D int8 values are channels-last (the engines' native layout); the fake
+The engine's prepacked weight is built lazily per weight tensor and cached (``qengine.prepacked``,
+shared with the linear ops). 4-D int8 values are channels-last (the engines' native layout); the fake
 implementations say so, so Inductor sees the real strides.
 
 On CUDA the same ops have CUDA kernels (``register_kernel("cuda")``): ``int8_conv`` with
@@ -27,7 +27,6 @@ ATen on ``uint8`` tensors (quantized tensors have next to no CUDA kernels). Same
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
 from typing import Optional
@@ -37,7 +36,7 @@ from torch import Tensor
 from torch.library import custom_op
 from torch.utils.flop_counter import register_flop_formula
 
-from .int8_ops import engine_available, prepacked
+from .qengine import check_engine, engine_available, engine_scope, per_channel_qweight, prepacked
 
 CONV_ENGINES = ("x86", "fbgemm", "onednn")
 """Quantized engines with a static int8 convolution; which exist depends on the build."""
@@ -63,24 +62,6 @@ def _as_uint8(qt: Tensor, dim: int) -> Tensor:
     """The ``uint8`` storage of a quantized tensor, in the layout the fake implementations promise."""
     qt = qt.contiguous(memory_format=_memory_format(dim))
     return torch.empty(0, dtype=torch.uint8).set_(qt.untyped_storage(), qt.storage_offset(), qt.shape, qt.stride())
-
-
-@contextlib.contextmanager
-def _engine_scope(engine: str):
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = engine
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = previous
-
-
-def _check_cpu(x: Tensor, engine: str, op: str) -> None:
-    if x.device.type != "cpu" or not engine_available(engine):
-        raise RuntimeError(
-            f"fxcompress::{op} runs on the CPU with a quantized engine this PyTorch build has "
-            f"({torch.backends.quantized.supported_engines}); got {x.device} and {engine!r}: re-run the int8 pass here"
-        )
 
 
 @custom_op("fxcompress::quantize_u8", mutates_args=())
@@ -110,11 +91,9 @@ def _(q, scale, zero_point):
 
 def _prepack_conv(weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor], engine: str,
                   stride: tuple, padding: tuple, dilation: tuple, groups: int):
-    with _engine_scope(engine), warnings.catch_warnings():
+    with engine_scope(engine), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        w = weight_q.detach() if weight_q.dim() == 4 else weight_q.detach().unsqueeze(2)
-        qweight = torch._make_per_channel_quantized_tensor(
-            w, weight_scale.detach().double(), torch.zeros(w.shape[0], dtype=torch.long), 0)
+        qweight = per_channel_qweight(weight_q if weight_q.dim() == 4 else weight_q.unsqueeze(2), weight_scale)
         return torch.ops.quantized.conv2d_prepack(
             qweight, None if bias is None else bias.detach().float(), list(stride), list(padding), list(dilation), groups)
 
@@ -135,13 +114,13 @@ def int8_conv(
     mid_scale: float = 1.0, mid_zero_point: int = 0,
 ) -> Tensor:
     """Static int8 ``act(conv(x) [+ accum])`` from and to int8 values (see the module docstring)."""
-    _check_cpu(x, engine, "int8_conv")
+    check_engine(x, engine, "int8_conv")
     dim = x.dim()
     geometry = conv2d_geometry(dim, stride, padding, dilation)
     packed = prepacked.get(weight_q, weight_scale, bias, engine, pack=_prepack_conv, config=(*geometry, groups))
     qx = _as_quantized(x if dim == 4 else x.unsqueeze(2), x_scale, x_zero_point)
     ops = torch.ops.quantized
-    with _engine_scope(engine):
+    with engine_scope(engine):
         if accum is None:
             y = (ops.conv2d_relu if relu else ops.conv2d)(qx, packed, output_scale, output_zero_point)
         else:
@@ -241,7 +220,7 @@ def int8_max_pool2d_aten(q: Tensor, kernel_size, stride, padding, dilation, ceil
 
 def _pack_for_triton(weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor], engine: str):
     """Input channels innermost (the implicit GEMM's K order) and the per-channel weight sums."""
-    from fxcompress.triton_kernels.int8_conv import weight_sums
+    from fxcompress.triton_kernels.int8_conv import weight_sums  # Triton is optional: imported on CUDA only
 
     return weight_q.detach().movedim(1, -1).contiguous().movedim(-1, 1), weight_sums(weight_q.detach())
 

@@ -1,0 +1,64 @@
+"""The ``transformers`` quantizer that rebuilds fxcompress layers in ``from_pretrained``.
+
+:func:`fxcompress.apply_to_model` lists the layers it replaced in ``config.quantization_config``
+(``quant_method="fxcompress"``); the quantizer registered here builds empty :mod:`fxcompress.layers`
+modules of those shapes before the saved tensors load (HF's extension point for layers that are not
+``nn.Linear``). ``transformers`` is imported only when a quantizer is registered.
+"""
+
+from __future__ import annotations
+
+QUANT_METHOD = "fxcompress"
+
+
+def register_quantizer() -> None:
+    """Teach ``transformers`` the ``quant_method="fxcompress"`` that :func:`fxcompress.apply_to_model` writes
+    into the config of a model with int8 / low-rank layers, so ``from_pretrained`` rebuilds those layers
+    (from ``quantization_config.layers``) before it loads their tensors. Idempotent."""
+    from transformers.quantizers import auto
+
+    if QUANT_METHOD in auto.AUTO_QUANTIZER_MAPPING:
+        return
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    @auto.register_quantization_config(QUANT_METHOD)
+    class FxCompressConfig(QuantizationConfigMixin):
+        """``layers``: module path -> :func:`fxcompress.layers.layer_from_spec` spec."""
+
+        def __init__(self, layers: dict | None = None, **kwargs):
+            self.quant_method, self.layers = QUANT_METHOD, dict(layers or {})
+
+    @auto.register_quantizer(QUANT_METHOD)
+    class FxCompressQuantizer(HfQuantizer):
+        requires_calibration = False
+
+        def _process_model_before_weight_loading(self, model, **kwargs):
+            from .layers import layer_from_spec  # here: layers load the custom ops, import fxcompress stays fast
+
+            layers = self.quantization_config.layers
+            for path in sorted(layers, key=lambda p: layers[p]["kind"] != "int8_embedding"):  # a tied head needs its table
+                parent, _, leaf = path.rpartition(".")
+                owner = model.get_submodule(parent)
+                setattr(owner, leaf, layer_from_spec(layers[path], model))
+                # the parent's weight init (e.g. GPT-2's scaled c_proj init) would reach for `.weight`; all is loaded
+                owner._is_hf_initialized = True
+            return model
+
+        def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+            return False  # saved already int8 / factorized
+
+        def is_serializable(self, *args, **kwargs) -> bool:
+            return True
+
+        @property
+        def is_trainable(self) -> bool:
+            return False
+
+    globals().update(FxCompressConfig=FxCompressConfig, FxCompressQuantizer=FxCompressQuantizer)
+
+
+def quantization_config(layers: dict):
+    """The ``config.quantization_config`` naming the replaced layers (registers the quantizer)."""
+    register_quantizer()
+    return FxCompressConfig(layers=layers)  # noqa: F821  (defined by register_quantizer)
