@@ -69,7 +69,8 @@ def compressed_variants(model, example: dict, prune_ratio: float, progress) -> t
         records = PassManager(passes).run(gm, PassContext((), example))
         int8 = next((r.result for r in records if r.pass_.name == "int8"), None)
         if int8 is not None:
-            counts = collections.Counter(d["impl"] for d in int8.details)
+            counts = collections.Counter(d["impl"] if d.get("decode_impl", d["impl"]) == d["impl"]
+                                         else f"{d['decode_impl']} decode / {d['impl']} prefill" for d in int8.details)
             lowerings[name] = ", ".join(f"{impl} x{n}" for impl, n in counts.most_common())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", fxcompress.FxCompressWarning)

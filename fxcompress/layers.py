@@ -26,20 +26,28 @@ import torch.fx as fx
 from . import ir, ops  # noqa: F401  (ops registers torch.ops.fxcompress.*)
 
 aten = torch.ops.aten
-INT8_OPS = ("int8_linear", "int8_linear_static", "int8_weight_only_linear", "int8_linear_qengine")
+INT8_OPS = ("int8_linear", "int8_linear_static", "int8_weight_only_linear", "int8_linear_qengine", "int8_linear_by_rows")
 _INT8_TARGETS = {getattr(torch.ops.fxcompress, name).default: name for name in INT8_OPS}
 _INT8_EMBEDDING = torch.ops.fxcompress.int8_embedding.default
 
 
 class Int8Linear(torch.nn.Module):
-    """``y = op(x / σ, [s_x,] W_q, s_w, b[, engine])`` for one fxcompress int8 ``op`` (see ``fxcompress.ops.int8_linear``)."""
+    """``y = op(x / σ, [s_x,] W_q, s_w, b[, engine])`` for one fxcompress int8 ``op`` (see ``fxcompress.ops.int8_linear``).
+
+    ``int8_linear_by_rows`` takes ``by_rows = (decode engine, prefill engine, max decode rows)`` and, when
+    its decode engine is ``float``, the ``float_weight``: the module dispatches by row count as the graph does.
+    """
 
     def __init__(self, op: str, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
-                 input_scale: torch.Tensor | None = None, smooth_inverse: torch.Tensor | None = None, engine: str | None = None):
+                 input_scale: torch.Tensor | None = None, smooth_inverse: torch.Tensor | None = None, engine: str | None = None,
+                 float_weight: torch.Tensor | None = None, by_rows: tuple[str, str, int] | None = None):
         super().__init__()
         self._set_op(op, engine, weight_q.shape)
+        if (op == "int8_linear_by_rows") != (by_rows is not None):
+            raise ValueError("Int8Linear: by_rows=(decode engine, prefill engine, max decode rows) is given exactly for op='int8_linear_by_rows'")
+        self.by_rows = None if by_rows is None else tuple(by_rows)
         for name, value in (("weight_q", weight_q), ("weight_scale", weight_scale), ("bias", bias),
-                            ("input_scale", input_scale), ("smooth_inverse", smooth_inverse)):
+                            ("input_scale", input_scale), ("smooth_inverse", smooth_inverse), ("float_weight", float_weight)):
             self.register_buffer(name, value)
 
     def _set_op(self, op: str, engine: str | None, shape) -> None:
@@ -58,14 +66,18 @@ class Int8Linear(torch.nn.Module):
             return op(x, self.input_scale, weight_q, weight_scale, self.bias, "none")
         if self.op == "int8_linear_qengine":
             return op(x, weight_q, weight_scale, self.bias, "none", self.engine)
+        if self.op == "int8_linear_by_rows":
+            return op(x, weight_q, weight_scale, self.bias, self.float_weight, "none", *self.by_rows)
         return op(x, weight_q, weight_scale, self.bias, "none")
 
     def spec(self) -> dict:
         return {"kind": "int8", "op": self.op, "engine": self.engine, "in": self.in_features, "out": self.out_features,
-                **{name: getattr(self, name) is not None for name in ("bias", "input_scale", "smooth_inverse")}}
+                **{name: getattr(self, name) is not None for name in ("bias", "input_scale", "smooth_inverse", "float_weight")},
+                **({"by_rows": list(self.by_rows)} if self.by_rows else {})}
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, op={self.op}" + (f", engine={self.engine}" if self.engine else "")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, op={self.op}" + (f", engine={self.engine}" if self.engine else "")
+                + (f", by_rows={self.by_rows}" if self.by_rows else ""))
 
 
 class Int8Embedding(torch.nn.Module):
@@ -99,7 +111,8 @@ class TiedInt8Linear(Int8Linear):
         torch.nn.Module.__init__(self)
         self._set_op(op, engine, embedding.weight_q.shape)
         self.__dict__["embedding"], self.embedding_path = embedding, embedding_path
-        for name, value in (("bias", bias), ("input_scale", None), ("smooth_inverse", None)):
+        self.by_rows = None
+        for name, value in (("bias", bias), ("input_scale", None), ("smooth_inverse", None), ("float_weight", None)):
             self.register_buffer(name, value)
 
     @property
@@ -147,7 +160,8 @@ def layer_from_spec(spec: dict, model: torch.nn.Module | None = None) -> torch.n
     n, k = spec["out"], spec["in"]
     return Int8Linear(spec["op"], torch.zeros(n, k, dtype=torch.int8), torch.ones(n),
                       torch.zeros(n) if spec["bias"] else None, torch.ones(1) if spec["input_scale"] else None,
-                      torch.ones(k) if spec["smooth_inverse"] else None, spec["engine"])
+                      torch.ones(k) if spec["smooth_inverse"] else None, spec["engine"],
+                      torch.zeros(n, k) if spec.get("float_weight") else None, spec.get("by_rows"))
 
 
 def stage_nodes(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
@@ -264,4 +278,6 @@ def _stage_module(gm: fx.GraphModule, node: fx.Node, tables: dict) -> torch.nn.M
         _INT8_TARGETS[gemm.target], stored("weight_q")[rows].contiguous(), stored("weight_scale")[rows].contiguous(),
         None if bias is None else bias[rows].contiguous(), stored("input_scale"),
         None if smooth is None else ir.get_attr(gm, smooth.target).detach().clone(), args.get("engine"),
+        None if args.get("float_weight") is None else stored("float_weight")[rows].contiguous(),
+        (args["small"], args["large"], args["max_small_rows"]) if "max_small_rows" in args else None,
     )

@@ -28,12 +28,13 @@ Static table (``tune=False``; CPU features from ``/proc/cpuinfo``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
+import torch.fx as fx
 
-from fxcompress import tuning
+from fxcompress import ir, tuning
 from fxcompress.ops import qengine
 from fxcompress.ops.int8_conv import TRITON_ENGINE
 
@@ -58,6 +59,21 @@ class GemmProblem:
     prepare: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
     finish: Callable[[torch.Tensor], Any] = lambda y: y
     key: dict = field(default_factory=dict)
+
+
+def nhwc_input(conv: bool, sigma: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A node's input -> its op's input: NHWC for a 1×1 conv, ``x / σ`` under SmoothQuant."""
+    inverse = sigma.reciprocal() if sigma is not None else None
+
+    def prepare(x):
+        x = x.permute(0, 2, 3, 1) if conv else x
+        return x * inverse.to(x.dtype) if inverse is not None else x
+
+    return prepare
+
+
+def nchw_output(conv: bool) -> Callable[[torch.Tensor], Any]:
+    return (lambda y: y.permute(0, 3, 1, 2)) if conv else (lambda y: y)
 
 
 @dataclass(frozen=True)
@@ -208,3 +224,77 @@ def choose_lowering(mode: str, problem: GemmProblem, *, tune: bool, allow_slower
         FAMILIES[mode], problem, {**problem.key, "mode": mode}, scheme=f"{mode} scheme",
         scheme_error=lambda errors, _: errors.get(scheme, min(errors.values(), default=0.0)),
         tune=tune, allow_slower=allow_slower, impl=impl, error_factor=error_factor, min_run_time=min_run_time)
+
+
+@dataclass(frozen=True)
+class RowBuckets:
+    """A linear's engines by row count: ``decode`` chosen at one row, ``prefill`` at the example's rows.
+
+    Different choices run as one ``fxcompress::int8_linear_by_rows`` node holding the int8 weight. Float at
+    prefill runs ``s_w ⊙ W_q`` dequantized (``dequantize``: one extra pass over the weight, amortized over
+    the rows); float at decode keeps the float weight too (dequantizing every step costs more than the GEMV).
+    """
+
+    decode: Lowering
+    prefill: Lowering
+    max_decode_rows: int
+
+    @property
+    def split(self) -> bool:
+        return self.decode.candidate.name != self.prefill.candidate.name
+
+    @property
+    def needs_float_weight(self) -> bool:
+        return self.split and self.decode.candidate.name == "float"
+
+    def engines(self) -> tuple[str, str]:
+        """(engine at ``M <= max_decode_rows``, engine above) as ``int8_linear_by_rows`` names them."""
+        large = self.prefill.candidate.name
+        return self.decode.candidate.name, "dequantize" if large == "float" and self.split else large
+
+    def reason(self) -> str:
+        small, large = self.engines()
+        if not self.split:
+            return f"{small} at every row count (measured at 1 row and at the example's)"
+        why = "; float is fastest at prefill: it runs s_w*W_q dequantized, the weight is stored once in int8" if large == "dequantize" else ""
+        if self.needs_float_weight:
+            why += "; float is fastest at decode: the float weight is kept next to the int8 one"
+        return f"int8_linear_by_rows: {small} at <= {self.max_decode_rows} rows, {large} above{why}"
+
+    def detail(self) -> dict:
+        small, large = self.engines()
+        decode = self.decode.detail()
+        return {
+            **self.prefill.detail(), "impl": large, "decode_impl": small, "decode_chosen_by": decode["chosen_by"],
+            "decode_timings": decode["timings"], "decode_output_rel_error": decode["output_rel_error"],
+            "max_decode_rows": self.max_decode_rows, "row_dispatch": self.reason(),
+        }
+
+
+def decode_problem(problem: GemmProblem, float_run_at: Callable[[torch.Tensor], Callable[[], Any]]) -> GemmProblem:
+    """``problem`` at one row (a decoding step): the example's first row, the float original run on it."""
+    k = problem.x.shape[-1]
+    x = problem.x.reshape(-1, k)[:1].reshape((1,) * (problem.x.dim() - 1) + (k,))
+    return replace(problem, x=x, float_run=float_run_at(x), key={**problem.key, "x": list(x.shape)})
+
+
+def float_run_at(gm: fx.GraphModule, group: list[fx.Node], args: list[dict], values: dict, fused: tuple[str, fx.Node]):
+    """``x -> the unrewritten nodes (and a fused activation) on x``: the ``float`` candidate, bound to the
+    graph's values now (before rewrites rename the inputs)."""
+    x_node, input_slot = args[0]["input"], object()
+
+    def value(arg):
+        if isinstance(arg, fx.Node):
+            return ir.get_attr(gm, arg.target) if arg.op == "get_attr" else (input_slot if arg is x_node else values[arg.name])
+        return arg
+
+    calls = [(node.target, [value(a) for a in node.args], {k: value(v) for k, v in node.kwargs.items()}) for node in group]
+    activation, user = fused  # the activation fused after the group, and its node
+    act = (lambda y: user.target(y, *user.args[1:], **user.kwargs)) if activation != "none" else (lambda y: y)
+
+    def run_at(x):
+        bound = [(target, [x if a is input_slot else a for a in a_], {k: x if v is input_slot else v for k, v in k_.items()})
+                 for target, a_, k_ in calls]
+        return lambda: tuple(act(target(*a, **k)) for target, a, k in bound)
+
+    return run_at

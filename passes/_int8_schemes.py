@@ -41,6 +41,10 @@ class Int8(Pass):
     the model got slower). ``impl``: force one candidate (``"int_mm"``, ``"qengine:fbgemm"``,
     ``"triton"``, ``"int8_weight_only"``, ...). ``error_factor``: the fidelity contract — a candidate's
     output error may be at most this multiple of the scheme's own (per-tensor engines vs per-token).
+    ``decode_rows``: when the example has more rows (tokens × batch) than this, each linear's engine is
+    chosen twice, at one row (decoding) and at the example's rows (prefill), and a layer whose choices
+    differ runs both by its input's row count (``fxcompress::int8_linear_by_rows``: this many rows or
+    fewer take the decode engine); ``None``: one engine, chosen at the example's rows.
     ``tune_time_s``: timing per candidate. ``gptq``: round weights with GPTQ on the calibration
     inputs' Hessian ``XᵀX`` (``passes/_gptq.py``) instead of to nearest; layers without a Hessian (too
     many input features) round to nearest. ``embeddings``: also store embedding tables as weight-only
@@ -58,6 +62,7 @@ class Int8(Pass):
     allow_slower: bool = False
     tune: bool = True
     impl: str | None = None
+    decode_rows: int | None = 16
     error_factor: float = 3.0
     tune_time_s: float = 0.05
     gptq: bool = False
@@ -111,6 +116,8 @@ class Int8(Pass):
             raise PassConfigError(f"int8: error_factor must be a number >= 1 (1 = exactly the mode's scheme), not {self.error_factor!r}")
         if not (isinstance(self.tune_time_s, int | float) and self.tune_time_s > 0):
             raise PassConfigError(f"int8: tune_time_s must be > 0 seconds, not {self.tune_time_s!r}")
+        if self.decode_rows is not None and not (isinstance(self.decode_rows, int) and self.decode_rows >= 1):
+            raise PassConfigError(f"int8: decode_rows must be an integer >= 1 or None (one engine per layer), not {self.decode_rows!r}")
         if not isinstance(self.min_weight_numel, int) or self.min_weight_numel < 0:
             raise PassConfigError(f"int8: min_weight_numel must be an integer >= 0, not {self.min_weight_numel!r}")
 

@@ -39,7 +39,9 @@ from ._smoothquant import activation_absmax, fold_into_norm, smooth
 from ._int8_conv_regions import lower_convs
 from ._int8_embeddings import quantize_embeddings
 from ._int8_schemes import MODES, SCHEME_CONFIGS, Int8, Int8Dynamic, Int8Static, Int8WeightOnly, Scheme, register_scheme
-from ._int8_lowering import GemmProblem, Lowering, choose_lowering
+from ._int8_lowering import (
+    GemmProblem, Lowering, RowBuckets, choose_lowering, decode_problem, float_run_at, nchw_output, nhwc_input,
+)
 from ._projections import ROUTER_REASON, batched_weight_readers, gemm_arguments, is_projection, routes_experts, weight_matrix
 
 __all__ = ["MODES", "SCHEME_CONFIGS", "GemmScheme", "Int8", "Int8Dynamic", "Int8Static", "Int8WeightOnly", "register_scheme"]
@@ -118,11 +120,11 @@ class _GemmRewrite:
         absmax = activation_absmax(gm, ctx, [g[0] for g in groups if g[0].target is LINEAR]) if alpha is not None else {}
         for group, example in zip(groups, examples):
             calibrated = (hessians.get(group[0].name), absmax.get(group[0].name))
-            details, lowering = self._rewrite(gm, group, scales.get(layer_name(group[0])), example, calibrated)
+            details, kept_float = self._rewrite(gm, group, scales.get(layer_name(group[0])), example, calibrated)
             result.details.extend(details)
-            if lowering.candidate.op is None:
+            if kept_float:
                 for node in group:
-                    result.skip(layer_name(node), f"kept float: {lowering.choice.reason} ({lowering.choice.timings_text() or 'not timed'})")
+                    result.skip(layer_name(node), f"kept float: {kept_float}")
             else:
                 result.rewritten.extend(layer_name(n) for n in group)
         if config.embeddings:
@@ -172,18 +174,20 @@ class _GemmRewrite:
         return node_values(gm, ctx.args, ctx.kwargs, names)
 
     def _example(self, gm: fx.GraphModule, group: list[fx.Node], values: dict) -> tuple:
-        """(input value, computed bias value or None, the ``float`` candidate) of a group on the example inputs."""
+        """(input value, computed bias value or None, ``x -> the float candidate on x``) of a group on the example inputs."""
         args = [gemm_arguments(node) for node in group]
         x_value = values[args[0]["input"].name]
         bias = args[0]["bias"]
         bias_value = values[bias.name] if len(group) == 1 and isinstance(bias, fx.Node) and bias.op != "get_attr" else None
-        return x_value, bias_value, self._float_run(gm, group, args, x_value, values)
+        fused = self._fused_activation(group[0]) if len(group) == 1 else ("none", group[0])
+        return x_value, bias_value, float_run_at(gm, group, args, values, fused)
 
     def _rewrite(self, gm: fx.GraphModule, group: list[fx.Node], input_scale: float | None, example: tuple,
-                 calibrated: tuple = (None, None)) -> tuple[list[dict], Lowering]:
+                 calibrated: tuple = (None, None)) -> tuple[list[dict], str]:
+        """Quantize and (unless float wins everywhere) rewrite ``group``: (its details, why it stays float or "")."""
         first = group[0]
         args = [gemm_arguments(node) for node in group]
-        x_value, computed_bias, float_run = example
+        x_value, computed_bias, float_run_at = example
         hessian, absmax = calibrated
         weights = [weight_matrix(gm, node) for node in group]
         sigma, alpha = None, self.scheme.smoothing_alpha(self.config)
@@ -200,12 +204,17 @@ class _GemmRewrite:
         s_x = torch.tensor([input_scale]) if input_scale is not None else None
         problem = GemmProblem(
             device=x_value.device, x=x_value, op_args=self.scheme.op_args(s_x, weight_q, weight_scale, bias_value, activation),
-            float_run=float_run, prepare=self._prepare(first, sigma), finish=self._finish(first),
+            float_run=float_run_at(x_value), prepare=nhwc_input(first.target is CONV2D, sigma), finish=nchw_output(first.target is CONV2D),
             key={"op": "conv1x1" if first.target is CONV2D else "linear", "x": list(x_value.shape), "N": [w.shape[0] for w in weights],
                  "dtype": str(x_value.dtype), "activation": activation, "bias": bias_value is not None, "smoothed": sigma is not None},
         )
-        lowering = choose_lowering(self.config.mode, problem, tune=self.config.tune, allow_slower=self.config.allow_slower, impl=self.config.impl,
-                                   error_factor=self.config.error_factor, min_run_time=self.config.tune_time_s)
+        options = dict(tune=self.config.tune, allow_slower=self.config.allow_slower, impl=self.config.impl,
+                       error_factor=self.config.error_factor, min_run_time=self.config.tune_time_s)
+        lowering = choose_lowering(self.config.mode, problem, **options)
+        buckets = None
+        if self._decodes_apart(first, x_value, computed_bias):
+            decode = choose_lowering(self.config.mode, decode_problem(problem, float_run_at), **options)
+            buckets = RowBuckets(decode, lowering, self.config.decode_rows)
         details = [
             {
                 "layer": layer_name(node), "mode": self.config.mode, "op": "conv1x1" if node.target is CONV2D else "linear",
@@ -214,19 +223,31 @@ class _GemmRewrite:
                 "smoothed": sigma is not None,
                 **({"rounding": "gptq" if hessian is not None else "nearest (no input Hessian)"} if self.config.gptq else {}),
                 **({"input_scale": input_scale} if input_scale is not None else {}),
-                **lowering.detail(),
+                **(buckets.detail() if buckets is not None else lowering.detail()),
             }
             for node, w, (q, sc) in zip(group, weights, quantized)
         ]
-        if lowering.candidate.op is not None:
-            smoothing = self._emit(gm, group, lowering, weights, (weight_q, weight_scale, s_x, sigma), activation, output)
-            for row in details if sigma is not None else ():
-                row["smoothing"] = smoothing
-        return details, lowering
+        if lowering.candidate.op is None and not (buckets is not None and buckets.split):
+            at_one_row = f"; at 1 row: {buckets.decode.choice.reason} ({buckets.decode.choice.timings_text() or 'not timed'})" if buckets else ""
+            return details, f"{lowering.choice.reason} ({lowering.choice.timings_text() or 'not timed'}){at_one_row}"
+        smoothing = self._emit(gm, group, (lowering, buckets), weights, (weight_q, weight_scale, s_x, sigma), activation, output)
+        for row in details if sigma is not None else ():
+            row["smoothing"] = smoothing
+        return details, ""
 
-    def _emit(self, gm, group, lowering, weights, tensors, activation, output) -> str:
+    def _decodes_apart(self, first: fx.Node, x_value: torch.Tensor, computed_bias) -> bool:
+        """Whether the decode engine (one row) is chosen apart from the example's: a linear of the dynamic or
+        weight-only scheme (``int8_linear_by_rows`` has no calibrated input scale) on more than ``decode_rows``
+        rows, with a stored bias (a computed one has the example's shape)."""
+        rows = x_value.numel() // max(x_value.shape[-1], 1)
+        return (self.config.decode_rows is not None and rows > self.config.decode_rows and first.target is not CONV2D
+                and computed_bias is None and self.config.mode in ("dynamic", "weight_only"))
+
+    def _emit(self, gm, group, lowerings: tuple[Lowering, RowBuckets | None], weights, tensors, activation, output) -> str:
         """Emit the op; returns how SmoothQuant's ``1/σ`` is applied (folded into a norm, or why not)."""
         first = group[0]
+        lowering, buckets = lowerings
+        by_rows = buckets is not None and buckets.split
         weight_q, weight_scale, s_x, sigma = tensors
         args = [gemm_arguments(node) for node in group]
         base = args[0]["weight"].target
@@ -234,7 +255,7 @@ class _GemmRewrite:
         scale_node = ir.add_constant(gm, f"{base}_scale", weight_scale, first)
         s_x_node = ir.add_constant(gm, f"{base}_input_scale", s_x, first) if s_x is not None else None
         bias = self._bias(gm, group, args, weights, first)
-        if len(group) == 1 and sigma is None and first.target is LINEAR:  # per-row W_q, s_w of the table itself
+        if len(group) == 1 and sigma is None and first.target is LINEAR and not by_rows:  # per-row W_q, s_w of the table itself
             self.head_tables[base] = (wq_node, scale_node)
         x = args[0]["input"]
         smoothing = ""
@@ -248,8 +269,13 @@ class _GemmRewrite:
             if sigma is not None and not smoothing.startswith("folded"):
                 inverse = ir.add_constant(gm, f"{base}_smooth_inverse", sigma.reciprocal().to(weights[0].dtype), first)
                 x = _call(gm, aten.mul.Tensor, (x, inverse), first)
-            op_args = self.scheme.op_args(s_x_node, wq_node, scale_node, bias, activation)
-            gemm = _call(gm, lowering.candidate.op, (x, *op_args, *lowering.candidate.extra_args), first)
+            if by_rows:
+                weight = ir.add_constant(gm, f"{base}_float", torch.cat(weights), first) if buckets.needs_float_weight else None
+                gemm = _call(gm, fxops.int8_linear_by_rows.default,
+                             (x, wq_node, scale_node, bias, weight, activation, *buckets.engines(), buckets.max_decode_rows), first)
+            else:
+                op_args = self.scheme.op_args(s_x_node, wq_node, scale_node, bias, activation)
+                gemm = _call(gm, lowering.candidate.op, (x, *op_args, *lowering.candidate.extra_args), first)
             if first.target is CONV2D:
                 gemm = _call(gm, aten.permute.default, (gemm, [0, 3, 1, 2]), first)
             outputs = [gemm]
@@ -260,33 +286,6 @@ class _GemmRewrite:
         for node, out in zip(group[1:], outputs[1:]):
             node.replace_all_uses_with(out)
         return smoothing
-
-    def _float_run(self, gm, group, args, x_value, values):
-        """The unrewritten nodes (and a fused activation) on the example input: the ``float`` candidate."""
-        def value(arg):
-            if isinstance(arg, fx.Node):
-                return ir.get_attr(gm, arg.target) if arg.op == "get_attr" else (x_value if arg is args[0]["input"] else values[arg.name])
-            return arg
-
-        calls = [(node.target, [value(a) for a in node.args], {k: value(v) for k, v in node.kwargs.items()}) for node in group]
-        activation, user = self._fused_activation(group[0]) if len(group) == 1 else ("none", group[0])
-        act = (lambda y: user.target(y, *user.args[1:], **user.kwargs)) if activation != "none" else (lambda y: y)
-        return lambda: tuple(act(target(*a, **k)) for target, a, k in calls)
-
-    @staticmethod
-    def _prepare(first: fx.Node, sigma):
-        permute = first.target is CONV2D
-        inverse = sigma.reciprocal() if sigma is not None else None
-
-        def prepare(x):
-            x = x.permute(0, 2, 3, 1) if permute else x
-            return x * inverse.to(x.dtype) if inverse is not None else x
-
-        return prepare
-
-    @staticmethod
-    def _finish(first: fx.Node):
-        return (lambda y: y.permute(0, 3, 1, 2)) if first.target is CONV2D else (lambda y: y)
 
     @staticmethod
     def _bias_value(gm, args: list[dict], weights: list):

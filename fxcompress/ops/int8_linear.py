@@ -16,7 +16,8 @@ pay for nothing). The Triton kernels are imported on first CUDA use. Each op has
 * a fake implementation (shape only);
 * a FLOP formula for ``torch.utils.flop_counter`` (2·M·N·K, as for ``aten.linear``).
 
-Which implementation a node uses is chosen by measurement in the ``int8`` pass (``passes/_int8_lowering.py``).
+``int8_linear_by_rows`` holds one int8 weight and runs one of two of these engines by the row count of its
+input (decode vs prefill, chosen separately by the pass). Which implementation a node uses is chosen by measurement in the ``int8`` pass (``passes/_int8_lowering.py``).
 ``int8_embedding`` (the weight-only table lookup of ``Int8(embeddings=True)``) is one ATen gather on every device.
 
 Shapes: ``x [..., K]``; ``weight_q [N, K]`` int8; ``weight_scale [N]`` fp32 (``W ≈ s_w ⊙ W_q``
@@ -231,6 +232,45 @@ def int8_linear_qengine(
 int8_linear_qengine.register_fake(_qengine_fake)
 
 
+def _bucket_engine(impl: str, x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
+                   float_weight: Optional[Tensor], activation: str) -> Tensor:
+    if impl == "float":
+        if float_weight is None:
+            raise ValueError("fxcompress::int8_linear_by_rows: the 'float' engine needs float_weight")
+        return _activate(torch.nn.functional.linear(x, float_weight, bias), activation)
+    if impl in ("dequantize", "int8_weight_only"):
+        return _activate(int8_weight_only_linear(x, weight_q, weight_scale, bias), activation)
+    if impl in ("int_mm", "triton"):
+        return int8_linear(x, weight_q, weight_scale, bias, activation)
+    if impl.startswith("qengine:"):
+        return int8_linear_qengine(x, weight_q, weight_scale, bias, activation, impl.removeprefix("qengine:"))
+    raise ValueError(f"fxcompress::int8_linear_by_rows: unknown engine {impl!r}; one of {BUCKET_ENGINES} or 'qengine:<engine>'")
+
+
+BUCKET_ENGINES = ("float", "dequantize", "int_mm", "triton", "int8_weight_only")
+"""What a row bucket of :func:`int8_linear_by_rows` can run: the int8 pass's candidates, plus ``dequantize``
+(``s_w ⊙ W_q`` then one float GEMM: the ``float`` choice of a layer that stores only int8)."""
+
+
+@custom_op("fxcompress::int8_linear_by_rows", mutates_args=())
+def int8_linear_by_rows(
+    x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor], float_weight: Optional[Tensor], activation: str,
+    small: str, large: str, max_small_rows: int,
+) -> Tensor:
+    """One int8 linear, two engines chosen by the row count ``M`` of ``x`` at run time: ``small`` for
+    ``M <= max_small_rows`` (decoding), ``large`` otherwise (prefill, batches). Engines are named as the
+    int8 pass's candidates (``int_mm``, ``qengine:fbgemm``, ...); ``float`` runs ``float_weight`` (stored only
+    when a bucket needs it), ``dequantize`` runs ``s_w ⊙ W_q`` as one float GEMM."""
+    _check_activation(activation)
+    rows = x.numel() // max(x.shape[-1], 1)
+    return _bucket_engine(small if rows <= max_small_rows else large, x, weight_q, weight_scale, bias, float_weight, activation)
+
+
+@int8_linear_by_rows.register_fake
+def _by_rows_fake(x: Tensor, weight_q: Tensor, *args) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight_q.shape[0]))
+
+
 @custom_op("fxcompress::int8_embedding", mutates_args=())
 def int8_embedding(indices: Tensor, weight_q: Tensor, weight_scale: Tensor, dtype: torch.dtype) -> Tensor:
     """Weight-only int8 embedding lookup: ``(s_w ⊙ W_q)[indices]`` in ``dtype``, gathering the int8 rows and
@@ -255,7 +295,8 @@ def _linear_flops(x_shape, weight_shape) -> int:
 
 
 @register_flop_formula([
-    torch.ops.fxcompress.int8_linear, torch.ops.fxcompress.int8_weight_only_linear, torch.ops.fxcompress.int8_linear_qengine
+    torch.ops.fxcompress.int8_linear, torch.ops.fxcompress.int8_weight_only_linear, torch.ops.fxcompress.int8_linear_qengine,
+    torch.ops.fxcompress.int8_linear_by_rows,
 ])
 def _int8_linear_flop(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
     return _linear_flops(x_shape, weight_shape)
