@@ -77,3 +77,23 @@ def test_each_concatenated_input_is_pruned_at_the_ratio():
 def test_target_macs_on_a_dense_net_is_met_and_reported():
     gm, ctx, _, macs, result = run_pass(prune_zoo.DenseNetLike(growth=8), prune_zoo.image(size=16), target_macs=0.4)
     assert result.details[0]["macs_after"] == count_macs(gm, ctx) <= 0.4 * macs
+
+
+def test_attributes_added_by_fold_bn_carry_their_pruned_shapes_into_the_next_pass():
+    """fold_bn's new biases are sliced by pruning; their meta["val"] must follow, or a later pass that
+    propagates shapes (low_rank's new conv stages) sees the unpruned size."""
+    import fxcompress
+    from fxcompress import ir
+    from fxcompress.passes import LowRank, PruneChannels
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 16, 3, padding=1, bias=False), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, padding=1, bias=False), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10)).eval()
+    x = torch.randn(4, 1, 8, 8)
+    pruned = fxcompress.optimize(model, (x,), passes=["fold_bn", PruneChannels(ratio=0.5)], report=False)
+    for node in pruned.graph.nodes:
+        if node.op == "get_attr" and isinstance(node.meta.get("val"), torch.Tensor):
+            assert tuple(node.meta["val"].shape) == tuple(ir.get_attr(pruned, node.target).shape), node.name
+    gm = fxcompress.optimize(model, (x,), passes=["fold_bn", PruneChannels(ratio=0.5), LowRank(rank=0.5)], report=False)
+    assert gm.report.results["low_rank"].rewritten and gm(torch.randn(3, 1, 8, 8)).shape == (3, 10)

@@ -159,6 +159,11 @@ def _slice_attrs(gm: fx.GraphModule, sizes: PrunedSizes) -> list[str]:
                 value = value.index_select(dim, torch.as_tensor(keep, device=value.device))
         ir.set_attr(gm, node.target, value.contiguous())
         sliced.append(node.target)
+    for node in gm.graph.nodes:  # every reader of a sliced attribute, e.g. a bias fold_bn added (not in the check's values)
+        old = node.meta.get("val")
+        if node.op == "get_attr" and node.target in sliced and isinstance(old, torch.Tensor):
+            value = ir.get_attr(gm, node.target)
+            node.meta["val"] = _restamped(old, value) if isinstance(old, FakeTensor) else value.detach()
     return sliced
 
 
