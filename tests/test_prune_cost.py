@@ -97,3 +97,44 @@ def test_attributes_added_by_fold_bn_carry_their_pruned_shapes_into_the_next_pas
             assert tuple(node.meta["val"].shape) == tuple(ir.get_attr(pruned, node.target).shape), node.name
     gm = fxcompress.optimize(model, (x,), passes=["fold_bn", PruneChannels(ratio=0.5), LowRank(rank=0.5)], report=False)
     assert gm.report.results["low_rank"].rewritten and gm(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+
+
+def test_inference_batch_norm_shape_rule_matches_the_op_and_refuses_a_wrong_channel_count():
+    """The shape check's BatchNorm rule (no decomposition) gives the op's own output shapes and strides, and
+    rejects per-channel tensors that lost their match with the input's channels."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fxcompress.passes.prune.rewrite import _inference_batch_norm_shapes
+
+    x = torch.randn(2, 6, 5, 5).to(memory_format=torch.channels_last)
+    stats = [torch.rand(6) + 0.5 for _ in range(4)]
+
+    def bn(x, w, b, mean, var):
+        return torch.ops.aten._native_batch_norm_legit_no_training.default(x, w, b, mean, var, 0.1, 1e-5)
+
+    node = next(n for n in make_fx(bn)(x, *stats).graph.nodes if n.op == "call_function")
+    env = dict(zip([n for n in node.args[:5]], [x, *stats]))
+    expected = bn(*[t.to("meta") for t in (x, *stats)])  # what the check's fake run gave (CPU saves no statistics)
+    got = _inference_batch_norm_shapes(node, env)
+    assert [(t.shape, t.stride()) for t in got] == [(t.shape, t.stride()) for t in expected]
+    env[node.args[1]] = torch.rand(4)
+    with pytest.raises(RuntimeError, match="weight of shape"):
+        _inference_batch_norm_shapes(node, env)
+
+
+def test_shape_check_refuses_a_batch_norm_whose_statistics_are_not_pruned_with_its_input():
+    """A BatchNorm after a channel-pruned conv whose statistics are plain graph constants of the old size
+    must be caught by the check (not crash in the rewrite)."""
+    from fxcompress.passes.prune import analyze
+    from fxcompress.passes.prune.rewrite import check_removal
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3)).eval()
+    x = torch.randn(2, 3, 10, 10)
+    gm = capture(model, (x,))
+    graph, removed = _half_removed(gm)
+    assert removed and check_removal(gm, graph, removed).problem is None  # mean/var are pruned with the conv
+    bn = next(n for n in gm.graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target))
+    mean_space = next(s for s, (target, dim) in graph.param_spaces.items() if target == bn.args[3].target)
+    kept_mean = {s: idx for s, idx in removed.items() if s != mean_space}
+    problem = check_removal(gm, graph, kept_mean).problem
+    assert problem is not None and problem[0] == bn.name and "running_mean" in problem[1]

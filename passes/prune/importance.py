@@ -84,18 +84,20 @@ def _unit_scores(group: Group, graph: ChannelGraph, per_index, stat: str, only_t
     """Every unit's summed statistic: the (unit, index) pairs of each parameter space gathered once, then
     one ``bincount`` per space instead of a sum per unit and space."""
     pairs: dict[int, tuple[list, list]] = {}
+    param_spaces = graph.param_spaces
     for u, unit in enumerate(group.units):
         for sid, idx in unit.elements.items():
-            if sid in graph.param_spaces:
+            if sid in param_spaces:
                 owners, indices = pairs.setdefault(sid, ([], []))
-                owners.append(np.full(len(idx), u))
+                owners.append(u)
                 indices.append(idx)
     total = np.zeros(len(group.units))
     for sid, (owners, indices) in pairs.items():
-        target, dim = graph.param_spaces[sid]
+        target, dim = param_spaces[sid]
         if not only_targets or target in only_targets:
             values = per_index(target, dim, stat)[np.concatenate(indices)]
-            total += np.bincount(np.concatenate(owners), weights=values, minlength=len(group.units))
+            owner_of_index = np.repeat(owners, [len(idx) for idx in indices])
+            total += np.bincount(owner_of_index, weights=values, minlength=len(group.units))
     return total
 
 
