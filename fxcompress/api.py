@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from .capture import capture, check_model_and_inputs, eval_copy, run_eagerly
+from .capture import capture_owned, check_model_and_inputs, eval_copy, run_eagerly
 from .distill import RUN_OPTIONS, distill
 from .distill_config import DistillConfig
 from .errors import InvalidInputError
@@ -87,13 +87,13 @@ def optimize(
     pipeline = [make_pass(p) for p in (DEFAULT_PASSES if passes is None else _as_sequence(passes))]
     inputs = Inputs.of(example_inputs)
     check_model_and_inputs(model, inputs)
+    teacher = eval_copy(model, warn=False) if recover else None  # distillation trains the graph's tensors: the teacher has its own
     model = eval_copy(model)
     with progress_bar(progress, total=len(pipeline) + 1 + bool(recover), desc="fxcompress", unit="step") as bar:
         bar.set_postfix_str("capture")
         reference = run_eagerly(model, inputs)
-        gm = capture(model, inputs, dynamic=dynamic, dynamic_shapes=dynamic_shapes)
-        teacher = model if recover else None
-        del model  # the eval copy: only recovery needs it after capture (one model's weights less during the passes)
+        gm = capture_owned(model, inputs, reference, dynamic=dynamic, dynamic_shapes=dynamic_shapes)
+        del model  # the graph owns its tensors now; a pass that replaces one frees the old one
         bar.update(1)
         ctx = PassContext(inputs.args, inputs.kwargs, calibration=check_calibration(calibration))
         config = report_config(report)

@@ -161,10 +161,17 @@ def capture(model: torch.nn.Module, example_inputs: Any, *, dynamic: bool = True
     """
     inputs = Inputs.of(example_inputs)
     check_model_and_inputs(model, inputs)
+    model = eval_copy(model)
+    return capture_owned(model, inputs, run_eagerly(model, inputs), dynamic=dynamic, dynamic_shapes=dynamic_shapes)
+
+
+def capture_owned(model: torch.nn.Module, inputs: Inputs, reference: Any, *, dynamic: bool = True,
+                  dynamic_shapes: Any = None) -> fx.GraphModule:
+    """:func:`capture` of a model the caller owns (an :func:`eval_copy`, ``reference`` its outputs on
+    ``inputs``): the graph shares that model's tensors, so capture makes no copy of its own — the
+    caller must not train or mutate ``model`` afterwards."""
     if dynamic_shapes is not None and not dynamic:
         raise InvalidInputError("pass either dynamic=False (all shapes static) or dynamic_shapes=..., not both")
-    model = eval_copy(model)
-    reference = run_eagerly(model, inputs)
     failure = None
     for attempt in _attempts(model, inputs, dynamic, dynamic_shapes):
         if attempt.static_kind == EXPORT and failure is not None:

@@ -18,12 +18,15 @@ from .errors import FxCompressWarning
 
 
 def without_kv_cache(model: torch.nn.Module, *, warn: bool = True) -> torch.nn.Module:
-    """Set ``config.use_cache = False`` on ``model`` (a capture copy) if it is on; warn once for a model that
-    generates (a causal LM would have returned its cache)."""
+    """Set ``config.use_cache = False`` on ``model`` (a capture copy) and on every submodule's own config
+    (T5's decoder stack holds a copy of the model's) if it is on; warn once for a model that generates (a
+    causal LM would have returned its cache)."""
+    configs = {id(c): c for m in model.modules() if _is_hf_config(c := getattr(m, "config", None)) and getattr(c, "use_cache", False)}
+    for submodule_config in configs.values():
+        submodule_config.use_cache = False
     config = getattr(model, "config", None)
-    if not _is_hf_config(config) or not getattr(config, "use_cache", False):
+    if id(config) not in configs:
         return model
-    config.use_cache = False
     generates = getattr(config, "is_decoder", False) or (hasattr(model, "can_generate") and model.can_generate())
     if warn and generates:  # encoders (BERT) carry use_cache=True for decoder use only: nothing changes for them
         warnings.warn(

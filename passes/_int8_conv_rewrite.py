@@ -19,6 +19,7 @@ import torch.fx as fx
 
 from fxcompress import ir, selectors
 from fxcompress.ops.int8_linear import quantization_error
+from fxcompress.ops.qengine import prepacked
 from fxcompress.verify import node_values
 
 from ._int8_conv import (
@@ -151,6 +152,7 @@ class ConvLowerer:
         c = self.config
         lowering = choose_conv_lowering(problem, tune=c.tune, allow_slower=c.allow_slower, impl=c.impl,
                                         error_factor=c.error_factor, min_run_time=c.tune_time_s)
+        prepacked.discard(weight_q)  # one pack per engine timed; the graph repacks for the engine it runs
         detail = {
             "layer": layer, "mode": "static", "op": f"{conv.__name__.split('.')[0]} {'x'.join(map(str, weight.shape[2:]))}"
             f" stride {geometry[0]} dilation {geometry[2]} groups {geometry[3]}",

@@ -298,3 +298,16 @@ def float_run_at(gm: fx.GraphModule, group: list[fx.Node], args: list[dict], val
         return lambda: tuple(act(target(*a, **k)) for target, a, k in bound)
 
     return run_at
+
+
+def insert_call(gm: fx.GraphModule, target, args: tuple, origin: fx.Node) -> fx.Node:
+    """Insert ``target(*args)`` with ``origin``'s module stack and a fake value computed from its inputs."""
+    new = gm.graph.call_function(target, args)
+    new.meta["nn_module_stack"] = origin.meta.get("nn_module_stack", {})
+    new.meta["val"] = ir.fake_value(target, args)
+    return new
+
+
+def stacked_weights(weights: list[torch.Tensor]) -> torch.Tensor:
+    """A GEMM group's float weights as one matrix; a single weight is shared with the graph, not copied."""
+    return weights[0].detach() if len(weights) == 1 else torch.cat(weights)

@@ -29,6 +29,7 @@ import torch.fx as fx
 
 import fxcompress.ops  # noqa: F401  (registers torch.ops.fxcompress.*)
 from fxcompress.ops.int8_linear import quantization_error, quantize_weight_per_channel
+from fxcompress.ops.qengine import prepacked
 from fxcompress import ir, selectors
 from fxcompress.pass_base import PassContext, PassResult
 from fxcompress.verify import node_values
@@ -40,7 +41,8 @@ from ._int8_conv_regions import lower_convs
 from ._int8_embeddings import quantize_embeddings
 from ._int8_schemes import MODES, SCHEME_CONFIGS, Int8, Int8Dynamic, Int8Static, Int8WeightOnly, Scheme, register_scheme
 from ._int8_lowering import (
-    GemmProblem, Lowering, RowBuckets, choose_lowering, decode_problem, float_run_at, nchw_output, nhwc_input,
+    GemmProblem, Lowering, RowBuckets, choose_lowering, decode_problem, float_run_at, insert_call, nchw_output, nhwc_input,
+    stacked_weights,
 )
 from ._projections import ROUTER_REASON, batched_weight_readers, gemm_arguments, is_projection, routes_experts, weight_matrix
 
@@ -215,6 +217,7 @@ class _GemmRewrite:
         if self._decodes_apart(first, x_value, computed_bias):
             decode = choose_lowering(self.config.mode, decode_problem(problem, float_run_at), **options)
             buckets = RowBuckets(decode, lowering, self.config.decode_rows)
+        prepacked.discard(weight_q)  # one pack per engine timed; the graph repacks for the engine it runs
         details = [
             {
                 "layer": layer_name(node), "mode": self.config.mode, "op": "conv1x1" if node.target is CONV2D else "linear",
@@ -265,23 +268,23 @@ class _GemmRewrite:
                 "explicit multiply (fold_smoothing=False)"
         with gm.graph.inserting_before(first):
             if first.target is CONV2D:
-                x = _call(gm, aten.permute.default, (x, [0, 2, 3, 1]), first)
+                x = insert_call(gm, aten.permute.default, (x, [0, 2, 3, 1]), first)
             if sigma is not None and not smoothing.startswith("folded"):
                 inverse = ir.add_constant(gm, f"{base}_smooth_inverse", sigma.reciprocal().to(weights[0].dtype), first)
-                x = _call(gm, aten.mul.Tensor, (x, inverse), first)
+                x = insert_call(gm, aten.mul.Tensor, (x, inverse), first)
             if by_rows:
-                weight = ir.add_constant(gm, f"{base}_float", torch.cat(weights), first) if buckets.needs_float_weight else None
-                gemm = _call(gm, fxops.int8_linear_by_rows.default,
+                weight = ir.add_constant(gm, f"{base}_float", stacked_weights(weights), first) if buckets.needs_float_weight else None
+                gemm = insert_call(gm, fxops.int8_linear_by_rows.default,
                              (x, wq_node, scale_node, bias, weight, activation, *buckets.engines(), buckets.max_decode_rows), first)
             else:
                 op_args = self.scheme.op_args(s_x_node, wq_node, scale_node, bias, activation)
-                gemm = _call(gm, lowering.candidate.op, (x, *op_args, *lowering.candidate.extra_args), first)
+                gemm = insert_call(gm, lowering.candidate.op, (x, *op_args, *lowering.candidate.extra_args), first)
             if first.target is CONV2D:
-                gemm = _call(gm, aten.permute.default, (gemm, [0, 3, 1, 2]), first)
+                gemm = insert_call(gm, aten.permute.default, (gemm, [0, 3, 1, 2]), first)
             outputs = [gemm]
             if len(group) > 1:
-                parts = _call(gm, aten.split_with_sizes.default, (gemm, [w.shape[0] for w in weights], -1), first)
-                outputs = [_call(gm, operator.getitem, (parts, i), node) for i, node in enumerate(group)]  # each its layer's name
+                parts = insert_call(gm, aten.split_with_sizes.default, (gemm, [w.shape[0] for w in weights], -1), first)
+                outputs = [insert_call(gm, operator.getitem, (parts, i), node) for i, node in enumerate(group)]  # each its layer's name
         (output if len(group) == 1 else first).replace_all_uses_with(outputs[0])
         for node, out in zip(group[1:], outputs[1:]):
             node.replace_all_uses_with(out)
@@ -394,10 +397,3 @@ class _Static(GemmScheme):
 class _WeightOnly(GemmScheme):
     def op_args(self, input_scale, weight_q, weight_scale, bias, activation) -> tuple:
         return weight_q, weight_scale, bias
-
-def _call(gm: fx.GraphModule, target, args: tuple, origin: fx.Node) -> fx.Node:
-    """Insert ``target(*args)`` with ``origin``'s module stack and a fake value computed from its inputs."""
-    new = gm.graph.call_function(target, args)
-    new.meta["nn_module_stack"] = origin.meta.get("nn_module_stack", {})
-    new.meta["val"] = ir.fake_value(target, args)
-    return new

@@ -62,6 +62,22 @@ def test_default_config_with_kv_cache_is_captured_without_it():
     torch.testing.assert_close(out.logits, logits(model, inputs), rtol=1e-5, atol=1e-5)
 
 
+def test_a_submodule_with_its_own_config_is_captured_without_kv_cache():
+    import transformers
+
+    config = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, decoder_start_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    assert model.decoder.config is not model.config and model.decoder.config.use_cache  # T5's decoder stack: a copy
+    ids = torch.randint(1, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids, "decoder_input_ids": ids[:, :3].clone()}
+    with pytest.warns(FxCompressWarning, match="use_cache=False"):
+        gm = capture(model, inputs)
+    assert model.decoder.config.use_cache, "the user's model is not mutated"
+    with torch.no_grad():
+        expected = model(**inputs, use_cache=False).logits
+    torch.testing.assert_close(gm(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_explicit_use_cache_true_names_the_fix():
     from fxcompress.errors import CaptureError
 

@@ -77,6 +77,12 @@ class PrepackCache:
                 entry[stamp] = packed
         return packed
 
+    def discard(self, weight_q: Tensor) -> None:
+        """Drop every pack of ``weight_q`` (those built while timing engines the graph may not use); the
+        next call packs again for its own engine only."""
+        with self._lock:
+            self._packs.get(id(weight_q), {}).clear()
+
     def __len__(self) -> int:
         return sum(len(entry) for entry in self._packs.values())
 
