@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fxcompress.tuning import cpu_description
+from fxcompress.tuning import cpu_description, isa_caps
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -32,7 +32,8 @@ def machine_slug() -> str:
     features = ["avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "noavx2"]
     features += [name for flag, name in (("avx512_vnni", "vnni"), ("avx_vnni", "avxvnni"), ("avx512_bf16", "bf16"), ("amx_int8", "amx"))
                  if flag in flags]
-    return re.sub(r"[^a-z0-9]+", "-", f"{words} {' '.join(features)}").strip("-")
+    capped = " isa-capped" if isa_caps() else ""  # an emulated CPU: never filed with the real one
+    return re.sub(r"[^a-z0-9]+", "-", f"{words} {' '.join(features)}{capped}").strip("-")
 
 
 def add_tag_argument(parser) -> None:
@@ -49,6 +50,7 @@ def machine_info() -> dict:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu,
         "cpu_flags": " ".join(flags),
+        **({"isa_caps": isa_caps()} if isa_caps() else {}),
         "machine_slug": machine_slug(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

@@ -32,9 +32,17 @@ INT8_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "
 
 # --- the machine ----------------------------------------------------------------------------------
 
+ISA_CAP_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS")
+"""Environment variables that cap the instruction sets ATen, oneDNN and FBGEMM use (e.g. to run as an AVX2-only CPU)."""
+
+
+def isa_caps() -> str:
+    """The ISA caps set in the environment, ``"NAME=value ..."`` ("" when none)."""
+    return " ".join(f"{name}={os.environ[name]}" for name in ISA_CAP_VARIABLES if os.environ.get(name))
+
+
 @functools.lru_cache(maxsize=1)
-def cpu_description() -> tuple[str, tuple[str, ...]]:
-    """(CPU model name, the int8-relevant flags it has) from /proc/cpuinfo; torch's capability elsewhere."""
+def _cpu_as_read() -> tuple[str, frozenset[str]]:
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
@@ -45,7 +53,19 @@ def cpu_description() -> tuple[str, tuple[str, ...]]:
         capability = torch.backends.cpu.get_cpu_capability().lower()
         flags = {"avx2"} if capability.startswith("avx") else set()
         flags |= {"avx512f"} if capability.startswith("avx512") else set()
-    return model or platform.processor() or platform.machine(), tuple(f for f in INT8_CPU_FLAGS if f in flags)
+    return model or platform.processor() or platform.machine(), frozenset(flags)
+
+
+def cpu_description() -> tuple[str, tuple[str, ...]]:
+    """(CPU model name, the int8-relevant flags it has) from /proc/cpuinfo; torch's capability elsewhere.
+
+    Where every ISA cap set (:data:`ISA_CAP_VARIABLES`) is AVX2, only ``avx2`` counts: the kernels run
+    as on an AVX2-only CPU, and timings cached without the caps must not be reused."""
+    model, flags = _cpu_as_read()
+    caps = [os.environ[name].lower() for name in ISA_CAP_VARIABLES if os.environ.get(name)]
+    if caps and all(cap.startswith("avx2") for cap in caps):
+        flags &= {"avx2"}
+    return model, tuple(f for f in INT8_CPU_FLAGS if f in flags)
 
 
 def device_description(device: torch.device) -> str:
@@ -57,8 +77,9 @@ def device_description(device: torch.device) -> str:
 
 
 def machine_key(device: torch.device) -> str:
-    """What a cached timing is only valid for: the device, its capabilities, threads and torch version."""
-    return f"{device_description(device)} | torch {torch.__version__}"
+    """What a cached timing is only valid for: the device, its capabilities (and ISA caps), threads and torch version."""
+    caps = isa_caps() if device.type == "cpu" else ""
+    return f"{device_description(device)} | torch {torch.__version__}" + (f" | {caps}" if caps else "")
 
 
 # --- timing ---------------------------------------------------------------------------------------

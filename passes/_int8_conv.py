@@ -223,8 +223,18 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # --- candidates and the measured choice ------------------------------------------------------------------
 
 @dataclass
+class Residual:
+    """The int8 residual a chain adds before its activation: the uint8 value, its ``(s, z)`` and the
+    ``(s, z)`` of the pre-add conv output (engines without a fused add requantize there, then add)."""
+
+    q: torch.Tensor
+    qparams: tuple[float, int]
+    mid_qparams: tuple[float, int]
+
+
+@dataclass
 class ConvProblem:
-    """One conv (+ activation) at its real input: the uint8 input, the op's arguments, the float original."""
+    """One conv (+ residual add, + activation) at its real input: the uint8 input, the op's arguments, the float original."""
 
     device: torch.device
     x: torch.Tensor  # the float input (example value)
@@ -240,12 +250,14 @@ class ConvProblem:
     key: dict = field(default_factory=dict)
     enters_float: bool = False  # the region boundary is here: the candidate pays the quantize ...
     exits_float: bool = False  # ... and the dequantize
+    residual: Residual | None = None  # the chain's fused add: each engine is timed with its own add
 
     def int8(self, engine: str) -> torch.Tensor:
         stride, padding, dilation, groups = self.geometry
         x_q = fxops.quantize_u8(self.x, *self.x_qparams) if self.enters_float else self.x_q
+        add = () if self.residual is None else (self.residual.q, *self.residual.qparams, *self.residual.mid_qparams)
         y = fxops.int8_conv(x_q, *self.x_qparams, self.weight_q, self.weight_scale, self.bias,
-                            stride, padding, dilation, groups, *self.out_qparams, self.relu, engine)
+                            stride, padding, dilation, groups, *self.out_qparams, self.relu, engine, *add)
         return fxops.dequantize_u8(y, *self.out_qparams) if self.exits_float else y
 
     def as_float(self, y: torch.Tensor) -> torch.Tensor:
@@ -259,6 +271,9 @@ class ConvProblem:
         stride, padding, dilation, groups = self.geometry
         conv = torch.nn.functional.conv2d if x.dim() == 4 else torch.nn.functional.conv1d
         y = conv(x, w, self.bias, stride, padding, dilation, groups)
+        if self.residual is not None:
+            s_r, z_r = self.residual.qparams
+            y = y + (self.residual.q.float() - z_r) * s_r
         y = y.relu() if self.relu else y
         return (torch.clamp(torch.round(y / s_o) + z_o, 0, 255) - z_o) * s_o
 

@@ -23,8 +23,8 @@ from fxcompress.ops.qengine import prepacked
 from fxcompress.verify import node_values
 
 from ._int8_conv import (
-    CONV_OPS, FUSED_ADD_ENGINES, Chain, ConvProblem, choose_conv_lowering, conv_problem, is_nonnegative, layer_name,
-    plan_chains, qparams, quantize_weight,
+    CONV_OPS, FUSED_ADD_ENGINES, RELUS, Chain, ConvProblem, Residual, choose_conv_lowering,
+    conv_problem, is_nonnegative, layer_name, plan_chains, qparams, quantize_weight,
 )
 
 fxops = torch.ops.fxcompress
@@ -67,6 +67,7 @@ class ConvLowerer:
         self.lowerings: dict[str, object] = {}  # by conv node name
         self.details: dict[str, dict] = {}
         self.weights: dict[str, tuple] = {}
+        self.planned: tuple[dict, list] = ({}, [])  # plan_chains with every eligible conv int8
 
     # -- which convs, measured ----------------------------------------------------------------------
 
@@ -92,11 +93,15 @@ class ConvLowerer:
                 self.result.skip(layer_name(node), problem)
             else:
                 eligible.append(node)
-        values = node_values(self.gm, self.ctx.args, self.ctx.kwargs, {ir.call_arguments(n)["input"].name for n in eligible})
-        boundaries = self._boundaries(set(eligible))
+        plans = self._plans(set(eligible))
+        wanted = {ir.call_arguments(n)["input"].name for n in eligible}
+        wanted |= {plan[2].residual.name for plan in plans.values() if plan[2] is not None}
+        values = node_values(self.gm, self.ctx.args, self.ctx.kwargs, wanted)
         chosen = set()
         for node in eligible:
-            lowering, detail = self._measure(node, values[ir.call_arguments(node)["input"].name], *boundaries[node])
+            enters_float, exits_float, add_chain = plans[node]
+            problem = self._conv_problem(node, values, enters_float, exits_float, add_chain)
+            lowering, detail = self._measure(node, problem)
             self.details[node.name] = detail
             if lowering.engine is None:
                 self.result.skip(layer_name(node), f"kept float: {lowering.choice.reason} ({lowering.choice.timings_text() or 'not timed'})")
@@ -114,52 +119,82 @@ class ConvLowerer:
             self.details[name].update(impl="float", kept_float=reason)
             self.result.skip(self.details[name]["layer"], f"kept float: {reason}")
 
-    def _boundaries(self, convs: set[fx.Node]) -> dict[fx.Node, tuple[bool, bool]]:
-        """Per conv, (float enters, float reads the output) if every eligible conv were int8."""
+    def _plans(self, convs: set[fx.Node]) -> dict[fx.Node, tuple[bool, bool, Chain | None]]:
+        """Per conv, if every eligible conv were int8: (float enters, float reads the output, its chain
+        when that fuses a residual add the measurement can time: no activation or relu, calibrated pre-add)."""
         if not self.config.conv_regions:
-            return {conv: (True, True) for conv in convs}
-        chains, pools = plan_chains(self.gm, convs)
+            return {conv: (True, True, None) for conv in convs}
+        chains, pools = self.planned = plan_chains(self.gm, convs)
         int8_values = set(chains) | set(pools)
         fused = {n for chain in chains.values() for n in chain.nodes} | set(pools)
-        return {chain.conv: (ir.call_arguments(chain.conv)["input"] not in int8_values,
-                             any(u not in fused for u in chain.end.users)) for chain in chains.values()}
 
-    def _measure(self, node: fx.Node, x: torch.Tensor, enters_float: bool, exits_float: bool):
+        def timed_add(chain: Chain) -> Chain | None:
+            timeable = chain.clip in (None, float("inf")) and f"{layer_name(chain.conv)}:conv" in self.scales
+            return chain if chain.add is not None and timeable else None
+
+        return {chain.conv: (ir.call_arguments(chain.conv)["input"] not in int8_values,
+                             any(u not in fused for u in chain.end.users), timed_add(chain)) for chain in chains.values()}
+
+    def _residual_qparams(self, value: fx.Node) -> tuple[float, int]:
+        """The ``(s, z)`` an int8 residual will have: its chain's calibrated output (through int8 max-pools)."""
+        chains, pools = self.planned
+        while value in pools:
+            value = value.args[0]
+        chain = chains[value]
+        clip = chain.clip
+        return qparams(self.scales[f"{layer_name(chain.conv)}:out"], clip is not None, clip if clip != float("inf") else None)
+
+    def _conv_problem(self, node: fx.Node, values: dict, enters_float: bool, exits_float: bool,
+                      add_chain: Chain | None) -> ConvProblem:
         layer = layer_name(node)
         args = ir.call_arguments(node)
+        x = values[args["input"].name]
         weight = ir.get_attr(self.gm, args["weight"].target).detach()
         bias = ir.get_attr(self.gm, args["bias"].target).detach() if args["bias"] is not None else None
         weight_q, weight_scale = quantize_weight(weight)
         self.weights[node.name] = (weight_q, weight_scale)
-        activation = next(iter(node.users)) if len(node.users) == 1 else None
-        relu = activation is not None and activation.target in {torch.ops.aten.relu.default, torch.ops.aten.relu_.default}
+        if add_chain is not None:
+            relu, r = add_chain.activation is not None, values[add_chain.residual.name]
+            r_qparams = self._residual_qparams(add_chain.residual)
+            residual = Residual(fxops.quantize_u8(r, *r_qparams), r_qparams, qparams(self.scales[f"{layer}:conv"], False))
+        else:
+            activation = next(iter(node.users)) if len(node.users) == 1 else None
+            relu, r, residual = activation is not None and activation.target in RELUS, None, None
         x_qparams = qparams(self.scales[layer], is_nonnegative(args["input"]))
-        out_qparams = qparams(self.scales[self.output_site(layer, add=False)], relu)
-        geometry = _geometry(node)
-        conv = node.target
+        out_qparams = qparams(self.scales[self.output_site(layer, add=residual is not None)], relu)
+        geometry, conv = _geometry(node), node.target
 
         def float_run():
             y = conv(x, weight, bias, *geometry)
+            y = y if r is None else y + r
             return y.relu() if relu else y
 
-        problem = ConvProblem(
+        return ConvProblem(
             device=x.device, x=x, x_q=fxops.quantize_u8(x, *x_qparams), x_qparams=x_qparams, weight_q=weight_q,
             weight_scale=weight_scale, bias=bias, geometry=geometry, out_qparams=out_qparams, relu=relu, float_run=float_run,
             key={"op": str(conv), "x": list(x.shape), "weight": list(weight.shape), "geometry": geometry, "relu": relu,
-                 "bias": bias is not None, "enters_float": enters_float, "exits_float": exits_float},
-            enters_float=enters_float, exits_float=exits_float,
+                 "bias": bias is not None, "enters_float": enters_float, "exits_float": exits_float,
+                 **({"residual_add": list(r.shape)} if residual is not None else {})},
+            enters_float=enters_float, exits_float=exits_float, residual=residual,
         )
+
+    def _measure(self, node: fx.Node, problem: ConvProblem):
         c = self.config
         lowering = choose_conv_lowering(problem, tune=c.tune, allow_slower=c.allow_slower, impl=c.impl,
                                         error_factor=c.error_factor, min_run_time=c.tune_time_s)
+        weight_q, weight_scale = self.weights[node.name]
+        stride, _, dilation, groups = problem.geometry
+        steps = (("quantize", problem.enters_float), ("int8_conv", True), ("add", problem.residual is not None),
+                 ("dequantize", problem.exits_float))
         prepacked.discard(weight_q)  # one pack per engine timed; the graph repacks for the engine it runs
         detail = {
-            "layer": layer, "mode": "static", "op": f"{conv.__name__.split('.')[0]} {'x'.join(map(str, weight.shape[2:]))}"
-            f" stride {geometry[0]} dilation {geometry[2]} groups {geometry[3]}",
-            "weight_shape": tuple(weight.shape), "weight_rel_error": quantization_error(weight.reshape(weight.shape[0], -1), weight_q.reshape(weight.shape[0], -1), weight_scale),
-            "input_qparams": x_qparams, "impl": lowering.impl,
-            "timed_as": "+".join(p for p, on in (("quantize", enters_float), ("int8_conv", True), ("dequantize", exits_float)) if on),
-            **lowering.detail(),
+            "layer": layer_name(node), "mode": "static", "op": f"{node.target.__name__.split('.')[0]} "
+            f"{'x'.join(map(str, weight_q.shape[2:]))} stride {stride} dilation {dilation} groups {groups}",
+            "weight_shape": tuple(weight_q.shape), "weight_rel_error": quantization_error(
+                ir.get_attr(self.gm, ir.call_arguments(node)["weight"].target).detach().reshape(weight_q.shape[0], -1),
+                weight_q.reshape(weight_q.shape[0], -1), weight_scale),
+            "input_qparams": problem.x_qparams, "impl": lowering.impl,
+            "timed_as": "+".join(p for p, on in steps if on), **lowering.detail(),
         }
         return lowering, detail
 

@@ -4,6 +4,8 @@ the measured engine choice, calibration sites and methods."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -430,3 +432,64 @@ def test_a_single_region_is_decided_by_the_whole_model_measurement(tmp_path, mon
     assert "int8_region" not in timed and "int8_model" in timed
     (layer, reason), = gm.report.results["int8"].skipped
     assert layer == "conv" and reason.startswith("kept float: float: the whole model") and fxops.int8_conv.default not in _targets(gm)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = F.relu(self.c1(x))
+        return F.relu(self.c2(y) + y)
+
+
+@pytest.mark.skipif(not all(map(conv_engine_available, ("onednn", "fbgemm"))), reason="needs the oneDNN and FBGEMM engines")
+def test_a_conv_with_a_residual_add_is_measured_with_its_add_and_the_fused_add_engine_can_win(tmp_path, monkeypatch):
+    """Each engine is timed computing conv + add + relu its own way (oneDNN in one op, FBGEMM as conv and
+    a quantized add); an engine that is faster on the bare conv but slower with its add loses the add conv."""
+    monkeypatch.setenv("FXCOMPRESS_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    model, x = ResidualBlock().eval(), torch.randn(2, 8, 10, 10)
+    scales = fxcompress.calibrate(model, [x])
+    problems = {}
+
+    def ms(name, problem):
+        if name.startswith("qengine:"):
+            problems.setdefault(problem.residual is not None, problem)
+            bare = {"qengine:fbgemm": 0.4, "qengine:onednn": 0.5}.get(name, 0.6)
+            return bare + (0.3 if problem.residual is not None and name != "qengine:onednn" else 0.0)
+        return 1.0 if name == "float" else 0.5
+
+    monkeypatch.setattr(tuning, "compare", _timings(ms))
+    gm = fxcompress.optimize(model, (x,), passes=[Int8(mode="static", activation_scales=scales)], report=False)
+    engines = {n.args[13]: n for n in gm.graph.nodes if n.target is fxops.int8_conv.default}  # by engine
+    assert set(engines) == {"fbgemm", "onednn"}
+    fused = engines["onednn"]
+    assert fused.args[14] is engines["fbgemm"] and fused.args[12] is True  # c2 + y, relu: one op on oneDNN
+    assert torch.ops.aten.add.Tensor not in _targets(gm) and torch.ops.aten.relu.default not in _targets(gm)
+    rows = {row["layer"]: row for row in gm.report.results["int8"].details if "timed_as" in row}
+    assert rows["c2"]["timed_as"] == "int8_conv+add+dequantize" and rows["c1"]["timed_as"] == "quantize+int8_conv"
+    # the measured add problem computes act(conv(x) + r) within the scheme's error, on every engine
+    add_problem = problems[True]
+    with torch.no_grad():
+        reference, simulated = add_problem.float_run(), add_problem.simulated()
+        bound = 3 * (simulated - reference).norm() / reference.norm() + 1e-6
+        for engine in ("fbgemm", "onednn"):
+            y = add_problem.as_float(add_problem.int8(engine))
+            assert (y - reference).norm() / reference.norm() <= bound, engine
+        assert ((gm(x) - model(x)).norm() / model(x).norm()) < 0.05
+
+
+def test_the_int8_ops_raise_no_deprecation_warning_in_a_fresh_process():
+    """The ops silence ATen's once-per-process quantized-tensor deprecation warning once, not per call."""
+    code = (
+        "import torch, fxcompress.ops.int8_conv as ops\n"
+        "x = torch.rand(1, 8, 4, 4)\n"
+        "q = ops.quantize_u8(x, 1 / 127, 0)\n"
+        f"y = ops.int8_conv(q, 1 / 127, 0, torch.ones(4, 8, 1, 1, dtype=torch.int8), torch.ones(4), None, [1, 1], [0, 0],"
+        f" [1, 1], 1, 0.1, 0, True, {ENGINE!r})\n"
+        "assert ops.dequantize_u8(y, 0.1, 0).shape == (1, 4, 4, 4)\n"
+    )
+    run = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]

@@ -94,6 +94,19 @@ def test_static_table_follows_cpu_features(monkeypatch, flags, impl):
     assert fidelity(model(*inputs), gm(*inputs)).cosine > 0.999
 
 
+def test_isa_caps_to_avx2_make_an_avx2_cpu_with_its_own_cache_key(monkeypatch):
+    for name in tuning.ISA_CAP_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    uncapped_flags, uncapped_key = tuning.cpu_description()[1], tuning.machine_key(torch.device("cpu"))
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert tuning.cpu_description()[1] == tuple(f for f in uncapped_flags if f == "avx2")
+    capped_key = tuning.machine_key(torch.device("cpu"))
+    assert capped_key != uncapped_key and "ONEDNN_MAX_CPU_ISA=AVX2" in capped_key
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")  # not every library capped at AVX2: the flags as read
+    assert tuning.cpu_description()[1] == uncapped_flags
+
+
 def test_cache_hit_then_invalidated_by_torch_version_and_device(cache_dir, monkeypatch):
     calls = []
     real_compare = tuning.compare

@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.library import custom_op
 from torch.utils.flop_counter import register_flop_formula
 
-from .qengine import check_engine, engine_available, engine_scope, per_channel_qweight, prepacked
+from .qengine import check_engine, engine_available, engine_scope, per_channel_qweight, prepacked, silence_quantized_deprecation
 
 CONV_ENGINES = ("x86", "fbgemm", "onednn")
 """Quantized engines with a static int8 convolution; which exist depends on the build."""
@@ -52,9 +52,8 @@ def _memory_format(dim: int) -> torch.memory_format:
 
 def _as_quantized(q: Tensor, scale: float, zero_point: int) -> Tensor:
     """A ``quint8`` view of the ``uint8`` tensor ``q`` (no copy)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # quantized tensors are deprecated; they are the engines' input format
-        view = torch._empty_affine_quantized([0], scale=scale, zero_point=zero_point, dtype=torch.quint8)
+    silence_quantized_deprecation()
+    view = torch._empty_affine_quantized([0], scale=scale, zero_point=zero_point, dtype=torch.quint8)
     return view.set_(q.untyped_storage(), q.storage_offset(), q.shape, q.stride())
 
 
@@ -68,9 +67,8 @@ def _as_uint8(qt: Tensor, dim: int) -> Tensor:
 def quantize_u8(x: Tensor, scale: float, zero_point: int) -> Tensor:
     """``q = clamp(round(x / s) + z, 0, 255)`` as ``uint8`` (channels-last when 4-D)."""
     x = x.float().contiguous(memory_format=_memory_format(x.dim()))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return _as_uint8(torch.quantize_per_tensor(x, scale, zero_point, torch.quint8), x.dim())
+    silence_quantized_deprecation()
+    return _as_uint8(torch.quantize_per_tensor(x, scale, zero_point, torch.quint8), x.dim())
 
 
 @quantize_u8.register_fake

@@ -8,7 +8,9 @@ weight per weight tensor (see :class:`PrepackCache`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
+import warnings
 import weakref
 from typing import Callable, Optional
 
@@ -19,19 +21,39 @@ QUANTIZED_ENGINES = ("x86", "fbgemm", "onednn", "qnnpack")
 """PyTorch quantized engines with a prepacked dynamic linear; which exist depends on the build."""
 
 
+@functools.lru_cache(maxsize=None)
+def _supported_engines() -> frozenset[str]:
+    return frozenset(torch.backends.quantized.supported_engines)  # fixed by the build
+
+
 def engine_available(engine: str) -> bool:
-    return engine in torch.backends.quantized.supported_engines
+    return engine in _supported_engines()
 
 
 @contextlib.contextmanager
 def engine_scope(engine: str):
     """``torch.backends.quantized.engine = engine`` inside the block (the engine ops and prepacks read it)."""
     previous = torch.backends.quantized.engine
+    if previous == engine:  # the ops run once per layer: skip the two global writes when nothing changes
+        yield
+        return
     torch.backends.quantized.engine = engine
     try:
         yield
     finally:
         torch.backends.quantized.engine = previous
+
+
+@functools.lru_cache(maxsize=None)
+def silence_quantized_deprecation() -> None:
+    """Make ATen's one-time "quantized tensors are deprecated" warning here, silenced.
+
+    Quantized tensors are the engines' input format; ATen warns about creating them once per process
+    (``TORCH_WARN_ONCE``), so the ops call this once instead of wrapping every call in ``catch_warnings``
+    (which costs more than a small conv)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch._empty_affine_quantized([0], scale=1.0, zero_point=0, dtype=torch.quint8)
 
 
 def check_engine(x: Tensor, engine: str, op: str) -> None:
