@@ -73,8 +73,6 @@ def minilm_variants() -> list[tuple[str, str, object]]:
          PruneChannels(ratio=0.3, importance="activation", compensate="lstsq", ridge="gcv")),
         ("prune 30%", "activation + lstsq, ridge model",
          PruneChannels(ratio=0.3, importance="activation", compensate="lstsq", ridge="model")),
-        ("prune 30%", "activation + lstsq, sequential + residual",
-         PruneChannels(ratio=0.3, importance="activation", compensate="lstsq", sequential=True, residual=True)),
         ("prune 30%", "reconstruction + lstsq", PruneChannels(ratio=0.3, importance="reconstruction", compensate="lstsq")),
         ("prune 30%", "reconstruction + lstsq, sequential",
          PruneChannels(ratio=0.3, importance="reconstruction", compensate="lstsq", sequential=True)),
