@@ -31,10 +31,12 @@ from fxcompress.passes.prune.graph import ChannelGraph, analyze
 from fxcompress.passes.prune.importance import IMPORTANCE, choose_units, group_scores
 from fxcompress.passes.prune.macs import MacModel
 from fxcompress.passes.prune.rewrite import PruningCheck, apply_pruning, check_removal
+from fxcompress.passes.prune.ridge import model_ridge
 from fxcompress.passes.prune.sequential import prune_sequentially, reselect
-from fxcompress.statistics import calibration_batches, layer_statistics
+from fxcompress.statistics import calibration_batches, collect_statistics, layer_statistics
 
 SCOPES = ("local", "global")
+RIDGE_CHOICES = ("gcv", "model")
 MACS_SEARCH_STEPS = 8
 DEFAULT_RATIO = 0.5
 EXTREME_RATIO = 0.9
@@ -60,7 +62,13 @@ class PruneChannels(Pass):
     removal leaves the least error after the refit (greedy Optimal Brain Surgeon); the number per group
     is chosen by activation importance. ``sequential=True`` prunes the groups one after another, each
     calibrated on the model with the earlier groups already pruned and refit to the original outputs
-    (see :mod:`fxcompress.passes.prune.sequential`); the budget is the one-shot one.
+    (see :mod:`fxcompress.passes.prune.sequential`); the budget is the one-shot one. With ``residual=True``
+    (sequential, with ``compensate``) a consumer whose output goes into a residual add is refit to the
+    original *sum* — its own output plus the original residual — so it also takes out the error earlier
+    stages left in the residual stream (see :mod:`fxcompress.passes.prune.residual`). ``ridge`` (the refit's
+    pull toward the original weights, relative to the mean input energy) may be chosen from the data:
+    ``"gcv"`` per layer by generalized cross-validation, ``"model"`` (one-shot only) as the candidate whose
+    pruned model best reproduces the original outputs on calibration batches (see :mod:`fxcompress.passes.prune.ridge`).
     """
 
     name: ClassVar[str] = "prune_channels"
@@ -77,9 +85,10 @@ class PruneChannels(Pass):
     taylor_loss: Callable[[Any], torch.Tensor] | None = None
     seed: int = 0
     compensate: str | None = None
-    ridge: float = 1e-3
+    ridge: float | str = 1e-3
     group_ratios: tuple[tuple[str, float], ...] = ()
     sequential: bool = False
+    residual: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "group_ratios", _checked_group_ratios(self.group_ratios))
@@ -117,8 +126,16 @@ class PruneChannels(Pass):
         if self.sequential and self.importance not in ("activation", "reconstruction") and self.compensate is None:
             raise PassConfigError("sequential=True recomputes data-aware choices stage by stage; use it with "
                                   "importance='activation'/'reconstruction' or a compensate= method")
-        if isinstance(self.ridge, bool) or not isinstance(self.ridge, int | float) or not self.ridge >= 0:
-            raise PassConfigError(f"ridge={self.ridge!r} must be a number >= 0 (relative to the mean input energy), e.g. 1e-3")
+        if self.residual and not (self.sequential and self.compensate is not None):
+            raise PassConfigError("residual=True refits consumers to the original residual sum on the pruned model's "
+                                  "inputs; use it with sequential=True and a compensate= method")
+        if self.ridge not in RIDGE_CHOICES and (isinstance(self.ridge, bool) or not isinstance(self.ridge, int | float) or not self.ridge >= 0):
+            raise PassConfigError(f"ridge={self.ridge!r} must be a number >= 0 (relative to the mean input energy, e.g. 1e-3), "
+                                  "'gcv' (per layer, by generalized cross-validation) or 'model' (the model's output error on "
+                                  "calibration batches)")
+        if self.ridge == "model" and self.sequential:
+            raise PassConfigError("ridge='model' compares one-shot refits of the whole model; with sequential=True give a "
+                                  "number or ridge='gcv'")
         if self.taylor_loss is not None and not callable(self.taylor_loss):
             raise PassConfigError("taylor_loss must be a callable mapping the model outputs to a scalar tensor")
 
@@ -139,14 +156,18 @@ class PruneChannels(Pass):
         compensations, rows = [], []
         if self.sequential:
             chosen, compensations, rows = prune_sequentially(gm, graph, chosen, calibration_batches(ctx), self.importance,
-                                                             self.compensate, self.ridge, self.compensate is not None)
+                                                             self.compensate, self.ridge, self.compensate is not None, self.residual)
         elif self.importance == "reconstruction":
             chosen = reselect(gm, graph, chosen, stats, self.ridge)
         if self.sequential or self.importance == "reconstruction":
             chosen, removed, compensations, refused, check = _recheck(gm, graph, chosen, compensations)
             result.skipped += refused
         if self.compensate and not self.sequential:
-            compensations, rows = compensation.plan(gm, graph, removed, stats, self.compensate, self.ridge)
+            ridge = self.ridge
+            if ridge == "model" and removed:
+                ridge, errors = model_ridge(gm, lambda fit: self._trial(gm, graph, removed, fit), list(calibration_batches(ctx)))
+                summary.update(ridge=ridge, ridge_errors=errors)
+            compensations, rows = compensation.plan(gm, graph, removed, stats, self.compensate, ridge)
         result.details = [summary] + _group_details(graph, chosen) + rows
         if removed:
             result.rewritten = apply_pruning(gm, graph, removed, check=check)
@@ -155,6 +176,19 @@ class PruneChannels(Pass):
         if ratio >= EXTREME_RATIO:
             _warn_extreme(ratio, result.details[1:], gm)
         return result
+
+    def _trial(self, gm: fx.GraphModule, graph: ChannelGraph, removed: dict, fit: list) -> Callable[[float], fx.GraphModule]:
+        """``ridge → `` a pruned copy of ``gm`` compensated with that relative ridge on the statistics of the
+        ``fit`` batches (``ridge="model"``)."""
+        stats = collect_statistics(gm, fit, list(compensation.consumers(gm).values()), gram=True, progress=False)
+
+        def trial(ridge: float) -> fx.GraphModule:
+            copied = copy.deepcopy(gm)
+            apply_pruning(copied, graph, removed, refresh_meta=False)
+            compensation.apply(copied, graph, removed, compensation.plan(gm, graph, removed, stats, self.compensate, ridge)[0])
+            return copied
+
+        return trial
 
     def _choose(self, graph: ChannelGraph, scores, ratio: float) -> list[np.ndarray]:
         """The units to remove per group; with ``group_ratios`` each group at its own ratio (local scope

@@ -32,6 +32,7 @@ import torch.fx as fx
 
 from fxcompress import ir
 from fxcompress.passes.prune.graph import ChannelGraph
+from fxcompress.passes.prune.ridge import FIXED_FOR_SELECTION, gcv_ridge
 from fxcompress.statistics import LAYER_OPS, InputStatistics
 
 COMPENSATIONS = ("bias", "lstsq")
@@ -71,8 +72,9 @@ class Compensation:
 
 
 def plan(gm: fx.GraphModule, graph: ChannelGraph, removed: dict[int, np.ndarray], stats: dict[str, InputStatistics],
-         method: str, ridge: float) -> tuple[list[Compensation], list[dict]]:
-    """Compensations for every consumer losing input channels, and one detail row per consumer."""
+         method: str, ridge: float, residual: dict | None = None) -> tuple[list[Compensation], list[dict]]:
+    """Compensations for every consumer losing input channels, and one detail row per consumer. ``residual``:
+    per consumer, ``D = X̂̃ᵀ(R − R̂)`` of its residual add (:mod:`.residual`), added to the refit target."""
     space_of = {value: sid for sid, value in graph.param_spaces.items()}
     plans, rows = [], []
     for target, node in consumers(gm).items():
@@ -91,11 +93,15 @@ def plan(gm: fx.GraphModule, graph: ChannelGraph, removed: dict[int, np.ndarray]
         bias = ir.get_attr(gm, bias_node.target).detach() if bias_node is not None else torch.zeros(weight.shape[0], dtype=weight.dtype)
         s = stats[node.name]
         used = method if s.gram is not None or method == "bias" else "bias"
+        drift = (residual or {}).get(node.name)
         if used == "lstsq":
-            new_weight, new_bias = _refit(weight, bias, s, drop, ridge)
+            new_weight, new_bias, chosen = _refit(weight, bias, s, drop, ridge, drift)
+            row.update({"ridge": chosen} if ridge == "gcv" else {})
         else:
             new_weight, new_bias = weight, bias + _removed_mean_output(weight, s, drop).to(bias.dtype)
-        rows.append({**row, "method": used if used == method else f"bias ({s.reason})"})
+            if drift is not None:
+                new_bias = new_bias + drift.mean.to(bias.dtype)
+        rows.append({**row, "method": (used if used == method else f"bias ({s.reason})") + (" + residual" if drift is not None else "")})
         plans.append(Compensation(node.name, target, new_weight.to(weight.dtype), new_bias.to(weight.dtype), used))
     return plans, rows
 
@@ -138,17 +144,21 @@ def augmented_grams(s: InputStatistics) -> tuple[torch.Tensor, torch.Tensor]:
     return gram, augmented(s.cross, s.feature_sum, s.reference_feature_sum)
 
 
-def ridge_system(weight: torch.Tensor, bias: torch.Tensor, s: InputStatistics, ridge: float):
-    """``(G̃ + λI, W̃C̃ᵀ + λW̃)`` over the augmented columns (``W̃ = [W, b]``): the refit of any kept set ``k``
-    is ``W̃'_k = (W̃C̃ᵀ + λW̃)[:, k] ((G̃ + λI)[k, k])⁻¹``."""
+def ridge_system(weight: torch.Tensor, bias: torch.Tensor, s: InputStatistics, ridge: float, drift=None):
+    """``(G̃ + λI, W̃C̃ᵀ + Dᵀ + λW̃)`` over the augmented columns (``W̃ = [W, b]``; ``D`` the residual drift term,
+    0 if ``None``): the refit of any kept set ``k`` is ``W̃'_k = (W̃C̃ᵀ + Dᵀ + λW̃)[:, k] ((G̃ + λI)[k, k])⁻¹``."""
     augmented = torch.cat([weight.double().reshape(weight.shape[0], -1), bias.double()[:, None]], dim=1)
     gram, cross = augmented_grams(s)
-    lam = ridge * gram.diagonal().mean().clamp(min=1e-12)
-    return gram + lam * torch.eye(gram.shape[0], dtype=torch.float64), augmented @ cross.T + lam * augmented
+    lam = (FIXED_FOR_SELECTION if isinstance(ridge, str) else ridge) * gram.diagonal().mean().clamp(min=1e-12)
+    rhs = augmented @ cross.T + lam * augmented + (drift.cross.T if drift is not None else 0)
+    return gram + lam * torch.eye(gram.shape[0], dtype=torch.float64), rhs
 
 
-def _refit(weight: torch.Tensor, bias: torch.Tensor, s: InputStatistics, drop: np.ndarray, ridge: float):
-    """Least squares on the kept columns (``lam`` relative to the kept columns' mean energy)."""
+def _refit(weight: torch.Tensor, bias: torch.Tensor, s: InputStatistics, drop: np.ndarray, ridge: float,
+           drift=None):
+    """Least squares on the kept columns (``lam`` relative to the kept columns' mean energy, or by GCV for
+    ``ridge="gcv"``, :mod:`.ridge`); ``drift``: the residual term ``D`` (a :class:`~.residual.ResidualDrift`)
+    added to the target. Returns the weight, the bias and the relative ridge used."""
     w = weight.double().reshape(weight.shape[0], -1)
     kernel, features = math.prod(weight.shape[2:]), w.shape[1]
     keep = np.setdiff1d(np.arange(weight.shape[1]), drop)
@@ -156,12 +166,15 @@ def _refit(weight: torch.Tensor, bias: torch.Tensor, s: InputStatistics, drop: n
     augmented = torch.cat([w, bias.double()[:, None]], dim=1)
     gram, cross = augmented_grams(s)
     a = gram[cols][:, cols]
-    lam = ridge * a.diagonal().mean().clamp(min=1e-12)
-    rhs = augmented @ cross[cols].T + lam * augmented[:, cols]
+    if ridge == "gcv":
+        lam, ridge = gcv_ridge(gram, augmented, cols, s.rows)
+    else:
+        lam = ridge * a.diagonal().mean().clamp(min=1e-12)
+    rhs = augmented @ cross[cols].T + lam * augmented[:, cols] + (drift.cross[cols].T if drift is not None else 0)
     refit = torch.linalg.solve(a + lam * torch.eye(len(cols), dtype=torch.float64), rhs.T).T
     new_weight = torch.zeros_like(w)
     new_weight[:, cols[:-1]] = refit[:, :-1]
-    return new_weight.reshape(weight.shape), refit[:, -1]
+    return new_weight.reshape(weight.shape), refit[:, -1], ridge
 
 
 def apply(gm: fx.GraphModule, graph: ChannelGraph, removed: dict[int, np.ndarray], plans: list[Compensation]) -> None:

@@ -36,6 +36,7 @@ from fxcompress import ir
 from fxcompress.passes.prune import compensate as compensation
 from fxcompress.passes.prune.graph import ChannelGraph, Group
 from fxcompress.passes.prune.importance import _keep_every_space
+from fxcompress.passes.prune.residual import residual_cross
 from fxcompress.statistics import InputStatistics, collect_statistics
 
 
@@ -59,7 +60,7 @@ def group_consumers(gm: fx.GraphModule, graph: ChannelGraph) -> list[list[_Consu
 
 
 def reconstruction_choice(gm: fx.GraphModule, group: Group, consumers: list[_Consumer], stats: dict[str, InputStatistics],
-                          count: int, ridge: float) -> np.ndarray | None:
+                          count: int, ridge: float, residual: dict | None = None) -> np.ndarray | None:
     """The ``count`` units of ``group`` whose removal leaves the least refit error (greedy OBS); ``None``
     if a consumer has no Gram matrix (diagonal statistics only) or none ran on the data."""
     systems = []
@@ -67,7 +68,7 @@ def reconstruction_choice(gm: fx.GraphModule, group: Group, consumers: list[_Con
         s = stats.get(c.node.name)
         if s is None or s.gram is None:
             return None
-        systems.append(_ObsSystem(gm, c, s, group, ridge))
+        systems.append(_ObsSystem(gm, c, s, group, ridge, (residual or {}).get(c.node.name)))
     if not systems:
         return None
     removed: list[int] = []
@@ -84,11 +85,11 @@ def reconstruction_choice(gm: fx.GraphModule, group: Group, consumers: list[_Con
 class _ObsSystem:
     """One consumer's ``W*`` and ``H⁻¹`` (augmented with the bias column), and its columns per unit still there."""
 
-    def __init__(self, gm: fx.GraphModule, consumer: _Consumer, s: InputStatistics, group: Group, ridge: float):
+    def __init__(self, gm: fx.GraphModule, consumer: _Consumer, s: InputStatistics, group: Group, ridge: float, drift=None):
         weight = ir.get_attr(gm, consumer.weight_target).detach()
         bias_node = ir.call_arguments(consumer.node)["bias"]
         bias = ir.get_attr(gm, bias_node.target).detach() if bias_node is not None else torch.zeros(weight.shape[0])
-        hessian, rhs = compensation.ridge_system(weight, bias, s, ridge)
+        hessian, rhs = compensation.ridge_system(weight, bias, s, ridge, drift)
         self.inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
         self.weight = rhs @ self.inverse
         kernel = math.prod(weight.shape[2:])
@@ -131,7 +132,7 @@ def reselect(gm: fx.GraphModule, graph: ChannelGraph, chosen: list[np.ndarray], 
 
 
 def prune_sequentially(gm: fx.GraphModule, graph: ChannelGraph, chosen: list[np.ndarray], calibration, importance: str,
-                       compensate: str | None, ridge: float, centered: bool):
+                       compensate: str | None, ridge: float, centered: bool, residual: bool = False):
     """Re-choose each group's units (as many as in ``chosen``) stage by stage (see the module docstring).
 
     Returns the units per group, the compensations (full-size, on ``gm``'s weights) and detail rows;
@@ -148,11 +149,13 @@ def prune_sequentially(gm: fx.GraphModule, graph: ChannelGraph, chosen: list[np.
     for number, gid in enumerate(staged):
         group, stage = graph.groups[gid], consumers[gid]
         work_nodes = {n.name: n for n in work.graph.nodes}
-        stats = collect_statistics(work, calibration, [work_nodes[c.node.name] for c in stage], gram=True, reference=gm)
-        decided[gid] = _stage_choice(gm, group, stage, stats, len(chosen[gid]), importance, ridge, centered, chosen[gid])
+        stage_nodes = [work_nodes[c.node.name] for c in stage]
+        stats = collect_statistics(work, calibration, stage_nodes, gram=True, reference=gm)
+        drift = residual_cross(work, gm, calibration, stage_nodes) if residual and compensate is not None else {}
+        decided[gid] = _stage_choice(gm, group, stage, stats, len(chosen[gid]), importance, ridge, centered, chosen[gid], drift)
         decided[gid] = _keep_every_space(group, decided[gid], graph)
         if compensate is not None:
-            stage_plans, stage_rows = compensation.plan(gm, graph, _removed(group, decided[gid]), stats, compensate, ridge)
+            stage_plans, stage_rows = compensation.plan(gm, graph, _removed(group, decided[gid]), stats, compensate, ridge, drift)
             plans += stage_plans
             rows += [{**r, "stage": number} for r in stage_rows]
             for p in stage_plans:
@@ -162,9 +165,9 @@ def prune_sequentially(gm: fx.GraphModule, graph: ChannelGraph, chosen: list[np.
 
 
 def _stage_choice(gm, group: Group, stage: list[_Consumer], stats: dict, count: int, importance: str, ridge: float,
-                  centered: bool, one_shot: np.ndarray) -> np.ndarray:
+                  centered: bool, one_shot: np.ndarray, drift: dict) -> np.ndarray:
     if importance == "reconstruction":
-        greedy = reconstruction_choice(gm, group, stage, stats, count, ridge)
+        greedy = reconstruction_choice(gm, group, stage, stats, count, ridge, drift)
         if greedy is not None:
             return greedy
     if importance not in ("activation", "reconstruction"):
