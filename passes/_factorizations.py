@@ -14,6 +14,7 @@ from typing import Callable, ClassVar
 
 import torch
 
+from fxcompress import tuning
 from fxcompress.passes import _whitening
 
 LINEAR = torch.ops.aten.linear.default
@@ -224,3 +225,13 @@ def stage_call(stage: Stage) -> tuple[Callable, tuple]:
 def format_ranks(ranks: tuple[int, ...]) -> int | str:
     """A layer's ranks for the report: one number, or ``r_in/r_out``."""
     return ranks[0] if len(ranks) == 1 else "/".join(map(str, ranks))
+
+
+def measured_speedup(op: Callable, weight: torch.Tensor, in_shape: tuple, geometry: Geometry | None,
+                     stages: list[Stage]) -> float:
+    """Median latency of the original layer (``op`` with ``weight``) over that of the factorized chain, on random input."""
+    x = torch.randn(in_shape, dtype=weight.dtype, device=weight.device)
+    original_tail = (*geometry, 1) if geometry else ()
+    timings = tuning.compare({"original": lambda: op(x, weight, None, *original_tail),
+                              "factorized": lambda: run_stages(x, stages)}, x.device, min_run_time=0.05)
+    return timings["original"].median_ms / timings["factorized"].median_ms

@@ -69,3 +69,11 @@ def allocate_budget(
 
 def _step_cost(hull: list[RankOption], at: int) -> float:
     return (hull[at + 1].loss - hull[at].loss) / (hull[at].macs - hull[at + 1].macs)
+
+
+def scaled_losses(options: Sequence[list[RankOption]], scales: Sequence[float | None]) -> list[list[RankOption]]:
+    """Each layer's option losses times its scale; a layer whose scale is ``None`` gets the median of the others."""
+    known = sorted(s for s in scales if s is not None)
+    fallback = known[len(known) // 2] if known else 1.0
+    return [[RankOption(o.ranks, o.macs, o.loss * (fallback if s is None else s)) for o in layer_options]
+            for layer_options, s in zip(options, scales)]

@@ -34,6 +34,7 @@ import torch.fx as fx
 
 from fxcompress import ir
 from fxcompress.ir import add_constant, get_attr
+from fxcompress.passes._output_whitening import TwoSidedBasis
 from fxcompress.passes._factorizations import Stage, factorize, format_ranks, reconstruct
 from fxcompress.passes._projections import gemm_arguments
 from fxcompress.statistics import InputStatistics, calibration_batches, flat_inputs, layer_features
@@ -47,7 +48,7 @@ class Fit:
     """A layer's refit target ``W*`` (N × K, float64), its whitened output basis and spectrum, and the bias it implies."""
 
     target: torch.Tensor
-    basis: torch.Tensor
+    basis: torch.Tensor | TwoSidedBasis
     spectrum: torch.Tensor
     mean_in: torch.Tensor  # m: original inputs
     mean_in_compressed: torch.Tensor  # m': inputs in the factorized model
@@ -59,8 +60,10 @@ class Fit:
 
 
 def fit(weight: torch.Tensor, mean_in: torch.Tensor, mean_in_compressed: torch.Tensor,
-        gram_compressed: torch.Tensor, cross: torch.Tensor | None = None, ridge: float = RIDGE) -> Fit:
-    """:class:`Fit` from centred statistics ``G'`` (``gram_compressed``) and ``C`` (``cross``; ``None``: x' = x)."""
+        gram_compressed: torch.Tensor, cross: torch.Tensor | None = None, ridge: float = RIDGE,
+        output: tuple[torch.Tensor, torch.Tensor] | None = None) -> Fit:
+    """:class:`Fit` from centred statistics ``G'`` (``gram_compressed``) and ``C`` (``cross``; ``None``: x' = x);
+    ``output``: ``(P, P⁻¹)`` of :func:`~fxcompress.passes._output_whitening.output_root` (two-sided whitening)."""
     w = weight.double().reshape(weight.shape[0], -1)
     damp = ridge * float(gram_compressed.diagonal().mean().clamp(min=1e-30))
     damped = gram_compressed + damp * torch.eye(len(gram_compressed), dtype=torch.float64, device=w.device)
@@ -69,15 +72,20 @@ def fit(weight: torch.Tensor, mean_in: torch.Tensor, mean_in_compressed: torch.T
     if cross is not None:  # W* = W + W (C − G') (G' + λI)⁻¹, through the eigendecomposition of G' + λI
         inverse = (eigenvectors / eigenvalues.clamp(min=1e-300)) @ eigenvectors.T
         target = w + w @ (cross - gram_compressed) @ inverse
-    u, sigma, _ = torch.linalg.svd(target @ (eigenvectors * eigenvalues.clamp(min=0).sqrt()), full_matrices=False)
-    return Fit(target, u, sigma, mean_in, mean_in_compressed)
+    scaled = target @ (eigenvectors * eigenvalues.clamp(min=0).sqrt())
+    if output is None:
+        u, sigma, _ = torch.linalg.svd(scaled, full_matrices=False)
+        return Fit(target, u, sigma, mean_in, mean_in_compressed)
+    root, inverse_root = output
+    u, sigma, _ = torch.linalg.svd(root @ scaled, full_matrices=False)
+    return Fit(target, TwoSidedBasis(inverse_root @ u, u.T @ root), sigma, mean_in, mean_in_compressed)
 
 
-def independent_fit(weight: torch.Tensor, stats: InputStatistics) -> Fit:
+def independent_fit(weight: torch.Tensor, stats: InputStatistics, output: tuple | None = None) -> Fit:
     """The fit on the original model's inputs alone (x' = x): centred whitening, ``W* = W``."""
     mean = stats.feature_sum / stats.rows
     centred = stats.gram - stats.rows * torch.outer(mean, mean)
-    return fit(weight, mean, mean, centred)
+    return fit(weight, mean, mean, centred, output=output)
 
 
 class _StopAfterInputs(Exception):
@@ -149,9 +157,9 @@ def sequential_refit(gm: fx.GraphModule, ctx: Any, layers: list, rewrite: Callab
         stats = cross_statistics(original, gm, [layer.node for layer in group], calibration_batches(ctx), in_spec)
         for layer in group:
             if layer.node.name in stats:
-                layer.fit = fit(layer.weight, *stats[layer.node.name])
+                layer.fit = fit(layer.weight, *stats[layer.node.name], output=layer.output_root)
                 layer.svds = [(layer.fit.basis, layer.fit.spectrum, None)]
-                layer.whitening = "svd-llm, sequential refit"
+                layer.whitening = "svd-llm, sequential refit" + (", output-whitened" if layer.output_root is not None else "")
             rewrite(layer)
 
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from fxcompress.passes import _refit
-from fxcompress.statistics import LAYER_OPS, InputStatistics, layer_statistics
+from fxcompress.passes import _output_whitening, _refit
+from fxcompress.statistics import LAYER_OPS, InputStatistics, calibration_batches, layer_statistics
 
 METHODS = ("svd-llm", "asvd")
 ASVD_ALPHA = 0.5
@@ -44,20 +44,29 @@ def whitened_svd(weight: torch.Tensor, root: torch.Tensor) -> tuple[torch.Tensor
 
 
 def basis_factors(weight: torch.Tensor, basis: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(U_rᵀ W, U_r)``: the first (r × K) and second (N × r) factor of ``Ŵ = U_r U_rᵀ W``."""
+    """``(U_rᵀ W, U_r)``: the first (r × K) and second (N × r) factor of ``Ŵ = U_r U_rᵀ W`` (or of a
+    :class:`~fxcompress.passes._output_whitening.TwoSidedBasis`'s ``Ŵ = P⁻¹ U_r U_rᵀ P W``)."""
+    if not isinstance(basis, torch.Tensor):
+        return basis.factors(weight, rank)
     u_r = basis[:, :rank]
     return u_r.T @ weight.double(), u_r
 
 
-def whiten_layers(gm, ctx, layers: list, method: str, centred: bool = False) -> None:
+def whiten_layers(gm, ctx, layers: list, method: str, centred: bool = False, output: bool = False) -> None:
     """Replace the spectra of ``low_rank``'s linear/pointwise layers by those of ``W·S``; note how each was treated.
 
     ``centred`` (``low_rank``'s refit): ``S`` from the centred Gram matrix, with the layer's
     :class:`~fxcompress.passes._refit.Fit` kept on ``layer.fit`` (full-Gram layers only).
+    ``output`` (with ``centred``): two-sided, the output side weighted by the model-output Jacobian
+    (:mod:`fxcompress.passes._output_whitening`), its root kept on ``layer.output_root``.
     """
     gemm_kinds = ("linear", "pointwise")
     measured = [layer for layer in layers if layer.kind in gemm_kinds and layer.node.target in LAYER_OPS]
     stats = layer_statistics(gm, ctx, [layer.node for layer in measured], gram=method == "svd-llm")
+    if output:
+        grams = _output_whitening.output_grams(gm, calibration_batches(ctx), [layer.node for layer in measured])
+        for layer in measured:
+            layer.output_root = _output_whitening.output_root(grams[layer.node.name]) if layer.node.name in grams else None
     for layer in layers:
         if layer.kind in gemm_kinds and layer not in measured:
             layer.whitening = f"none ({layer.node.target} form: input statistics cover linear/conv nodes only)"
@@ -66,8 +75,9 @@ def whiten_layers(gm, ctx, layers: list, method: str, centred: bool = False) -> 
         elif layer.node.name not in stats:
             layer.whitening = "none (not executed on the calibration data)"
         elif centred and stats[layer.node.name].gram is not None:
-            layer.fit = _refit.independent_fit(layer.weight, stats[layer.node.name])
-            layer.svds, layer.whitening = [(layer.fit.basis, layer.fit.spectrum, None)], "svd-llm, centred refit"
+            layer.fit = _refit.independent_fit(layer.weight, stats[layer.node.name], layer.output_root)
+            layer.svds = [(layer.fit.basis, layer.fit.spectrum, None)]
+            layer.whitening = "svd-llm, centred refit" + (", output-whitened" if layer.output_root is not None else "")
         else:
             root, layer.whitening = input_root(stats[layer.node.name], method)
             u, sigma = whitened_svd(layer.weight.reshape(layer.weight.shape[0], -1), root)

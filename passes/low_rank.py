@@ -35,7 +35,6 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from fxcompress import tuning
 from fxcompress.errors import PassConfigError
 from fxcompress.ir import add_constant, attr_use_count, fake_value, get_attr, module_path
 from fxcompress.pass_base import Pass, PassContext, PassResult, register_pass
@@ -43,11 +42,11 @@ from fxcompress.selectors import first_match
 from fxcompress.statistics import calibration_batches
 from fxcompress.verify import node_values
 from fxcompress.passes import _rank_selection as rs
-from fxcompress.passes._rank_budget import RankOption, allocate_budget
+from fxcompress.passes._rank_budget import RankOption, allocate_budget, scaled_losses
 from fxcompress.passes import _refit, _whitening
 from fxcompress.passes._rank_sensitivity import model_sensitivities
 from fxcompress.passes._factorizations import (
-    FACTORIZATIONS, LINEAR, Factorization, Geometry, Stage, factorize, reconstruct, run_stages, stage_call, svd,
+    FACTORIZATIONS, LINEAR, Factorization, Geometry, Stage, factorize, measured_speedup, reconstruct, stage_call, svd,
     format_ranks,
 )
 from fxcompress.passes._projections import (
@@ -72,6 +71,7 @@ class _Layer:
     svds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None  # vh None: whitened basis
     whitening: str = "none"
     fit: _refit.Fit | None = None  # refit: the least-squares target and bias of the whitened truncation
+    output_root: tuple[torch.Tensor, torch.Tensor] | None = None  # whiten_output: (P, P⁻¹) of the output side
 
     @property
     def spectra(self) -> list[torch.Tensor]:
@@ -116,6 +116,8 @@ class LowRank(Pass):
     ``budget_error`` (``target_macs``): what the budget minimises — "layer": the sum of the layers' own
     relative (whitened: output) errors; "model": each weighted by how much it moves the model's outputs,
     probed once per layer on calibration data (see :mod:`fxcompress.passes._rank_sensitivity`).
+    ``whiten_output`` (with ``refit``): two-sided whitening, each output direction weighted by how much it moves
+    the model's outputs (gradient Gram, :mod:`fxcompress.passes._output_whitening`).
     ``layer_ranks``: instead of one of those, ``(selector, rank)`` pairs (or a dict): each layer the
     first selector selects gets that rank (int or fraction, as ``rank``); other layers stay as they are.
     ``include``/``ignore``: module selectors (:mod:`fxcompress.selectors`); ``*`` matches within one
@@ -137,6 +139,7 @@ class LowRank(Pass):
     whiten: str | None = None
     refit: str | None = None
     budget_error: str = "layer"
+    whiten_output: bool = False
     layer_ranks: tuple[tuple[str, int | float], ...] = ()
 
     def __post_init__(self) -> None:
@@ -164,6 +167,9 @@ class LowRank(Pass):
         if self.refit is not None and (self.refit not in REFITS or self.whiten != "svd-llm"):
             raise PassConfigError(f"low_rank refit={self.refit!r} needs whiten='svd-llm' and one of {REFITS}; "
                                   f"e.g. LowRank(target_macs=0.5, whiten='svd-llm', refit='sequential')")
+        if self.whiten_output and self.refit is None:
+            raise PassConfigError("low_rank whiten_output=True needs a refit; "
+                                  "e.g. LowRank(target_macs=0.5, whiten='svd-llm', refit='sequential', whiten_output=True)")
         if self.budget_error not in BUDGET_ERRORS:
             raise PassConfigError(f"low_rank budget_error={self.budget_error!r} is unknown; use one of {BUDGET_ERRORS}")
         if isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1:
@@ -189,7 +195,7 @@ class LowRank(Pass):
         for layer in layers:
             layer.svds = [svd(m) for m in layer.factorization.matrices(layer.weight)]
         if self.whiten is not None:
-            _whitening.whiten_layers(gm, ctx, layers, self.whiten, centred=self.refit is not None)
+            _whitening.whiten_layers(gm, ctx, layers, self.whiten, centred=self.refit is not None, output=self.whiten_output)
         chosen = dict(zip((layer.name for layer in layers), self._choose_ranks(gm, ctx, layers)))
         sequential = []
         for layer in layers:
@@ -288,10 +294,7 @@ class LowRank(Pass):
         sensitivities = model_sensitivities(
             gm, calibration_batches(ctx), layers, [p.loss for p in probes],
             lambda layer: _refit.approximation(gm, layer, probes[layers.index(layer)].ranks))
-        measured = sorted(s for s in sensitivities if s is not None)
-        fallback = measured[len(measured) // 2] if measured else 1.0
-        return [[RankOption(o.ranks, o.macs, o.loss * (fallback if s is None else s)) for o in layer_options]
-                for layer_options, s in zip(options, sensitivities)]
+        return scaled_losses(options, sensitivities)
 
     def _rewrite_if_cheaper(self, gm: fx.GraphModule, layer: _Layer, ranks: tuple[int, ...], result: PassResult) -> None:
         before, after = layer.macs(), layer.macs(ranks)
@@ -314,7 +317,8 @@ class LowRank(Pass):
             if layer.svds[0][2] is None:  # the discarded whitened energy: output error on the calibration data
                 row["output_rel_error"] = math.sqrt(max(rs.discarded_energy(layer.spectra[0], ranks[0]), 0.0))
         if self.min_speedup is not None:
-            speedup = _measured_speedup(layer, stages)
+            speedup = measured_speedup(layer.node.target if layer.geometry else LINEAR, layer.weight, layer.in_shape,
+                                       layer.geometry, stages)
             row["speedup"] = speedup
             if speedup < self.min_speedup:
                 result.skip(layer.name, f"measured speedup {speedup:.2f}x < min_speedup {self.min_speedup}")
@@ -381,18 +385,3 @@ def _record_shapes(gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node]) -
     inputs = {n: gemm_arguments(n)["input"].name for n in nodes}
     values = node_values(gm, ctx.args, ctx.kwargs, {n.name for n in nodes} | set(inputs.values()))
     return {n: (tuple(values[inputs[n]].shape), tuple(values[n.name].shape)) for n in nodes}
-
-
-def _measured_speedup(layer: _Layer, stages: list[Stage]) -> float:
-    """Median latency of the original layer over that of the factorized chain, on random input."""
-    x = torch.randn(layer.in_shape, dtype=layer.weight.dtype, device=layer.weight.device)
-    original_tail = (*layer.geometry, 1) if layer.geometry else ()
-
-    def original() -> torch.Tensor:
-        return (layer.node.target if layer.geometry else LINEAR)(x, layer.weight, None, *original_tail)
-
-    def factorized() -> torch.Tensor:
-        return run_stages(x, stages)
-
-    timings = tuning.compare({"original": original, "factorized": factorized}, x.device, min_run_time=0.05)
-    return timings["original"].median_ms / timings["factorized"].median_ms

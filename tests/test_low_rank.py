@@ -296,7 +296,7 @@ def test_registered_and_configured_by_name():
     assert low_rank.config() == {
         "pass": "low_rank", "rank": None, "energy": 0.9, "target_macs": None, "method": "tucker2",
         "round_to": 8, "min_speedup": None, "include": ("encoder.**",), "ignore": (), "whiten": None, "refit": None,
-        "budget_error": "layer", "layer_ranks": (),
+        "budget_error": "layer", "whiten_output": False, "layer_ranks": (),
     }
     with pytest.raises(PassConfigError):
         make_pass("low_rank", energy=0.9, ranks=4)
