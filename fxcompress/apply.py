@@ -196,7 +196,11 @@ def _fit_config(model: torch.nn.Module, replaced: dict[str, torch.nn.Module]) ->
             # reads its Int8Embedding's table itself, stored once)
             config.tie_word_embeddings = False
     found: dict[str, set[int]] = {}
-    for module in model.modules():
+    # MLPs inside a mixture-of-experts block (Qwen-MoE's shared expert) have their own config field
+    moe_blocks = [path + "." for path, module in model.named_modules() if isinstance(getattr(module, "experts", None), torch.nn.Module)]
+    for path, module in model.named_modules():
+        if any(path.startswith(block) for block in moe_blocks):
+            continue
         for field, value in _config_sizes(module):
             found.setdefault(field, set()).add(value)
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

@@ -152,8 +152,13 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, weight: tuple[str, torch.Tensor]
               "weight_rel_error": quantization_error(weight_nk.reshape(-1, weight_nk.shape[-1]), weight_q.reshape(-1, weight_q.shape[-1]),
                                                      weight_scale.reshape(-1)),
               **(buckets.detail() if decode is not prefill else prefill.detail())}
+    if "row_dispatch" in detail:
+        detail["row_dispatch"] = detail["row_dispatch"].replace("int8_linear_by_rows", "int8_grouped_linear (rows per expert)")
     if decode.impl == "float":
-        why = "; int8 wins only above one row, and decoding would need the float weight kept" if prefill.impl != "float" else ""
+        why = ""
+        if prefill.impl != "float":
+            why = "; int8 wins only above one row, and decoding would need the float weight kept"
+            detail.update(impl="float", decode_impl="float", prefill_winner=prefill.impl)
         return detail, f"{decode.choice.reason} ({decode.choice.timings_text() or 'not timed'}){why}"
     small, large = buckets.engines() if decode is not prefill else (decode.impl, decode.impl)
     with gm.graph.inserting_before(node):
