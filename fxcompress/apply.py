@@ -233,9 +233,10 @@ def _config_sizes(module: torch.nn.Module) -> list[tuple[str, int]]:
     if isinstance(head_dim, int) and hasattr(module, "q_proj") and hasattr(module, "k_proj"):
         sizes += [("num_attention_heads", module.q_proj.out_features // head_dim),
                   ("num_key_value_heads", module.k_proj.out_features // head_dim), ("head_dim", head_dim)]
-    elif isinstance(head_dim, int) and hasattr(module, "qkv_proj"):
-        group = module.num_key_value_groups
-        kv_heads = module.qkv_proj.out_features // head_dim // (group + 2)
+    elif isinstance(head_dim, int) and hasattr(module, "qkv_proj"):  # q | k | v rows; o_proj reads the query heads
+        heads = module.o_proj.in_features // head_dim
+        kv_heads = (module.qkv_proj.out_features // head_dim - heads) // 2
+        group = module.num_key_value_groups = heads // kv_heads
         module.num_key_value_heads = kv_heads
         sizes += [("num_attention_heads", kv_heads * group), ("num_key_value_heads", kv_heads), ("head_dim", head_dim)]
     elif isinstance(head_dim, int) and hasattr(module, "c_attn"):
