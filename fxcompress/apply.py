@@ -8,7 +8,8 @@ weights stay tied — and the modules' size attributes follow the new shapes (``
 own class, so ``generate`` (with its KV cache), ``save_pretrained`` and fine-tuning keep working.
 
 Layers a pass rewrote into new tensors (``int8`` weights and scales, ``low_rank`` factors, both in turn)
-become :mod:`fxcompress.layers` modules in place of their ``nn.Linear`` / ``Conv1D``, built from the
+become :mod:`fxcompress.layers` modules (mixture-of-experts experts modules with int8 grouped GEMMs their
+int8 subclass, :mod:`fxcompress.expert_layers`) in place of their ``nn.Linear`` / ``Conv1D``, built from the
 graph's own stages (the same custom op, lowering and tensors) — an ``nn.Embedding`` whose table became
 int8 (``Int8(embeddings=True)``) an ``Int8Embedding``, a tied LM head reading that table a
 ``TiedInt8Linear`` (tied, stored once) —, and are listed in the config's
@@ -102,7 +103,22 @@ def _replace_layers(gm: fx.GraphModule, result: torch.nn.Module, model_tensors: 
         _set_submodule(result, path, layer)
         replaced[path] = layer
         consumed.update(reads)
+    _replace_experts(gm, result, replaced, consumed)
     return replaced, consumed
+
+
+def _replace_experts(gm: fx.GraphModule, result: torch.nn.Module, replaced: dict, consumed: set[str]) -> None:
+    """Experts modules whose grouped GEMMs became ``int8_grouped_linear`` become their int8 subclass (in place: a copy)."""
+    from . import expert_layers  # here: it loads the custom ops, import fxcompress stays fast
+
+    for path, nodes in expert_layers.expert_nodes(gm).items():
+        try:
+            layer, taken = expert_layers.experts_from_nodes(gm, result.get_submodule(path), path, nodes)
+        except (ValueError, AttributeError) as exc:
+            raise InvalidInputError(f"apply_to_model: cannot rebuild the experts {path or 'of the model'}: {exc}. "
+                                    "Use the graph itself.") from exc
+        replaced[path] = layer
+        consumed.update(taken)
 
 
 def _set_submodule(model: torch.nn.Module, path: str, layer: torch.nn.Module) -> None:
@@ -180,7 +196,11 @@ def _fit_config(model: torch.nn.Module, replaced: dict[str, torch.nn.Module]) ->
             # reads its Int8Embedding's table itself, stored once)
             config.tie_word_embeddings = False
     found: dict[str, set[int]] = {}
-    for module in model.modules():
+    # MLPs inside a mixture-of-experts block (Qwen-MoE's shared expert) have their own config field
+    moe_blocks = [path + "." for path, module in model.named_modules() if isinstance(getattr(module, "experts", None), torch.nn.Module)]
+    for path, module in model.named_modules():
+        if any(path.startswith(block) for block in moe_blocks):
+            continue
         for field, value in _config_sizes(module):
             found.setdefault(field, set()).add(value)
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -213,9 +233,10 @@ def _config_sizes(module: torch.nn.Module) -> list[tuple[str, int]]:
     if isinstance(head_dim, int) and hasattr(module, "q_proj") and hasattr(module, "k_proj"):
         sizes += [("num_attention_heads", module.q_proj.out_features // head_dim),
                   ("num_key_value_heads", module.k_proj.out_features // head_dim), ("head_dim", head_dim)]
-    elif isinstance(head_dim, int) and hasattr(module, "qkv_proj"):
-        group = module.num_key_value_groups
-        kv_heads = module.qkv_proj.out_features // head_dim // (group + 2)
+    elif isinstance(head_dim, int) and hasattr(module, "qkv_proj"):  # q | k | v rows; o_proj reads the query heads
+        heads = module.o_proj.in_features // head_dim
+        kv_heads = (module.qkv_proj.out_features // head_dim - heads) // 2
+        group = module.num_key_value_groups = heads // kv_heads
         module.num_key_value_heads = kv_heads
         sizes += [("num_attention_heads", kv_heads * group), ("num_key_value_heads", kv_heads), ("head_dim", head_dim)]
     elif isinstance(head_dim, int) and hasattr(module, "c_attn"):

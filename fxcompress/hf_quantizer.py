@@ -34,13 +34,17 @@ def register_quantizer() -> None:
         requires_calibration = False
 
         def _process_model_before_weight_loading(self, model, **kwargs):
-            from .layers import layer_from_spec  # here: layers load the custom ops, import fxcompress stays fast
+            from .expert_layers import empty_int8_experts  # here: layers load the custom ops, import fxcompress stays fast
+            from .layers import layer_from_spec
 
             layers = self.quantization_config.layers
             for path in sorted(layers, key=lambda p: layers[p]["kind"] != "int8_embedding"):  # a tied head needs its table
                 parent, _, leaf = path.rpartition(".")
                 owner = model.get_submodule(parent)
-                setattr(owner, leaf, layer_from_spec(layers[path], model))
+                if layers[path]["kind"] == "int8_experts":  # the experts module keeps its class, as an int8 subclass
+                    empty_int8_experts(owner.get_submodule(leaf), layers[path])._is_hf_initialized = True
+                else:
+                    setattr(owner, leaf, layer_from_spec(layers[path], model))
                 # the parent's weight init (e.g. GPT-2's scaled c_proj init) would reach for `.weight`; all is loaded
                 owner._is_hf_initialized = True
             return model

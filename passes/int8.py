@@ -39,12 +39,13 @@ from ._smoothquant import activation_absmax, fold_into_norm, smooth
 
 from ._int8_conv_regions import lower_convs
 from ._int8_embeddings import quantize_embeddings
+from ._int8_experts import quantize_expert_gemms
 from ._int8_schemes import MODES, SCHEME_CONFIGS, Int8, Int8Dynamic, Int8Static, Int8WeightOnly, Scheme, register_scheme
 from ._int8_lowering import (
     GemmProblem, Lowering, RowBuckets, choose_lowering, decode_problem, float_run_at, insert_call, nchw_output, nhwc_input,
     stacked_weights,
 )
-from ._projections import ROUTER_REASON, batched_weight_readers, gemm_arguments, is_projection, routes_experts, weight_matrix
+from ._projections import ROUTER_REASON, gemm_arguments, is_projection, routes_experts, weight_matrix
 
 __all__ = ["MODES", "SCHEME_CONFIGS", "GemmScheme", "Int8", "Int8Dynamic", "Int8Static", "Int8WeightOnly", "register_scheme"]
 
@@ -112,8 +113,7 @@ class _GemmRewrite:
                 result.skip(layer_name(node), problem)
             else:
                 eligible.append(node)
-        for weight, op in batched_weight_readers(gm):
-            result.skip(weight, f"batched (mixture-of-experts) weights read by {op} stay float: only 2-D projections become int8 GEMMs")
+        quantize_expert_gemms(gm, ctx, config, result)
         groups = self._sibling_groups(gm, eligible, scales)
         values = self._input_values(gm, ctx, groups)
         examples = [self._example(gm, group, values) for group in groups]  # before rewrites rename inputs

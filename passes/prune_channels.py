@@ -69,6 +69,10 @@ class PruneChannels(Pass):
     pull toward the original weights, relative to the mean input energy) may be chosen from the data:
     ``"gcv"`` per layer by generalized cross-validation, ``"model"`` (one-shot only) as the candidate whose
     pruned model best reproduces the original outputs on calibration batches (see :mod:`fxcompress.passes.prune.ridge`).
+    ``attention``: the unit of grouped-query attention — ``"kv_groups"`` (default) removes a key/value head with all its query heads,
+    ``"query_heads"`` keeps every key/value head and removes the same number of query heads from every group
+    (where the key/value heads are repeated by ``expand`` + ``reshape``, transformers' ``repeat_kv``;
+    ``repeat_interleave`` and ``sdpa(enable_gqa=True)`` still prune whole groups).
     """
 
     name: ClassVar[str] = "prune_channels"
@@ -89,6 +93,7 @@ class PruneChannels(Pass):
     group_ratios: tuple[tuple[str, float], ...] = ()
     sequential: bool = False
     residual: bool = False
+    attention: str = "kv_groups"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "group_ratios", _checked_group_ratios(self.group_ratios))
@@ -110,6 +115,9 @@ class PruneChannels(Pass):
             raise PassConfigError(f"target_macs={self.target_macs} must be in (0, 1]: the fraction of MACs to keep")
         if self.importance not in IMPORTANCE:
             raise PassConfigError(f"importance={self.importance!r} is unknown; use one of {', '.join(IMPORTANCE)}")
+        if self.attention not in ("kv_groups", "query_heads"):
+            raise PassConfigError(f"attention={self.attention!r} is unknown; use 'kv_groups' (prune whole key/value groups) "
+                                  "or 'query_heads' (the same number of query heads in every group)")
         if self.scope not in SCOPES:
             raise PassConfigError(f"scope={self.scope!r} is unknown; use 'local' or 'global'")
         if not 0 < self.max_ratio_per_group <= 1:
@@ -140,7 +148,7 @@ class PruneChannels(Pass):
             raise PassConfigError("taylor_loss must be a callable mapping the model outputs to a scalar tensor")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        graph = analyze(gm, self.ignore, self.prune_outputs)
+        graph = analyze(gm, self.ignore, self.prune_outputs, query_heads=self.attention == "query_heads")
         result = PassResult(changed=False, skipped=list(graph.blocked) + frozen_summary(graph))
         stats = self._statistics(gm, ctx)
         budget_importance = "activation" if self.importance == "reconstruction" else self.importance  # how many per group

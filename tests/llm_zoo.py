@@ -71,3 +71,13 @@ def mixtral():
 
     config = MixtralConfig(**{**COMMON, "num_hidden_layers": 1}, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
     return MixtralForCausalLM(config)
+
+
+def qwen2_moe():
+    """Qwen-MoE style: 2 of 4 routed experts, a shared expert behind a sigmoid gate, q/k/v biases, two layers
+    (the second dense: ``mlp_only_layers``)."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    config = Qwen2MoeConfig(**COMMON, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                            shared_expert_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[1])
+    return Qwen2MoeForCausalLM(config)

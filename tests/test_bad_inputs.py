@@ -57,6 +57,7 @@ ROWS = [
     ("bool where a number goes", lambda m, t: LowRank(rank=True), PassConfigError, "rank=True is a bool", "int | float | None"),
     ("option out of range", lambda m, t: PruneChannels(ratio=1.5), PassConfigError, "ratio=1.5", "[0, 1)"),
     ("two targets", lambda m, t: PruneChannels(ratio=0.5, target_macs=0.5), PassConfigError, "not both", "ratio="),
+    ("unknown attention unit", lambda m, t: PruneChannels(attention="heads"), PassConfigError, "attention='heads'", "'query_heads'"),
     ("too many positional options", lambda m, t: PruneChannels(*[None] * (N_PRUNE_OPTIONS + 1)), PassConfigError, f"at most {N_PRUNE_OPTIONS} options", "valid options"),
     ("option by name for an unknown option", lambda m, t: fxcompress.make_pass("fold_bn", ratio=0.5), PassConfigError, "no option 'ratio'", "valid options"),
     ("static int8 without scales", lambda m, t: Int8(mode="static"), PassConfigError, "needs activation_scales", "fxcompress.calibrate"),

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE_DIRS = {"fxcompress": "fxcompress", "passes": "fxcompress.passes", "triton_kernels": "fxcompress.triton_kernels"}
 API = {f"fxcompress{suffix}" for suffix in (
     "", ".__main__", ".api", ".apply", ".calibrate", ".cli", ".distill", ".distill_config", ".dynamo_backend",
-    ".generation", ".hf_quantizer", ".layers", ".manager", ".models", ".registry", ".serialize")}
+    ".expert_layers", ".generation", ".hf_quantizer", ".layers", ".manager", ".models", ".registry", ".serialize")}
 MAY_IMPORT = {
     "kernels": {"kernels"},
     "core": {"core"},

@@ -55,9 +55,9 @@ def mask_equivalence(model: nn.Module, inputs, ratio: float = 0.5, seed: int = 0
     return graph_mask_equivalence(capture(randomize_norms(model), inputs), ctx_of(inputs), ratio, seed)
 
 
-def graph_mask_equivalence(gm, ctx: PassContext, ratio: float = 0.5, seed: int = 0) -> tuple[float, int]:
-    """:func:`mask_equivalence` on a captured graph (left unchanged)."""
-    graph = analyze(gm)
+def graph_mask_equivalence(gm, ctx: PassContext, ratio: float = 0.5, seed: int = 0, **analyze_options) -> tuple[float, int]:
+    """:func:`mask_equivalence` on a captured graph (left unchanged); ``analyze_options`` go to ``analyze``."""
+    graph = analyze(gm, **analyze_options)
     rng = np.random.default_rng(seed)
     scores = [rng.random(len(g.units)) for g in graph.groups]
     chosen = choose_units(graph, scores, ratio, "local", 1.0, 1)

@@ -4,6 +4,7 @@
   ``quantize_per_token`` (Triton on CUDA, ATen on the CPU), ``int8_linear_qengine`` and ``int8_embedding``;
 * :mod:`.int8_conv` — ``quantize_u8``, ``dequantize_u8``, ``int8_conv``, ``int8_max_pool2d`` (quantized
   engines on the CPU; the Triton conv and ATen bodies on CUDA);
+* :mod:`.int8_experts` — ``int8_grouped_linear``, the per-expert int8 GEMM of mixture-of-experts layers;
 * :mod:`.qengine` — what the ops on PyTorch's quantized engines share (the prepack cache).
 
 This layer imports the kernels (``fxcompress.triton_kernels``, on the first CUDA call) and nothing of
@@ -11,6 +12,6 @@ the passes. ``import fxcompress`` does not load it; the passes and :func:`fxcomp
 operator names are part of every saved archive: they stay as they are.
 """
 
-from . import int8_conv, int8_linear, qengine
+from . import int8_conv, int8_experts, int8_linear, qengine
 
-__all__ = ["int8_conv", "int8_linear", "qengine"]
+__all__ = ["int8_conv", "int8_experts", "int8_linear", "qengine"]

@@ -82,9 +82,10 @@ class PrepackCache:
         self._packs: dict[int, dict] = {}
 
     def get(self, weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor], engine: str, pack: Callable,
-            config: tuple = ()):
-        """``pack(weight_q, weight_scale, bias, engine, *config)`` on a miss."""
-        stamp = (engine, weight_q._version, weight_q.data_ptr(), weight_scale._version, weight_scale.data_ptr(),
+            config: tuple = (), part: int | None = None):
+        """``pack(weight_q, weight_scale, bias, engine, *config)`` on a miss; ``part`` keeps one pack per slice of
+        ``weight_q`` (an expert of a ``[experts, N, K]`` weight: ``pack`` slices it)."""
+        stamp = (engine, part, weight_q._version, weight_q.data_ptr(), weight_scale._version, weight_scale.data_ptr(),
                  None if bias is None else (bias._version, bias.data_ptr()), config)
         with self._lock:
             entry = self._packs.get(id(weight_q))
@@ -94,7 +95,7 @@ class PrepackCache:
             packed = entry.get(stamp)
             if packed is None:
                 packed = pack(weight_q, weight_scale, bias, engine, *config)
-                for stale in [k for k in entry if k[0] == engine]:
+                for stale in [k for k in entry if k[:2] == (engine, part)]:
                     del entry[stale]
                 entry[stamp] = packed
         return packed

@@ -53,8 +53,9 @@ class Builder:
     indices at this op without a counterpart. A dim the current handler does none of this to is frozen.
     """
 
-    def __init__(self, gm: fx.GraphModule, avoid_carriers: dict[str, set[int]] | None = None):
+    def __init__(self, gm: fx.GraphModule, avoid_carriers: dict[str, set[int]] | None = None, query_heads: bool = False):
         self.gm = gm
+        self.query_heads = query_heads  # GQA: a merge of (key/value heads, expanded query heads) carries the latter
         self.spaces: list[Space] = []
         self.ids: dict[tuple[str, int], int] = {}
         self.identity_edges: list[tuple[int, int]] = []

@@ -60,11 +60,13 @@ class ChannelGraph:
     class_of: list[int] = field(default_factory=list)  # space -> identity class (equal sizes, equal removals)
 
 
-def analyze(gm: fx.GraphModule, ignore: tuple[str, ...] = (), prune_outputs: bool = False) -> ChannelGraph:
-    """Build the channel dependency graph of ``gm`` and its prunable groups."""
+def analyze(gm: fx.GraphModule, ignore: tuple[str, ...] = (), prune_outputs: bool = False,
+            query_heads: bool = False) -> ChannelGraph:
+    """Build the channel dependency graph of ``gm`` and its prunable groups; ``query_heads``: grouped-query
+    attention prunes query heads inside every key/value group instead of whole groups."""
     avoid: dict[str, set[int]] = {}
     for _ in range(MAX_RELINKS + 1):
-        builder = _link(gm, ignore, prune_outputs, avoid)
+        builder = _link(gm, ignore, prune_outputs, avoid, query_heads)
         class_of = _classes(builder)
         frozen_classes = {class_of[s] for s in builder.frozen}
         new = {
@@ -81,8 +83,9 @@ def analyze(gm: fx.GraphModule, ignore: tuple[str, ...] = (), prune_outputs: boo
     return graph
 
 
-def _link(gm: fx.GraphModule, ignore: tuple[str, ...], prune_outputs: bool, avoid: dict[str, set[int]]) -> Builder:
-    builder = Builder(gm, avoid)
+def _link(gm: fx.GraphModule, ignore: tuple[str, ...], prune_outputs: bool, avoid: dict[str, set[int]],
+          query_heads: bool = False) -> Builder:
+    builder = Builder(gm, avoid, query_heads)
     _link_tied_attrs(gm, builder)
     for node in gm.graph.nodes:
         if node.op == "placeholder":

@@ -67,11 +67,25 @@ def _carrier(node, b: Builder, parts, part_dims, sizes, splitting: bool) -> int:
     candidates = [i for i, s in enumerate(sizes) if s > 1]
     candidates = [i for i in candidates if i not in b.avoid_carriers.get(node.name, ())] or candidates
     if not splitting:
+        if b.query_heads:
+            expanded = [i for i in candidates if _broadcast_factor(b, parts, part_dims[i])]
+            if expanded:
+                return expanded[0]
         flagged = [i for i in candidates if b.space(parts, part_dims[i]) in b.carriers]
         return flagged[0] if flagged else candidates[0]
     if _merged_back_reordered(node, part_dims):
         return max(candidates, key=lambda i: sizes[i])
     return candidates[0]
+
+
+def _broadcast_factor(b: Builder, parts: fx.Node, dim: int) -> bool:
+    """``dim`` of ``parts`` is an ``expand`` of a size-1 dim: the query heads that share one key/value head
+    (``repeat_kv``'s ``x[:, :, None].expand(b, kv, g, s, d)``)."""
+    if not (isinstance(parts, fx.Node) and parts.target is aten.expand.default):
+        return False
+    source = tensor_shape(b.gm, parts.args[0])
+    offset = len(tensor_shape(b.gm, parts)) - len(source)
+    return dim >= offset and source[dim - offset] == 1
 
 
 def _merged_back_reordered(node: fx.Node, dims: list[int]) -> bool:
