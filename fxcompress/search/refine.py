@@ -1,0 +1,51 @@
+"""Refinement around a measured pipeline: the least-error allocation one step from the best one that meets.
+
+The allocator takes savings as additive over sites, which overstates what options on the same layers
+save together (pruning a conv's input and output channels and factorizing it: the kept fractions
+multiply, the savings do not add up); free to combine any options, the allocator favours exactly those
+combinations, and its prediction for them can be far below their measurement. Near a measured
+pipeline the additive model's error is small. Refinement takes the best measured candidate that meets
+the budget (often a single-pass baseline), lets each site move at most one step along its options
+ordered by saving, and asks for the least error whose saving, relative to the anchor's, gives up at
+most the anchor's measured slack (``budget − measured``, in the allocator's units). The same
+multiple-choice knapsack (:class:`~.allocate.Front`) solves it over the neighbourhoods.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from .allocate import Choice, Front
+
+UNCHANGED = Choice(0.0, 0.0)  # option -1: the site as it is
+
+
+def neighbourhood(options: Sequence[Choice], pick: int) -> list[int]:
+    """The option indices (``-1``: unchanged) at most one step from ``pick``, in order of saving."""
+    usable = [j for j, c in enumerate(options) if c.saving > 0 and math.isfinite(c.error)]
+    ladder = [-1] + sorted(usable, key=lambda j: options[j].saving)
+    k = ladder.index(pick) if pick in ladder else 0
+    return ladder[max(0, k - 1):k + 2]
+
+
+def saving_of(sites: Sequence[Sequence[Choice]], picks: Sequence[int]) -> float:
+    return sum(options[j].saving for options, j in zip(sites, picks) if j >= 0)
+
+
+def refine(sites: Sequence[Sequence[Choice]], anchor: Sequence[int], slack: float) -> tuple[int, ...] | None:
+    """Picks within one step of ``anchor`` per site, least total error, saving at least the anchor's
+    minus ``slack`` (``None`` if no such picks exist). Each site's least-saving neighbour plays the
+    front's "unchanged"; the others are shifted by its saving and error."""
+    local_sites, ladders, offset = [], [], 0.0
+    for options, pick in zip(sites, anchor):
+        near = neighbourhood(options, pick)
+        low = options[near[0]] if near[0] >= 0 else UNCHANGED
+        choices = [options[j] for j in near[1:]]
+        local_sites.append([Choice(c.saving - low.saving, c.error - low.error) for c in choices])
+        ladders.append(near)
+        offset += low.saving
+    allocation = Front(local_sites).allocation(saving_of(sites, anchor) - slack - offset)
+    if allocation is None:
+        return None
+    return tuple(ladder[j + 1] for ladder, j in zip(ladders, allocation.picks))
