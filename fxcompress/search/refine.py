@@ -6,8 +6,9 @@ multiply, the savings do not add up); free to combine any options, the allocator
 combinations, and its prediction for them can be far below their measurement. Near a measured
 pipeline the additive model's error is small. Refinement takes the best measured candidate that meets
 the budget (often a single-pass baseline), lets each site move at most one step along its options
-ordered by saving, and asks for the least error whose saving, relative to the anchor's, gives up at
-most the anchor's measured slack (``budget − measured``, in the allocator's units). The same
+ordered by saving (down only when the anchor has slack, up only when it is over the budget), and asks
+for the least error whose saving, relative to the anchor's, gives up at most the anchor's measured
+slack (``budget − measured``, in the allocator's units). The same
 multiple-choice knapsack (:class:`~.allocate.Front`) solves it over the neighbourhoods.
 """
 
@@ -21,12 +22,13 @@ from .allocate import Choice, Front
 UNCHANGED = Choice(0.0, 0.0)  # option -1: the site as it is
 
 
-def neighbourhood(options: Sequence[Choice], pick: int) -> list[int]:
-    """The option indices (``-1``: unchanged) at most one step from ``pick``, in order of saving."""
+def neighbourhood(options: Sequence[Choice], pick: int, relax: bool) -> list[int]:
+    """``pick`` and the option one step below it in order of saving (``relax``) or one step above it
+    (option indices, ``-1``: unchanged), least saving first."""
     usable = [j for j, c in enumerate(options) if c.saving > 0 and math.isfinite(c.error)]
     ladder = [-1] + sorted(usable, key=lambda j: options[j].saving)
     k = ladder.index(pick) if pick in ladder else 0
-    return ladder[max(0, k - 1):k + 2]
+    return ladder[max(0, k - 1):k + 1] if relax else ladder[k:k + 2]
 
 
 def saving_of(sites: Sequence[Sequence[Choice]], picks: Sequence[int]) -> float:
@@ -35,11 +37,13 @@ def saving_of(sites: Sequence[Sequence[Choice]], picks: Sequence[int]) -> float:
 
 def refine(sites: Sequence[Sequence[Choice]], anchor: Sequence[int], slack: float) -> tuple[int, ...] | None:
     """Picks within one step of ``anchor`` per site, least total error, saving at least the anchor's
-    minus ``slack`` (``None`` if no such picks exist). Each site's least-saving neighbour plays the
-    front's "unchanged"; the others are shifted by its saving and error."""
+    minus ``slack`` (``None`` if no such picks exist). A slack >= 0 only relaxes sites (gives up
+    saving for error), a negative one only tightens them: the change stays as small as the slack, and
+    an additive model that overstates savings overstates what relaxing costs too (it errs towards
+    meeting the budget). Each site's least-saving neighbour plays the front's "unchanged"."""
     local_sites, ladders, offset = [], [], 0.0
     for options, pick in zip(sites, anchor):
-        near = neighbourhood(options, pick)
+        near = neighbourhood(options, pick, relax=slack >= 0)
         low = options[near[0]] if near[0] >= 0 else UNCHANGED
         choices = [options[j] for j in near[1:]]
         local_sites.append([Choice(c.saving - low.saving, c.error - low.error) for c in choices])
