@@ -225,6 +225,9 @@ def test_refine_moves_each_site_one_step_and_gives_up_at_most_the_slack():
     assert refine(sites, anchor, slack=-1.0) == (2, 1, 1)  # over budget: one step up where it costs least error
     assert refine(sites, anchor, slack=-4.0) is None  # one step up each saves 3 more at most
     assert saving_of(sites, (2, 0, -1)) == 4.0
+    slower = [Choice(-1.0, 0.2), Choice(2.0, 0.5)]  # option 0 makes the site slower, yet it is the anchor's
+    assert neighbourhood(slower, 0, relax=False) == [0, -1] and neighbourhood(slower, 0, relax=True) == [0]
+    assert refine([slower, cheap], (0, 1), slack=-1.0) == (-1, 1)  # back to unchanged: saves 1, less error
 
 
 def test_next_aim_interpolates_inside_a_bracket_and_never_aims_above_the_whole_model():

@@ -254,9 +254,10 @@ class Search:
 
     def _refinement_rounds(self, reference: float) -> None:
         """:func:`.refine.refine` around the least-error candidate that meets the budget, built and
-        measured; a refinement over the budget shrinks the slack by its overshoot, one that meets becomes
-        the next anchor if it has less error. At most ``verify_candidates`` rounds."""
-        t, tried, shrink = self.target, set(), 0.0
+        measured; a refinement over the budget halves the slack (a timing under load is noisy: its
+        overshoot is no measure of the model's error), one that meets becomes the next anchor if it has
+        less error. At most ``verify_candidates`` rounds."""
+        t, tried, scale = self.target, set(), 1.0
         self._measure()
         for _ in range(t.verify_candidates):
             for c in self.candidates:
@@ -266,7 +267,7 @@ class Search:
                 return
             anchor = min(meeting, key=lambda c: c.error)
             measured = getattr(anchor, t.resource)
-            slack = (t.budget - measured) * reference - shrink
+            slack = (t.budget - measured) * reference * scale
             picks = refine(self._choices, self._picks[anchor.name], slack)
             if picks is None or picks == self._picks[anchor.name] or picks in tried:
                 return
@@ -278,7 +279,7 @@ class Search:
             result = getattr(candidate, t.resource)
             self.rounds.append(Round(t.budget, predicted, result, candidate.name, True, anchor.name))
             if result > t.budget * (1 + (t.tolerance if t.resource == "latency" else 0.0)):
-                shrink += (result - t.budget) * reference
+                scale /= 2
 
     def _correction_rounds(self, front: Front, reference: float) -> None:
         """Allocate for the aim, build, measure, rescale the aim by predicted/measured; see the module doc."""

@@ -24,10 +24,11 @@ UNCHANGED = Choice(0.0, 0.0)  # option -1: the site as it is
 
 def neighbourhood(options: Sequence[Choice], pick: int, relax: bool) -> list[int]:
     """``pick`` and the option one step below it in order of saving (``relax``) or one step above it
-    (option indices, ``-1``: unchanged), least saving first."""
-    usable = [j for j, c in enumerate(options) if c.saving > 0 and math.isfinite(c.error)]
-    ladder = [-1] + sorted(usable, key=lambda j: options[j].saving)
-    k = ladder.index(pick) if pick in ladder else 0
+    (option indices, ``-1``: unchanged), least saving first. The ladder holds the options that save
+    and ``pick`` itself even if it does not (a baseline's rank 1/2 on a conv it makes slower)."""
+    usable = [j for j, c in enumerate(options) if (c.saving > 0 or j == pick) and math.isfinite(c.error)]
+    ladder = sorted([-1, *usable], key=lambda j: (options[j] if j >= 0 else UNCHANGED).saving)
+    k = ladder.index(pick) if pick in ladder else ladder.index(-1)
     return ladder[max(0, k - 1):k + 1] if relax else ladder[k:k + 2]
 
 
@@ -44,8 +45,7 @@ def refine(sites: Sequence[Sequence[Choice]], anchor: Sequence[int], slack: floa
     local_sites, ladders, offset = [], [], 0.0
     for options, pick in zip(sites, anchor):
         near = neighbourhood(options, pick, relax=slack >= 0)
-        low = options[near[0]] if near[0] >= 0 else UNCHANGED
-        choices = [options[j] for j in near[1:]]
+        low, *choices = (options[j] if j >= 0 else UNCHANGED for j in near)
         local_sites.append([Choice(c.saving - low.saving, c.error - low.error) for c in choices])
         ladders.append(near)
         offset += low.saving
