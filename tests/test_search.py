@@ -24,6 +24,8 @@ from fxcompress.search import Target, driver, load_pipeline, search
 from fxcompress.search.allocate import Choice, Front
 from fxcompress.search.cache import ANALYSES, CAPTURES
 from fxcompress.search.cost_model import CostModel
+from fxcompress.search.refine import neighbourhood, refine, saving_of
+from fxcompress.search.result import Round
 from fxcompress.pass_base import PassContext
 
 
@@ -135,6 +137,26 @@ def test_latency_target_is_met_on_the_injected_clock_and_the_pipeline_replays(sy
     assert count_flops(replayed, ctx) / count_flops(model, ctx) <= 0.7 * 1.05  # the FLOP clock's measure
 
 
+def test_a_lucky_first_timing_is_confirmed_before_it_decides(synthetic):
+    model, x = synthetic
+    timed = set()
+
+    def lucky_once(fns):  # each pipeline's first timing reads 10x fast (a quiet moment on a loaded machine)
+        timings = flop_clock(fns)
+        for name in [n for n in fns if n != "input" and n not in timed]:
+            timed.add(name)
+            timings[name] = tuning.Timing(timings[name].median_ms / 10, 0.0, timings[name].min_ms / 10)
+        return timings
+
+    ANALYSES.clear()
+    found = search(model, x, Target(latency=0.4, passes=("low_rank",), ranks=(0.5, 0.25, 0.125)), clock=lucky_once)
+    ANALYSES.clear()
+    ctx = PassContext(x, {})
+    chosen = fxcompress.optimize(model, x, passes=found.pipeline, report=False)
+    assert found.chosen.meets and count_flops(chosen, ctx) / count_flops(model, ctx) <= 0.4 * 1.05
+    assert found.chosen.latency == pytest.approx(count_flops(chosen, ctx) / count_flops(model, ctx), rel=0.05)
+
+
 class LinearStack(nn.Module):
     """Four 128-wide linears; layer ``i`` has an exactly rank-``16 (i + 1)`` weight, so low rank's options
     are lossless on some layers and lossy on others, and their savings add up in 1/16ths of the model."""
@@ -171,11 +193,48 @@ def test_correction_rounds_meet_the_budget_a_biased_cost_model_misses(monkeypatc
     monkeypatch.setattr(driver, "CostModel", HalfPricedNewNodes)
     found = search(model, x, target, clock=flop_clock)
     ANALYSES.clear()
-    first, last = found.rounds[0], found.rounds[-1]
+    corrections = [r for r in found.rounds if r.anchor is None]
+    first, last = corrections[0], corrections[-1]
     assert first.measured > 0.6 * 1.05 and first.measured > first.predicted * 1.1  # the bias shows in round 1
     assert len(found.rounds) >= 2 and last.aim < first.aim
     assert found.chosen.source == "search" and found.chosen.meets and found.chosen.latency <= 0.6 * 1.05
     assert found.message == "" and "correction rounds" in str(found)
+
+
+def test_refinement_after_rounds_the_biased_model_misses_keeps_the_best_baseline_or_beats_it(monkeypatch):
+    model, x = LinearStack().eval(), (torch.randn(64, 128, generator=torch.Generator().manual_seed(3)),)
+    ANALYSES.clear()
+    monkeypatch.setattr(driver, "CostModel", HalfPricedNewNodes)
+    found = search(model, x, Target(latency=0.6, passes=("low_rank",), ranks=(0.375, 0.25, 0.125)), clock=flop_clock)
+    ANALYSES.clear()
+    refinements = [r for r in found.rounds if r.anchor is not None]
+    assert refinements and all(r.aim == 0.6 for r in refinements) and "refine" in str(found)
+    meeting_baselines = [c for c in found.candidates if c.source == "baseline" and c.meets]
+    assert meeting_baselines and found.chosen.meets
+    assert found.chosen.error <= min(c.error for c in meeting_baselines)
+
+
+def test_refine_moves_each_site_one_step_and_gives_up_at_most_the_slack():
+    cheap, dear, medium = ([Choice(float(s), e) for s, e in zip((1, 2, 3), errors)]
+                           for errors in ((0.1, 0.2, 0.3), (1.0, 4.0, 9.0), (0.5, 1.0, 2.0)))
+    sites, anchor = [cheap, dear, medium], (1, 1, 1)  # saves 6
+    assert neighbourhood(cheap, 1, relax=True) == [0, 1] and neighbourhood(cheap, 1, relax=False) == [1, 2]
+    assert neighbourhood(cheap, -1, relax=True) == [-1] and neighbourhood(cheap, 2, relax=False) == [2]
+    assert refine(sites, anchor, slack=1.0) == (1, 0, 1)  # slack 1 buys one step down: the dearest error first
+    assert refine(sites, anchor, slack=2.0) == (1, 0, 0)
+    assert refine(sites, anchor, slack=-1.0) == (2, 1, 1)  # over budget: one step up where it costs least error
+    assert refine(sites, anchor, slack=-4.0) is None  # one step up each saves 3 more at most
+    assert saving_of(sites, (2, 0, -1)) == 4.0
+    slower = [Choice(-1.0, 0.2), Choice(2.0, 0.5)]  # option 0 makes the site slower, yet it is the anchor's
+    assert neighbourhood(slower, 0, relax=False) == [0, -1] and neighbourhood(slower, 0, relax=True) == [0]
+    assert refine([slower, cheap], (0, 1), slack=-1.0) == (-1, 1)  # back to unchanged: saves 1, less error
+
+
+def test_next_aim_interpolates_inside_a_bracket_and_never_aims_above_the_whole_model():
+    over, under = Round(0.5, 0.5, 0.7, "over"), Round(0.36, 0.3, 0.45, "under")
+    assert driver._next_aim([over, under], 0.5) == pytest.approx(0.3 + (0.05 / 0.25) * 0.2)
+    assert driver._next_aim([Round(0.5, 0.5, 0.7, "over")], 0.5) == pytest.approx(0.5 * 0.5 / 0.7)
+    assert driver._next_aim([Round(0.7, 0.8, 0.4, "far under")], 0.7) == 1.0
 
 
 def test_several_targets_on_one_model_share_the_capture_and_the_analysis(monkeypatch):

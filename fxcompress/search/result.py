@@ -47,6 +47,7 @@ class Round:
     measured: float
     candidate: str
     reachable: bool = True
+    anchor: str | None = None  # a refinement round: the measured candidate it refined (:mod:`.refine`)
 
 
 @dataclass
@@ -91,8 +92,8 @@ class SearchResult:
             predicted = f"predicted {chosen.predicted:.3g}, " if chosen.predicted is not None else ""
             lines.append(f"{resource} (fraction of the input model): {predicted}measured {measured:.3g}; error {chosen.error:.3g}")
         if self.rounds:
-            lines.append("correction rounds (aim -> predicted, measured): " + "; ".join(
-                f"{r.aim:.3g} -> {r.predicted:.3g}, {r.measured:.3g}" for r in self.rounds))
+            lines.append("correction rounds (aim -> predicted, measured; refine: one step from a measured point): " + "; ".join(
+                f"{'refine ' if r.anchor else ''}{r.aim:.3g} -> {r.predicted:.3g}, {r.measured:.3g}" for r in self.rounds))
         stats = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in self.stats.items())
         lines += ([f"search: {stats}"] if stats else []) + [self.table()]
         lines += ([self.message] if self.message else []) + ([f"Pareto plot: {self.plot_path}"] if self.plot_path else [])
