@@ -36,8 +36,9 @@ def test_gcv_from_the_gram_matrix_is_the_explicit_gcv():
     assert lam == pytest.approx(relative * float(scale))
 
 
-def test_gcv_ridge_generalizes_better_than_a_tiny_ridge_with_few_rows():
-    """Few calibration rows per kept input: the near-unregularized refit overfits them, GCV does not."""
+def few_rows_pruning():
+    """A 2-layer MLP with few, correlated calibration rows per kept input, and ``held_out_error(ridge)``: the
+    squared error on new inputs of the model pruned by half with that refit ridge, and the pass's details."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 96), nn.ReLU(), nn.Linear(96, 8)).eval()
     mix = torch.randn(32, 32)
@@ -51,6 +52,12 @@ def test_gcv_ridge_generalizes_better_than_a_tiny_ridge_with_few_rows():
         with torch.no_grad():
             return (gm(held_out) - model(held_out)).square().sum().item(), result.details
 
+    return held_out_error
+
+
+def test_gcv_ridge_generalizes_better_than_a_tiny_ridge_with_few_rows():
+    """Few calibration rows per kept input: the near-unregularized refit overfits them, GCV does not."""
+    held_out_error = few_rows_pruning()
     tiny, _ = held_out_error(1e-6)
     gcv, details = held_out_error("gcv")
     assert [r["ridge"] > 1e-6 for r in details if "compensated" in r] == [True]
@@ -65,21 +72,10 @@ def test_bad_ridge():
 def test_model_ridge_picks_the_least_held_out_calibration_error_and_generalizes():
     """``ridge="model"``: the candidate refit on the first calibration batches that best reproduces the last one
     is chosen; with few rows per kept input that is a larger ridge, better on new inputs than the default."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 96), nn.ReLU(), nn.Linear(96, 8)).eval()
-    mix = torch.randn(32, 32)
-    calibration, held_out = [torch.randn(40, 32) @ mix for _ in range(2)], torch.randn(1024, 32) @ mix
-    captured = capture(model, (calibration[0],))
-
-    def pruned(ridge):
-        gm = copy.deepcopy(captured)
-        result = PruneChannels(ratio=0.5, importance="activation", compensate="lstsq", ridge=ridge).run(
-            gm, PassContext((calibration[0],), {}, calibration=calibration))
-        with torch.no_grad():
-            return (gm(held_out) - model(held_out)).square().sum().item(), result.details[0]
-
-    default, _ = pruned(1e-3)
-    chosen, summary = pruned("model")
+    held_out_error = few_rows_pruning()
+    default, _ = held_out_error(1e-3)
+    chosen, details = held_out_error("model")
+    summary = details[0]
     errors = summary["ridge_errors"]
     assert tuple(errors) == MODEL_GRID and summary["ridge"] == min(errors, key=errors.get) > 1e-3
     assert chosen < 0.9 * default
