@@ -32,7 +32,7 @@ from fxcompress import tuning
 from fxcompress.capture import capture
 from fxcompress.manager import PassManager
 from fxcompress.pass_base import PassContext
-from fxcompress.passes import Int8, PruneChannels
+from fxcompress.passes import Int8, LowRank, PruneChannels
 
 import common
 
@@ -56,6 +56,8 @@ def dense_pipelines(prune_ratio: float) -> dict:
         f"prune {prune_ratio:.0%}": [PruneChannels(ratio=prune_ratio)],
         "int8 dynamic": [Int8(embeddings=True)],  # token table and LM head int8 too: they are most of the bytes
         "int8 dynamic, every layer": [Int8(embeddings=True, allow_slower=True)],  # size: no layer kept float
+        "int8 weight-only": [Int8(mode="weight_only", embeddings=True)],
+        "low-rank 0.5 (MLPs)": [LowRank(target_macs=0.5, include=("model.layers.*.mlp",))],
         f"prune {prune_ratio:.0%} + int8": [PruneChannels(ratio=prune_ratio), Int8(embeddings=True)],
     }
 
@@ -230,7 +232,7 @@ def main() -> None:
     args = parser.parse_args()
     quick = args.quick
     args.size = "quick" if quick else "full"
-    args.prefill, args.new_tokens, args.prompts = (64, 16, 2) if quick else (128, 32, 4)
+    args.prefill, args.new_tokens, args.prompts = (64, 16, 2) if quick else (512, 128, 4)
     args.rounds, args.min_run_time = (4, 0.3) if quick else (9, 3.0)
     run(args)
 

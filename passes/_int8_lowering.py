@@ -9,7 +9,9 @@ original) the pass can emit as one graph node:
   ``fxcompress::int8_linear_qengine``, PyTorch's FBGEMM/x86/oneDNN/QNNPACK prepacked dynamic linear,
   activations quantized per tensor);
 * ``int8_linear_static`` (calibrated W8A8): ``float``, ``int_mm``, ``triton``;
-* ``int8_weight_only`` (W8A16): ``float``, ``int8_weight_only`` (``fxcompress::int8_weight_only_linear``).
+* ``int8_weight_only`` (W8A16): ``float``, ``int8_weight_only`` (``fxcompress::int8_weight_only_linear``),
+  ``int8_weight_only_bf16`` (CPU, float32 activations: ``fxcompress::int8_weight_only_linear_bf16``, the
+  activations rounded to bf16 for ATen's int8-weight GEMM, within the contract where that rounding is).
 
 Fidelity contract: a candidate may be chosen when its output error on the node's real input
 (``‖y − y_float‖ / ‖y_float‖``) is at most ``error_factor`` × the error of the scheme the mode
@@ -144,6 +146,9 @@ def _register() -> None:
         tuning.register_candidate(dynamic.name, _op_candidate(
             f"qengine:{engine}", fxops.int8_linear_qengine.default, (engine,), available=_engine_available(engine)))
     tuning.register_candidate(weight_only.name, _op_candidate("int8_weight_only", fxops.int8_weight_only_linear.default))
+    tuning.register_candidate(weight_only.name, _op_candidate(
+        "int8_weight_only_bf16", fxops.int8_weight_only_linear_bf16.default,
+        available=lambda problem: problem.device.type == "cpu" and problem.x.dtype == torch.float32))
 
 
 _register()
