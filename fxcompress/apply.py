@@ -54,15 +54,17 @@ def apply_to_model(gm: fx.GraphModule, model: torch.nn.Module) -> torch.nn.Modul
             f"{', ...' if len(dropped) > 4 else ''} (folded or removed by a pass); the module would still apply them. "
             "Apply a pipeline of eliminate_identity/prune_channels/low_rank/int8, or use the graph itself."
         )
+    written = set()
     for name, value in graph_tensors.items():
-        for owner, leaf in aliases.get(name, []):
-            if id(owner) not in alive:
-                continue
-            old = getattr(owner, leaf)
-            if isinstance(old, torch.nn.Parameter):
-                owner._parameters[leaf] = torch.nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad)
-            else:
-                owner._buffers[leaf] = value.detach().clone()
+        holders = [(owner, leaf) for owner, leaf in aliases.get(name, []) if id(owner) in alive]
+        if not holders or id(aliases[name]) in written:
+            continue
+        written.add(id(aliases[name]))
+        old = getattr(*holders[0])
+        new = torch.nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad) if isinstance(old, torch.nn.Parameter) \
+            else value.detach().clone()
+        for owner, leaf in holders:  # one new tensor for every holder: tied weights stay one tensor
+            (owner._parameters if isinstance(old, torch.nn.Parameter) else owner._buffers)[leaf] = new
     for module in reversed(list(result.modules())):  # projections before the attention reading them
         _fit_sizes(module)
     _fit_config(result, replaced)

@@ -28,6 +28,7 @@ PIPELINES = {
     "low_rank": lambda: [LowRank(rank=0.25)],
     "prune+int8": lambda: [PruneChannels(ratio=0.5), Int8(**INT8)],
     "int8+embeddings": lambda: [Int8(**INT8, embeddings=True)],
+    "prune": lambda: [PruneChannels(ratio=0.5)],
 }
 
 
@@ -112,6 +113,16 @@ class OwnProjection(torch.nn.Module):
 
     def forward(self, x):
         return torch.nn.functional.linear(x, self.weight) * 2
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_tied_embedding_and_head_stay_one_tensor_when_applied(compressed, family):
+    model, inputs, gm = compressed(family, "prune")
+    module = applied(gm, model)
+    head, table = module.get_output_embeddings().weight, module.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert head is table, "tied weights were copied apart: twice the bytes, and fine-tuning would untie them"
+    torch.testing.assert_close(logits(module, inputs), logits(gm, inputs), rtol=1e-5, atol=1e-5)
 
 
 def test_a_rewritten_module_that_is_not_a_linear_is_refused_by_name():
