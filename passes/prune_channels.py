@@ -26,6 +26,7 @@ from fxcompress.pass_base import Pass, PassContext, PassResult, register_pass
 from fxcompress.report import count_macs
 from fxcompress.selectors import first_match
 from fxcompress.passes.prune import compensate as compensation
+from fxcompress.passes.prune.allocation import allocate, candidates, pruned_trials
 from fxcompress.passes.prune.compensate import COMPENSATIONS
 from fxcompress.passes.prune.graph import ChannelGraph, analyze
 from fxcompress.passes.prune.importance import IMPORTANCE, choose_units, group_scores
@@ -33,7 +34,7 @@ from fxcompress.passes.prune.macs import MacModel
 from fxcompress.passes.prune.rewrite import PruningCheck, apply_pruning, check_removal
 from fxcompress.passes.prune.ridge import model_ridge
 from fxcompress.passes.prune.sequential import prune_sequentially, reselect
-from fxcompress.statistics import calibration_batches, collect_statistics, layer_statistics
+from fxcompress.statistics import calibration_batches, layer_statistics
 
 SCOPES = ("local", "global")
 RIDGE_CHOICES = ("gcv", "model")
@@ -73,6 +74,9 @@ class PruneChannels(Pass):
     ``"query_heads"`` keeps every key/value head and removes the same number of query heads from every group
     (where the key/value heads are repeated by ``expand`` + ``reshape``, transformers' ``repeat_kv``;
     ``repeat_interleave`` and ``sdpa(enable_gqa=True)`` still prune whole groups).
+    ``allocation="model"`` (one-shot, local scope) shares the ratio's MAC budget between kinds of groups (attention
+    heads, single channels) by the pruned model's output error on held-out calibration batches
+    (see :mod:`fxcompress.passes.prune.allocation`).
     """
 
     name: ClassVar[str] = "prune_channels"
@@ -94,6 +98,7 @@ class PruneChannels(Pass):
     sequential: bool = False
     residual: bool = False
     attention: str = "kv_groups"
+    allocation: str = "uniform"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "group_ratios", _checked_group_ratios(self.group_ratios))
@@ -144,6 +149,13 @@ class PruneChannels(Pass):
         if self.ridge == "model" and self.sequential:
             raise PassConfigError("ridge='model' compares one-shot refits of the whole model; with sequential=True give a "
                                   "number or ridge='gcv'")
+        if self.allocation not in ("uniform", "model"):
+            raise PassConfigError(f"allocation={self.allocation!r} is unknown; use 'uniform' (every group at the ratio) "
+                                  "or 'model' (heads vs channels chosen by the output error on calibration batches)")
+        if self.allocation == "model" and (self.sequential or self.scope != "local" or self.group_ratios
+                                           or self.importance == "reconstruction"):
+            raise PassConfigError("allocation='model' compares one-shot prunings at local scope; drop sequential=True, "
+                                  "scope='global', group_ratios= and importance='reconstruction'")
         if self.taylor_loss is not None and not callable(self.taylor_loss):
             raise PassConfigError("taylor_loss must be a callable mapping the model outputs to a scalar tensor")
 
@@ -170,8 +182,11 @@ class PruneChannels(Pass):
         if self.sequential or self.importance == "reconstruction":
             chosen, removed, compensations, refused, check = _recheck(gm, graph, chosen, compensations)
             result.skipped += refused
+        ridge = self.ridge
+        if self.allocation == "model" and removed:
+            chosen, removed, refused, check, ridge = self._allocate(gm, graph, scores, ratio, ctx, removed, summary)
+            result.skipped += refused
         if self.compensate and not self.sequential:
-            ridge = self.ridge
             if ridge == "model" and removed:
                 ridge, errors = model_ridge(gm, lambda fit: self._trial(gm, graph, removed, fit), list(calibration_batches(ctx)))
                 summary.update(ridge=ridge, ridge_errors=errors)
@@ -188,15 +203,21 @@ class PruneChannels(Pass):
     def _trial(self, gm: fx.GraphModule, graph: ChannelGraph, removed: dict, fit: list) -> Callable[[float], fx.GraphModule]:
         """``ridge → `` a pruned copy of ``gm`` compensated with that relative ridge on the statistics of the
         ``fit`` batches (``ridge="model"``)."""
-        stats = collect_statistics(gm, fit, list(compensation.consumers(gm).values()), gram=True, progress=False)
+        trial = pruned_trials(gm, graph, fit, self.compensate)
+        return lambda ridge: trial(removed, ridge)
 
-        def trial(ridge: float) -> fx.GraphModule:
-            copied = copy.deepcopy(gm)
-            apply_pruning(copied, graph, removed, refresh_meta=False)
-            compensation.apply(copied, graph, removed, compensation.plan(gm, graph, removed, stats, self.compensate, ridge)[0])
-            return copied
-
-        return trial
+    def _allocate(self, gm, graph: ChannelGraph, scores, ratio: float, ctx: PassContext, removed: dict, summary: dict):
+        """``allocation="model"``: the units, removal, refusals, check and ridge of the best candidate allocation."""
+        model = MacModel(gm, graph, ctx)
+        if not model.exact:
+            summary["allocation"] = "uniform: the MAC model cannot re-evaluate this graph's counted nodes"
+            return (*checked_removal(gm, graph, self._choose(graph, scores, ratio)), self.ridge)
+        options = candidates(graph, scores, ratio, self.max_ratio_per_group, self.round_to,
+                             lambda chosen: model.macs(removed_indices(graph, chosen)))
+        key, ridge, found = allocate(gm, graph, options, lambda chosen: checked_removal(gm, graph, chosen)[1],
+                                     list(calibration_batches(ctx)), self.compensate, self.ridge, removed)
+        summary.update(found)
+        return (*checked_removal(gm, graph, options[key]), ridge)
 
     def _choose(self, graph: ChannelGraph, scores, ratio: float) -> list[np.ndarray]:
         """The units to remove per group; with ``group_ratios`` each group at its own ratio (local scope

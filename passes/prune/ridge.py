@@ -69,20 +69,36 @@ def model_ridge(original: fx.GraphModule, trials: Callable[[list], Callable[[flo
     original weights so that the whole model still generalizes is a property of the model, measured here
     on calibration batches its refit did not see (never on evaluation data). With one batch there is
     nothing to hold out: the candidates are compared on it."""
+    fit, check = split_batches(batches)
+    error = held_out_error(original, check)
+    trial = trials(fit)
+    errors = {ridge: error(trial(ridge)) for ridge in MODEL_GRID}
+    return min(errors, key=errors.get), errors
+
+
+def split_batches(batches: list) -> tuple[list[Batch], list[Batch]]:
+    """``(fit, check)``: the check part is the last quarter of the batches (at most
+    :data:`MODEL_CHECK_BATCHES`); with one batch both are that batch."""
     batches = [b if isinstance(b, Batch) else Batch.of(b) for b in batches]
     held = min(MODEL_CHECK_BATCHES, max(1, len(batches) // 4)) if len(batches) > 1 else 0
-    fit, check = (batches[:-held], batches[-held:]) if held else (batches, batches)
+    return (batches[:-held], batches[-held:]) if held else (batches, batches)
+
+
+@torch.no_grad()
+def held_out_error(original: fx.GraphModule, check: list[Batch]) -> Callable[[fx.GraphModule], float]:
+    """``model → `` its relative squared error to ``original``'s floating outputs on the ``check`` batches."""
     references = [_float_leaves(original(*b.args, **b.kwargs)) for b in check]
-    trial, errors = trials(fit), {}
-    for ridge in MODEL_GRID:
-        model = trial(ridge)
-        error = energy = 0.0
+
+    @torch.no_grad()
+    def error(model: fx.GraphModule) -> float:
+        total = energy = 0.0
         for batch, reference in zip(check, references):
             for got, want in zip(_float_leaves(model(*batch.args, **batch.kwargs)), reference):
-                error += (got.double() - want.double()).square().sum().item()
+                total += (got.double() - want.double()).square().sum().item()
                 energy += want.double().square().sum().item()
-        errors[ridge] = error / max(energy, 1e-30)
-    return min(errors, key=errors.get), errors
+        return total / max(energy, 1e-30)
+
+    return error
 
 
 def _float_leaves(outputs: Any) -> list[torch.Tensor]:
