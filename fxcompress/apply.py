@@ -197,14 +197,7 @@ def _fit_config(model: torch.nn.Module, replaced: dict[str, torch.nn.Module]) ->
             # the head is an int8/low-rank layer now: HF's tying by `.weight` no longer applies (a TiedInt8Linear
             # reads its Int8Embedding's table itself, stored once)
             config.tie_word_embeddings = False
-    found: dict[str, set[int]] = {}
-    # MLPs inside a mixture-of-experts block (Qwen-MoE's shared expert) have their own config field
-    moe_blocks = [path + "." for path, module in model.named_modules() if isinstance(getattr(module, "experts", None), torch.nn.Module)]
-    for path, module in model.named_modules():
-        if any(path.startswith(block) for block in moe_blocks):
-            continue
-        for field, value in _config_sizes(module):
-            found.setdefault(field, set()).add(value)
+    found = _sizes_found(model)
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if isinstance(getattr(embeddings, "embedding_dim", None), int):  # nn.Embedding or Int8Embedding
         found["hidden_size"] = {embeddings.embedding_dim}
@@ -221,12 +214,34 @@ def _fit_config(model: torch.nn.Module, replaced: dict[str, torch.nn.Module]) ->
     for field, values in found.items():
         if len(values) == 1 and (hasattr(config, field) or field == "head_dim"):  # HF reads head_dim if set
             setattr(config, field, values.pop())
+        elif len(values) == 1 and field in MOE_MLP_FIELDS.values() | {"moe_intermediate_size"}:
+            differing.append(f"{field} (the config has no such field)")
     if differing:
         warnings.warn(
             f"fxcompress: layers differ in {', '.join(differing)}, which the config holds once; the returned model "
             "runs, but save_pretrained/from_pretrained cannot rebuild it. Prune every layer alike (scope='local').",
             FxCompressWarning, stacklevel=3,
         )
+
+
+MOE_MLP_FIELDS = {"shared_expert": "shared_expert_intermediate_size"}
+"""MLPs inside a mixture-of-experts block whose width has its own config field (Qwen-MoE's shared expert);
+other MLPs there (per-expert modules) use ``moe_intermediate_size``."""
+
+
+def _sizes_found(model: torch.nn.Module) -> dict[str, set[int]]:
+    """Config field -> the sizes the model's attention and MLP modules imply (MLPs in MoE blocks: their own fields)."""
+    found: dict[str, set[int]] = {}
+    moe_blocks = [path + "." for path, module in model.named_modules() if isinstance(getattr(module, "experts", None), torch.nn.Module)]
+    for path, module in model.named_modules():
+        in_moe = any(path.startswith(block) for block in moe_blocks)
+        for field, value in _config_sizes(module):
+            if in_moe and field == "intermediate_size":
+                field = MOE_MLP_FIELDS.get(path.rsplit(".", 1)[-1], "moe_intermediate_size")
+            elif in_moe:
+                continue
+            found.setdefault(field, set()).add(value)
+    return found
 
 
 def _config_sizes(module: torch.nn.Module) -> list[tuple[str, int]]:
