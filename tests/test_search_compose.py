@@ -95,3 +95,4 @@ def test_the_cost_model_composes_options_per_node_on_a_real_graph():
     additive = front.total - sum(c[j].saving for c, j in zip(front.linearized((-1,) * len(picks)), picks) if j >= 0)
     assert front.quantity(picks) == pytest.approx(measured, rel=0.03)
     assert abs(additive - measured) > 0.1 * measured  # the sum of savings alone counts b's time twice
+

@@ -36,7 +36,7 @@ from .allocate import Allocation, Choice, Front
 from .cost_model import CostModel, GraphProfile
 from .sensitivity import Analysis
 
-ROUNDS = 8  # re-linearizations per allocation (the answers repeat after 2–3 on the bench models)
+ROUNDS = 8  # re-linearizations per allocation (exact one-site moves finish what they leave short)
 
 
 @dataclass(frozen=True)
