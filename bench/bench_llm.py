@@ -1,12 +1,13 @@
 """Decoder LLM benchmark: a Llama-style causal LM (GQA, random weights from a config) compressed by fxcompress,
 applied back onto the model class (``fxcompress.apply_to_model``) and run as users run it, batch 1.
 
-    python bench/bench_llm.py                  # ~200M params (hidden 1024, 12 layers, GQA 16/4, vocab 32k), 2 threads
+    python bench/bench_llm.py                  # ~200M params (hidden 1024, 12 layers, GQA 16/4, vocab 32k), 512-token prompt, 2 threads
     python bench/bench_llm.py --quick          # ~60M params, fewer rounds: about 3 minutes on 2 shared cores
     python bench/bench_llm.py --tag NAME       # results under bench/results/NAME/ (default: the machine slug)
 
 Per variant (fp32, prune, int8 dynamic with its measured lowering and int8 embedding/LM-head tables, the same with
-every layer int8 (``allow_slower=True``: the size configuration), prune + int8, and torchao's int8 configs
+every layer int8 (``allow_slower=True``: the size configuration), int8 weight-only, low-rank at 0.5 of the MLPs'
+MACs, prune + int8, and torchao's int8 configs
 when torchao is installed; then a Mixtral-style mixture-of-experts model of the same width, ``moe:`` rows, fp32 and
 the two int8 variants with int8 expert GEMMs, ``--no-moe`` skips it): prefill latency (``--prefill`` tokens, cache built as ``generate`` builds it),
 one decode step with the KV cache at that context (tokens/s), parameter+buffer bytes, prefill logits
@@ -32,7 +33,7 @@ from fxcompress import tuning
 from fxcompress.capture import capture
 from fxcompress.manager import PassManager
 from fxcompress.pass_base import PassContext
-from fxcompress.passes import Int8, PruneChannels
+from fxcompress.passes import Int8, LowRank, PruneChannels
 
 import common
 
@@ -56,6 +57,8 @@ def dense_pipelines(prune_ratio: float) -> dict:
         f"prune {prune_ratio:.0%}": [PruneChannels(ratio=prune_ratio)],
         "int8 dynamic": [Int8(embeddings=True)],  # token table and LM head int8 too: they are most of the bytes
         "int8 dynamic, every layer": [Int8(embeddings=True, allow_slower=True)],  # size: no layer kept float
+        "int8 weight-only": [Int8(mode="weight_only", embeddings=True)],
+        "low-rank 0.5 (MLPs)": [LowRank(target_macs=0.5, include=("model.layers.*.mlp",))],
         f"prune {prune_ratio:.0%} + int8": [PruneChannels(ratio=prune_ratio), Int8(embeddings=True)],
     }
 
@@ -191,6 +194,8 @@ def targets(rows: list[dict], prune_ratio: float) -> dict:
                                             "layers the int8 pass kept float stay fp32)",
         "int8 weight bytes, every layer int8 (allow_slower=True)": f"{every['bytes_vs_fp32']:.3f}x "
                                                                   f"({'met' if every['bytes_vs_fp32'] <= 0.27 else 'not met'})",
+        **({"int8 weight-only decode vs fp32 (its bytes)": f"{by['int8 weight-only']['decode_vs_fp32']:.2f}x "
+                                                            f"({by['int8 weight-only']['bytes_vs_fp32']:.3f}x)"} if "int8 weight-only" in by else {}),
         **({"moe int8 weight bytes, every layer int8 (issue: 0.27-0.3x)": f"{by['moe: int8 dynamic, every layer']['bytes_vs_fp32']:.3f}x"}
            if "moe: int8 dynamic, every layer" in by else {}),
     }
@@ -230,7 +235,7 @@ def main() -> None:
     args = parser.parse_args()
     quick = args.quick
     args.size = "quick" if quick else "full"
-    args.prefill, args.new_tokens, args.prompts = (64, 16, 2) if quick else (128, 32, 4)
+    args.prefill, args.new_tokens, args.prompts = (64, 16, 2) if quick else (512, 128, 4)
     args.rounds, args.min_run_time = (4, 0.3) if quick else (9, 3.0)
     run(args)
 

@@ -54,15 +54,17 @@ def apply_to_model(gm: fx.GraphModule, model: torch.nn.Module) -> torch.nn.Modul
             f"{', ...' if len(dropped) > 4 else ''} (folded or removed by a pass); the module would still apply them. "
             "Apply a pipeline of eliminate_identity/prune_channels/low_rank/int8, or use the graph itself."
         )
+    written = set()
     for name, value in graph_tensors.items():
-        for owner, leaf in aliases.get(name, []):
-            if id(owner) not in alive:
-                continue
-            old = getattr(owner, leaf)
-            if isinstance(old, torch.nn.Parameter):
-                owner._parameters[leaf] = torch.nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad)
-            else:
-                owner._buffers[leaf] = value.detach().clone()
+        holders = [(owner, leaf) for owner, leaf in aliases.get(name, []) if id(owner) in alive]
+        if not holders or id(aliases[name]) in written:
+            continue
+        written.add(id(aliases[name]))
+        old = getattr(*holders[0])
+        new = torch.nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad) if isinstance(old, torch.nn.Parameter) \
+            else value.detach().clone()
+        for owner, leaf in holders:  # one new tensor for every holder: tied weights stay one tensor
+            (owner._parameters if isinstance(old, torch.nn.Parameter) else owner._buffers)[leaf] = new
     for module in reversed(list(result.modules())):  # projections before the attention reading them
         _fit_sizes(module)
     _fit_config(result, replaced)
@@ -195,14 +197,7 @@ def _fit_config(model: torch.nn.Module, replaced: dict[str, torch.nn.Module]) ->
             # the head is an int8/low-rank layer now: HF's tying by `.weight` no longer applies (a TiedInt8Linear
             # reads its Int8Embedding's table itself, stored once)
             config.tie_word_embeddings = False
-    found: dict[str, set[int]] = {}
-    # MLPs inside a mixture-of-experts block (Qwen-MoE's shared expert) have their own config field
-    moe_blocks = [path + "." for path, module in model.named_modules() if isinstance(getattr(module, "experts", None), torch.nn.Module)]
-    for path, module in model.named_modules():
-        if any(path.startswith(block) for block in moe_blocks):
-            continue
-        for field, value in _config_sizes(module):
-            found.setdefault(field, set()).add(value)
+    found = _sizes_found(model)
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if isinstance(getattr(embeddings, "embedding_dim", None), int):  # nn.Embedding or Int8Embedding
         found["hidden_size"] = {embeddings.embedding_dim}
@@ -219,12 +214,34 @@ def _fit_config(model: torch.nn.Module, replaced: dict[str, torch.nn.Module]) ->
     for field, values in found.items():
         if len(values) == 1 and (hasattr(config, field) or field == "head_dim"):  # HF reads head_dim if set
             setattr(config, field, values.pop())
+        elif len(values) == 1 and field in MOE_MLP_FIELDS.values() | {"moe_intermediate_size"}:
+            differing.append(f"{field} (the config has no such field)")
     if differing:
         warnings.warn(
             f"fxcompress: layers differ in {', '.join(differing)}, which the config holds once; the returned model "
             "runs, but save_pretrained/from_pretrained cannot rebuild it. Prune every layer alike (scope='local').",
             FxCompressWarning, stacklevel=3,
         )
+
+
+MOE_MLP_FIELDS = {"shared_expert": "shared_expert_intermediate_size"}
+"""MLPs inside a mixture-of-experts block whose width has its own config field (Qwen-MoE's shared expert);
+other MLPs there (per-expert modules) use ``moe_intermediate_size``."""
+
+
+def _sizes_found(model: torch.nn.Module) -> dict[str, set[int]]:
+    """Config field -> the sizes the model's attention and MLP modules imply (MLPs in MoE blocks: their own fields)."""
+    found: dict[str, set[int]] = {}
+    moe_blocks = [path + "." for path, module in model.named_modules() if isinstance(getattr(module, "experts", None), torch.nn.Module)]
+    for path, module in model.named_modules():
+        in_moe = any(path.startswith(block) for block in moe_blocks)
+        for field, value in _config_sizes(module):
+            if in_moe and field == "intermediate_size":
+                field = MOE_MLP_FIELDS.get(path.rsplit(".", 1)[-1], "moe_intermediate_size")
+            elif in_moe:
+                continue
+            found.setdefault(field, set()).add(value)
+    return found
 
 
 def _config_sizes(module: torch.nn.Module) -> list[tuple[str, int]]:

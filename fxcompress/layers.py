@@ -26,7 +26,8 @@ import torch.fx as fx
 from . import ir, ops  # noqa: F401  (ops registers torch.ops.fxcompress.*)
 
 aten = torch.ops.aten
-INT8_OPS = ("int8_linear", "int8_linear_static", "int8_weight_only_linear", "int8_linear_qengine", "int8_linear_by_rows")
+INT8_OPS = ("int8_linear", "int8_linear_static", "int8_weight_only_linear", "int8_weight_only_linear_bf16", "int8_linear_qengine",
+            "int8_linear_by_rows")
 _INT8_TARGETS = {getattr(torch.ops.fxcompress, name).default: name for name in INT8_OPS}
 _INT8_EMBEDDING = torch.ops.fxcompress.int8_embedding.default
 
@@ -60,7 +61,7 @@ class Int8Linear(torch.nn.Module):
         if self.smooth_inverse is not None:
             x = x * self.smooth_inverse
         op, weight_q, weight_scale = getattr(torch.ops.fxcompress, self.op), self.weight_q, self.weight_scale
-        if self.op == "int8_weight_only_linear":
+        if self.op in ("int8_weight_only_linear", "int8_weight_only_linear_bf16"):
             return op(x, weight_q, weight_scale, self.bias)
         if self.op == "int8_linear_static":
             return op(x, self.input_scale, weight_q, weight_scale, self.bias, "none")

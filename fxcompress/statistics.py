@@ -21,7 +21,8 @@ computed by the model but never read, and would otherwise be most of the rows of
 
 Nothing else is kept: each batch's activations are released as soon as the interpreter is past their
 last use (``fx.Interpreter`` frees dead values), so memory is the size of the statistics, whatever
-the number of batches. Per-batch sums are taken in fp32 and accumulated in fp64.
+the number of batches. Per-batch sums are taken in fp32 and accumulated in fp64. The interpreter is a
+:class:`ValueRecorder`, the early-stopping run the passes' paired runs (refits) use to keep values.
 
 :func:`layer_statistics` is what a pass calls: it reads the calibration data from the
 :class:`~fxcompress.pass_base.PassContext` (``optimize(..., calibration=data)``; the example inputs
@@ -33,6 +34,7 @@ that rewrites the node or anything feeding it invalidates exactly the statistics
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -182,55 +184,88 @@ def kept_tokens(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tenso
     return token_mask.reshape(-1).to(device=x.device) != 0
 
 
-class _AllSeen(Exception):
-    """Every requested input of this batch has been seen: the rest of the graph need not run."""
+class _AllRecorded(Exception):
+    """Every value this run needs exists: the rest of the graph need not run."""
 
 
-class _StatisticsInterpreter(fx.Interpreter):
-    """Runs one batch, hands each accumulator its layer's input, and stops after the last one."""
+class ValueRecorder(fx.Interpreter):
+    """Runs a graph on one batch and keeps the values of chosen nodes, stopping once they all exist
+    (``stop=False``: the whole graph runs, e.g. for a backward pass from its outputs).
 
-    def __init__(self, gm: fx.GraphModule, accumulators: dict[fx.Node, _Accumulator]):
+    ``names``: node names (a value is kept under its node's name) or a mapping key → node name (one node
+    may serve several keys: :func:`input_recorder` keeps layers' inputs under the layers' names). A
+    subclass changes what is kept by overriding :meth:`keep`.
+    """
+
+    def __init__(self, gm: fx.GraphModule, names: Iterable[str] | Mapping[str, str], *, stop: bool = True):
         super().__init__(gm)
-        self.accumulators = accumulators
-        self.wanted = len({id(a) for a in accumulators.values()})
-        self.done: set[int] = set()  # accumulators shared by layers reading the same features: once per batch
-        self.references: dict[str, torch.Tensor] = {}  # node name → the reference graph's input (paired runs)
-        self.token_mask: torch.Tensor | None = None  # the batch's attention_mask: padding rows are not counted
+        self.stop = stop
+        self.keys: dict[str, list[str]] = {}  # node name → the keys its value is kept under
+        pairs = names.items() if isinstance(names, Mapping) else ((name, name) for name in names)
+        for key, node_name in pairs:
+            self.keys.setdefault(node_name, []).append(key)
+        self.recorded: dict[str, Any] = {}
+        self._pending = 0  # nodes of ``keys`` not yet run in this run
 
-    def run(self, *args: Any) -> None:
-        self.done.clear()
+    def record(self, *args: Any) -> dict[str, Any]:
+        """The kept values of one run on the graph's flat inputs ``args``, by key."""
+        self.run(*args)
+        return self.recorded
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """The graph's output, ``None`` if the run stopped early; the kept values are left in ``recorded``."""
+        self.recorded, self._pending = {}, len(self.keys)
         try:
-            super().run(*args)
-        except _AllSeen:
-            pass
+            return super().run(*args, **kwargs)
+        except _AllRecorded:
+            return None
         finally:
             self.env.clear()
 
     def run_node(self, node: fx.Node) -> Any:
-        accumulator = self.accumulators.get(node)
-        if accumulator is not None and id(accumulator) not in self.done:
-            self.done.add(id(accumulator))
-            accumulator.add(self.env[ir.call_arguments(node)["input"]], self.references.get(node.name), self.token_mask)
-            if len(self.done) == self.wanted:
-                raise _AllSeen
-        return super().run_node(node)
+        value = super().run_node(node)
+        keys = self.keys.get(node.name)
+        if keys:
+            self.keep(keys, value)
+            self._pending -= 1
+            if self.stop and not self._pending:
+                raise _AllRecorded
+        return value
+
+    def keep(self, keys: list[str], value: Any) -> None:
+        for key in keys:
+            self.recorded[key] = value
 
 
-class _InputRecorder(_StatisticsInterpreter):
-    """Runs the reference graph on a batch and keeps the inputs of the named layers (until the last one)."""
+def input_recorder(gm: fx.GraphModule, layers: Iterable[str]) -> ValueRecorder:
+    """A :class:`ValueRecorder` of the inputs of ``gm``'s layer nodes named ``layers``, kept under the layers'
+    names (a name ``gm`` lacks is not kept)."""
+    names = set(layers)
+    return ValueRecorder(gm, _input_names(node for node in gm.graph.nodes if node.name in names))
 
-    def __init__(self, gm: fx.GraphModule, names: set[str]):
-        nodes = {n: None for n in gm.graph.nodes if n.name in names}
-        super().__init__(gm, {})
-        self.inputs_of, self.wanted = nodes, len(nodes)
-        self.recorded: dict[str, torch.Tensor] = {}
 
-    def run_node(self, node: fx.Node) -> Any:
-        if node in self.inputs_of and node.name not in self.recorded:
-            self.recorded[node.name] = self.env[ir.call_arguments(node)["input"]]
-            if len(self.recorded) == self.wanted:
-                raise _AllSeen
-        return fx.Interpreter.run_node(self, node)
+def _input_names(layers: Iterable[fx.Node]) -> dict[str, str]:
+    """Layer name → the name of its input node."""
+    return {node.name: ir.call_arguments(node)["input"].name for node in layers}
+
+
+class _StatisticsInterpreter(ValueRecorder):
+    """Runs one batch and hands each accumulator its layers' input as soon as it exists (nothing is kept),
+    stopping after the last one."""
+
+    def __init__(self, gm: fx.GraphModule, accumulators: dict[fx.Node, _Accumulator]):
+        super().__init__(gm, _input_names(node for node in gm.graph.nodes if node in accumulators))  # graph order
+        self.accumulators = {node.name: accumulator for node, accumulator in accumulators.items()}
+        self.references: dict[str, torch.Tensor] = {}  # layer name → the reference graph's input (paired runs)
+        self.token_mask: torch.Tensor | None = None  # the batch's attention_mask: padding rows are not counted
+
+    def keep(self, keys: list[str], value: Any) -> None:
+        fed = set()  # an accumulator shared by layers reading the same features counts the rows once
+        for key in keys:
+            accumulator = self.accumulators[key]
+            if id(accumulator) not in fed:
+                fed.add(id(accumulator))
+                accumulator.add(value, self.references.get(key), self.token_mask)
 
 
 def collect_statistics(
@@ -259,15 +294,13 @@ def collect_statistics(
     shared: dict[tuple, _Accumulator] = {}
     accumulators = {node: shared.setdefault(_features_key(node), _Accumulator(node, gram, max_gram_features)) for node in nodes}
     interpreter = _StatisticsInterpreter(gm, accumulators)
-    recorder = _InputRecorder(reference, {n.name for n in nodes}) if reference is not None else None
+    recorder = input_recorder(reference, {n.name for n in nodes}) if reference is not None else None
     seen = 0
     with torch.no_grad():
         for item in tqdm(batches, desc="calibration statistics", unit="batch", disable=None if progress is None else not progress, leave=False):
             batch = item if isinstance(item, Batch) else Batch.of(item)
             if recorder is not None:
-                recorder.recorded = {}
-                recorder.run(*flat_inputs(batch, getattr(reference, "_in_spec", None)))
-                interpreter.references = recorder.recorded
+                interpreter.references = recorder.record(*flat_inputs(batch, getattr(reference, "_in_spec", None)))
             mask = batch.kwargs.get("attention_mask")
             interpreter.token_mask = mask if isinstance(mask, torch.Tensor) else None
             interpreter.run(*flat_inputs(batch, getattr(gm, "_in_spec", None)))

@@ -207,14 +207,17 @@ def static_choice(family_name: str, problem: Any, names: list[str]) -> Choice:
 
 
 def choose(family_name: str, problem: Any, names: list[str], key: dict, tune: bool = True,
-           min_run_time: float = 0.1, baseline: str = "float") -> Choice:
+           min_run_time: float = 0.1, baseline: str = "float",
+           timed: Callable[[Candidate], Callable[[], Any]] | None = None) -> Choice:
     """The fastest of the candidates ``names`` of ``family_name`` on ``problem`` (measured or cached).
 
     The ``baseline`` (the unrewritten original) is kept unless the fastest candidate beats it by more
     than the measurement spread: on a noisy machine a lucky sample never replaces the original.
 
     ``names`` are the candidates that exist here and passed the caller's fidelity contract; ``key``
-    describes the problem for the cache (op, dtypes, shapes, options) besides the machine.
+    describes the problem for the cache (op, dtypes, shapes, options) besides the machine. ``timed``
+    gives the callable timed for a candidate (default: its ``run`` on ``problem``), e.g. one that reads
+    a different copy of the weights each call; the ``key`` must say how it differs.
     """
     if len(names) == 1:
         return Choice(names[0], "the only candidate allowed")
@@ -226,7 +229,8 @@ def choose(family_name: str, problem: Any, names: list[str], key: dict, tune: bo
     cached = timings is not None
     if not cached:
         candidates = family(family_name).candidates
-        timings = compare({n: functools.partial(candidates[n].run, problem) for n in names}, problem.device, min_run_time)
+        timed = timed or (lambda candidate: functools.partial(candidate.run, problem))
+        timings = compare({n: timed(candidates[n]) for n in names}, problem.device, min_run_time)
         cache.put(entry_key, timings)
     best = min(names, key=lambda n: timings[n].median_ms)
     if baseline in names and best != baseline and not speedup_is_measurable(timings[baseline], timings[best]):

@@ -9,9 +9,10 @@ small, large, rows)``: ``W_q`` int8 per expert and output channel, the engine pe
 
 The engines are chosen as the linears' are (``_int8_lowering.measured_choice``: fidelity contract, then
 interleaved timing with ``float`` in the race unless ``allow_slower``): once at one row per expert (a
-decoding step) and once at the example's rows per expert. Float at the example's rows becomes
-``dequantize`` (the layer stores only int8); float at one row keeps the layer float, with the reason (the
-float weight would have to stay next to the int8 one). The router stays float (``_projections.routes_experts``).
+decoding step: one expert's weight, timed cold as the step reads it, ``_int8_lowering.cold_weight_calls``)
+and once at the example's rows per expert. Float at the example's rows becomes ``dequantize`` (the layer
+stores only int8); float at one row keeps the layer float, with the reason (the float weight would have to
+stay next to the int8 one), and only where it measurably beats the prefill's int8 engine. The router stays float (``_projections.routes_experts``).
 Other batched expert forms (bmm over gathered weights, loops) stay float and are listed by their op.
 """
 
@@ -31,7 +32,7 @@ from fxcompress.ops.int8_linear import quantization_error
 from fxcompress.pass_base import PassResult
 from fxcompress.verify import node_values
 
-from ._int8_lowering import Lowering, RowBuckets, measured_choice
+from ._int8_lowering import Lowering, RowBuckets, cold_key, cold_weight_calls, measured_choice, tensor_bytes
 from ._projections import batched_weight_readers
 
 aten = torch.ops.aten
@@ -49,6 +50,7 @@ class ExpertProblem:
     weight_q: torch.Tensor
     weight_scale: torch.Tensor
     offsets: torch.Tensor
+    float_operand: torch.Tensor  # the float weight as the original op reads it
     float_op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     key: dict = field(default_factory=dict)
 
@@ -101,8 +103,9 @@ def grouped_expert_gemm(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, boo
     return (operand, transposed) if value.is_floating_point() and value.dim() == 3 else None
 
 
-def quantize_expert_gemms(gm: fx.GraphModule, ctx, config, result: PassResult) -> None:
-    """Rewrite every grouped expert GEMM (see the module docstring); list the expert weights left float."""
+def quantize_expert_gemms(gm: fx.GraphModule, ctx, config, result: PassResult, decode_working_set: int) -> None:
+    """Rewrite every grouped expert GEMM (see the module docstring); list the expert weights left float.
+    ``decode_working_set``: the bytes a decoding step reads between two calls of a layer (decode timings)."""
     found = [(node, *match) for node in gm.graph.nodes if (match := grouped_expert_gemm(gm, node)) is not None]
     handled = {weight.target for _, weight, _ in found}
     for weight, op in batched_weight_readers(gm):
@@ -123,7 +126,7 @@ def quantize_expert_gemms(gm: fx.GraphModule, ctx, config, result: PassResult) -
             continue
         stored = ir.get_attr(gm, weight.target)
         weight_nk = stored.transpose(-2, -1) if transposed else stored
-        detail, kept_float = _rewrite(gm, node, (weight.target, weight_nk), values, config)
+        detail, kept_float = _rewrite(gm, node, (weight.target, weight_nk), values, config, decode_working_set)
         result.details.append({"layer": weight.target, **detail})
         if kept_float:
             result.skip(weight.target, f"kept float: {kept_float}")
@@ -135,18 +138,19 @@ def _offsets(node: fx.Node) -> fx.Node:
     return node.args[2] if len(node.args) > 2 else node.kwargs["offs"]
 
 
-def _rewrite(gm: fx.GraphModule, node: fx.Node, weight: tuple[str, torch.Tensor], values: dict, config) -> tuple[dict, str]:
+def _rewrite(gm: fx.GraphModule, node: fx.Node, weight: tuple[str, torch.Tensor], values: dict, config,
+             working_set: int) -> tuple[dict, str]:
     """Quantize one grouped GEMM's experts and (unless float wins at one row) rewrite it: (its details, why it stays float or "")."""
     base, weight_nk = weight
     weight_q, weight_scale = quantize_experts(weight_nk)
     x, offsets = values[node.args[0].name], values[_offsets(node).name]
     target, operand = node.target, weight_nk.detach().transpose(-2, -1)
-    problem = ExpertProblem(x.device, x, weight_q, weight_scale, offsets, lambda rows, offs: target(rows, operand, offs),
+    problem = ExpertProblem(x.device, x, weight_q, weight_scale, offsets, operand, lambda rows, offs: target(rows, operand, offs),
                             {"op": "grouped_linear", "x": list(x.shape), "experts": list(weight_nk.shape), "dtype": str(x.dtype)})
     prefill = _choose(config, problem)
     rows_per_expert = int(torch.diff(offsets, prepend=offsets.new_zeros(1)).max())
-    one_row = _one_row(problem)
-    decode = _choose(config, one_row) if config.decode_rows is not None and rows_per_expert > config.decode_rows else prefill
+    decodes_apart = config.decode_rows is not None and rows_per_expert > config.decode_rows
+    decode = _choose(config, *_one_row(problem, target, working_set), baseline=prefill.impl) if decodes_apart else prefill
     buckets = RowBuckets(decode, prefill, config.decode_rows or rows_per_expert)
     detail = {"mode": config.mode, "op": "grouped_linear", "weight_shape": tuple(weight_nk.shape),
               "weight_rel_error": quantization_error(weight_nk.reshape(-1, weight_nk.shape[-1]), weight_q.reshape(-1, weight_q.shape[-1]),
@@ -170,15 +174,29 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, weight: tuple[str, torch.Tensor]
     return detail, ""
 
 
-def _one_row(problem: ExpertProblem) -> ExpertProblem:
-    """A decoding step as one expert sees it: one routed row."""
-    return replace(problem, x=problem.x[:1], offsets=torch.ones_like(problem.offsets),
-                   key={**problem.key, "x": [1, problem.x.shape[-1]]})
+def _one_row(problem: ExpertProblem, target, working_set: int) -> tuple[ExpertProblem, Callable]:
+    """A decoding step as one expert sees it (one routed row, that expert's weight), and what to time for
+    it: the weight cold, as the step reads it (``_int8_lowering.cold_weight_calls``)."""
+    weight_q, weight_scale, operand = problem.weight_q[:1], problem.weight_scale[:1], problem.float_operand[:1]
+    one = replace(problem, x=problem.x[:1], offsets=problem.offsets.new_ones(1), weight_q=weight_q, weight_scale=weight_scale,
+                  float_operand=operand, float_op=lambda rows, offs: target(rows, operand, offs),
+                  key={**problem.key, "x": [1, problem.x.shape[-1]], **cold_key(working_set)})
+
+    def copies(candidate: tuning.Candidate) -> tuple[Callable, int]:
+        if candidate.name == "float":
+            def copy():
+                fresh = operand.clone()
+                return replace(one, float_operand=fresh, float_op=lambda rows, offs: target(rows, fresh, offs))
+            return copy, tensor_bytes([operand])
+        return (lambda: replace(one, weight_q=weight_q.clone(), weight_scale=weight_scale.clone())), tensor_bytes([weight_q, weight_scale])
+
+    return one, cold_weight_calls(one, copies, working_set)
 
 
-def _choose(config, problem: ExpertProblem) -> Lowering:
+def _choose(config, problem: ExpertProblem, timed: Callable | None = None, baseline: str = "float") -> Lowering:
     scheme = SCHEME[config.mode]
     return measured_choice(
         FAMILIES[config.mode], problem, problem.key, scheme=f"{config.mode} scheme",
         scheme_error=lambda errors, _: errors.get(scheme, min(errors.values(), default=0.0)), tune=config.tune,
-        allow_slower=config.allow_slower, impl=config.impl, error_factor=config.error_factor, min_run_time=config.tune_time_s)
+        allow_slower=config.allow_slower, impl=config.impl, error_factor=config.error_factor, min_run_time=config.tune_time_s,
+        timed=timed, baseline=baseline)

@@ -9,7 +9,9 @@ original) the pass can emit as one graph node:
   ``fxcompress::int8_linear_qengine``, PyTorch's FBGEMM/x86/oneDNN/QNNPACK prepacked dynamic linear,
   activations quantized per tensor);
 * ``int8_linear_static`` (calibrated W8A8): ``float``, ``int_mm``, ``triton``;
-* ``int8_weight_only`` (W8A16): ``float``, ``int8_weight_only`` (``fxcompress::int8_weight_only_linear``).
+* ``int8_weight_only`` (W8A16): ``float``, ``int8_weight_only`` (``fxcompress::int8_weight_only_linear``),
+  ``int8_weight_only_bf16`` (CPU, float32 activations: ``fxcompress::int8_weight_only_linear_bf16``, the
+  activations rounded to bf16 for ATen's int8-weight GEMM, within the contract where that rounding is).
 
 Fidelity contract: a candidate may be chosen when its output error on the node's real input
 (``‖y − y_float‖ / ‖y_float‖``) is at most ``error_factor`` × the error of the scheme the mode
@@ -28,6 +30,9 @@ Static table (``tune=False``; CPU features from ``/proc/cpuinfo``):
 
 from __future__ import annotations
 
+import functools
+import itertools
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -141,6 +146,9 @@ def _register() -> None:
         tuning.register_candidate(dynamic.name, _op_candidate(
             f"qengine:{engine}", fxops.int8_linear_qengine.default, (engine,), available=_engine_available(engine)))
     tuning.register_candidate(weight_only.name, _op_candidate("int8_weight_only", fxops.int8_weight_only_linear.default))
+    tuning.register_candidate(weight_only.name, _op_candidate(
+        "int8_weight_only_bf16", fxops.int8_weight_only_linear_bf16.default,
+        available=lambda problem: problem.device.type == "cpu" and problem.x.dtype == torch.float32))
 
 
 _register()
@@ -186,12 +194,14 @@ class Lowering:
 
 def measured_choice(family_name: str, problem: Any, key: dict, *, scheme: str, scheme_error: Callable[[dict, Any], float],
                     as_float: Callable = lambda y: y, tune: bool, allow_slower: bool, impl: str | None,
-                    error_factor: float, min_run_time: float) -> Lowering:
+                    error_factor: float, min_run_time: float, timed: Callable | None = None,
+                    baseline: str = "float") -> Lowering:
     """The fidelity contract, then the measured choice, for one node of any int8 family.
 
     Every available candidate runs on the node's real input; one whose error against the float
     original exceeds ``error_factor`` × the ``scheme``'s own (``scheme_error(errors, reference)``) is
-    rejected; ``impl`` / ``allow_slower`` narrow the rest, which are timed (or looked up) under ``key``.
+    rejected; ``impl`` / ``allow_slower`` narrow the rest, which are timed (or looked up) under ``key``
+    (``timed``: what to time per candidate; ``baseline``: kept unless measurably beaten, :func:`tuning.choose`).
     """
     family = tuning.family(family_name)
     available = [c for c in family.candidates.values() if c.available(problem)]
@@ -212,18 +222,20 @@ def measured_choice(family_name: str, problem: Any, key: dict, *, scheme: str, s
         reason = rejected.get(impl) or f"{impl!r} is not available here ({[c.name for c in available]})"
         return Lowering(family.candidates["float"], tuning.Choice("float", f"impl={impl!r}: {reason}"), errors, rejected)
     choice = tuning.choose(family.name, problem, names, {**key, "candidates": sorted(names)}, tune=tune,
-                           min_run_time=min_run_time)
+                           min_run_time=min_run_time, timed=timed, baseline=baseline)
     return Lowering(family.candidates[choice.impl], choice, errors, rejected)
 
 
 def choose_lowering(mode: str, problem: GemmProblem, *, tune: bool, allow_slower: bool, impl: str | None,
-                    error_factor: float, min_run_time: float) -> Lowering:
+                    error_factor: float, min_run_time: float, timed: Callable | None = None,
+                    baseline: str = "float") -> Lowering:
     """The measured choice for a GEMM; the budget is the error of the candidate computing the mode's scheme."""
     scheme = "int8_weight_only" if mode == "weight_only" else SCHEME.get(problem.device.type)
     return measured_choice(
         FAMILIES[mode], problem, {**problem.key, "mode": mode}, scheme=f"{mode} scheme",
         scheme_error=lambda errors, _: errors.get(scheme, min(errors.values(), default=0.0)),
-        tune=tune, allow_slower=allow_slower, impl=impl, error_factor=error_factor, min_run_time=min_run_time)
+        tune=tune, allow_slower=allow_slower, impl=impl, error_factor=error_factor, min_run_time=min_run_time, timed=timed,
+        baseline=baseline)
 
 
 @dataclass(frozen=True)
@@ -271,33 +283,110 @@ class RowBuckets:
         }
 
 
-def decode_problem(problem: GemmProblem, float_run_at: Callable[[torch.Tensor], Callable[[], Any]]) -> GemmProblem:
-    """``problem`` at one row (a decoding step): the example's first row, the float original run on it."""
+def decode_problem(problem: GemmProblem, float_group: "FloatGroup", working_set: int) -> tuple[GemmProblem, Callable]:
+    """``problem`` at one row (a decoding step: the example's first row, the float original run on it)
+    and what to time for it: the weights cold, as the step reads them (:func:`cold_weight_calls`)."""
     k = problem.x.shape[-1]
     x = problem.x.reshape(-1, k)[:1].reshape((1,) * (problem.x.dim() - 1) + (k,))
-    return replace(problem, x=x, float_run=float_run_at(x), key={**problem.key, "x": list(x.shape)})
+    at_one_row = replace(problem, x=x, float_run=float_group.at(x), key={**problem.key, "x": list(x.shape), **cold_key(working_set)})
+    return at_one_row, cold_weight_calls(at_one_row, gemm_weight_copies(at_one_row, float_group), working_set)
 
 
-def float_run_at(gm: fx.GraphModule, group: list[fx.Node], args: list[dict], values: dict, fused: tuple[str, fx.Node]):
-    """``x -> the unrewritten nodes (and a fused activation) on x``: the ``float`` candidate, bound to the
-    graph's values now (before rewrites rename the inputs)."""
-    x_node, input_slot = args[0]["input"], object()
+_INPUT = object()  # where the group's input goes in a bound call
 
-    def value(arg):
-        if isinstance(arg, fx.Node):
-            return ir.get_attr(gm, arg.target) if arg.op == "get_attr" else (input_slot if arg is x_node else values[arg.name])
-        return arg
 
-    calls = [(node.target, [value(a) for a in node.args], {k: value(v) for k, v in node.kwargs.items()}) for node in group]
-    activation, user = fused  # the activation fused after the group, and its node
-    act = (lambda y: user.target(y, *user.args[1:], **user.kwargs)) if activation != "none" else (lambda y: y)
+@dataclass(frozen=True)
+class FloatGroup:
+    """The unrewritten nodes of a GEMM group (and the activation fused after it) with their tensors bound
+    to the graph's values now, before rewrites rename the inputs: the ``float`` candidate at any input."""
 
-    def run_at(x):
-        bound = [(target, [x if a is input_slot else a for a in a_], {k: x if v is input_slot else v for k, v in k_.items()})
-                 for target, a_, k_ in calls]
-        return lambda: tuple(act(target(*a, **k)) for target, a, k in bound)
+    calls: tuple  # (target, args, kwargs) per node, the input replaced by _INPUT
+    activation: Callable
 
-    return run_at
+    @classmethod
+    def bind(cls, gm: fx.GraphModule, group: list[fx.Node], args: list[dict], values: dict, fused: tuple[str, fx.Node]):
+        x_node = args[0]["input"]
+
+        def value(arg):
+            if isinstance(arg, fx.Node):
+                return ir.get_attr(gm, arg.target) if arg.op == "get_attr" else (_INPUT if arg is x_node else values[arg.name])
+            return arg
+
+        calls = tuple((node.target, [value(a) for a in node.args], {k: value(v) for k, v in node.kwargs.items()}) for node in group)
+        name, user = fused
+        activation = (lambda y: user.target(y, *user.args[1:], **user.kwargs)) if name != "none" else (lambda y: y)
+        return cls(calls, activation)
+
+    def at(self, x: torch.Tensor) -> Callable[[], tuple]:
+        bound = [(target, [x if a is _INPUT else a for a in args], {k: x if v is _INPUT else v for k, v in kwargs.items()})
+                 for target, args, kwargs in self.calls]
+        return lambda: tuple(self.activation(target(*a, **k)) for target, a, k in bound)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [a for _, args, kwargs in self.calls for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+
+    def with_copied_tensors(self) -> "FloatGroup":
+        def copied(a):
+            return a.clone() if isinstance(a, torch.Tensor) else a
+
+        return FloatGroup(tuple((t, [copied(a) for a in args], {k: copied(v) for k, v in kwargs.items()})
+                                for t, args, kwargs in self.calls), self.activation)
+
+
+DECODE_WORKING_SET_CAP = 256 << 20
+"""Most bytes one cycle of cold-weight copies reads (memory: every candidate holds its copies at once)."""
+
+
+def cold_key(working_set: int) -> dict:
+    """The timing-cache key part of cold-weight timings: the working set's power-of-two MiB bucket."""
+    return {"cold_weights_mib": 2 ** round(math.log2(max(working_set, 1 << 20) / (1 << 20)))}
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def decode_working_set(gm: fx.GraphModule) -> int:
+    """The bytes one decoding step reads between two calls of the same layer, as the int8 model will
+    hold them: every matrix (GEMM, expert and embedding weights) at one byte per element, vectors (norms,
+    biases) as stored; capped at :data:`DECODE_WORKING_SET_CAP`."""
+    tensors = dict(gm.named_parameters(remove_duplicate=True)) | dict(gm.named_buffers(remove_duplicate=True))
+    total = sum(t.numel() if t.dim() >= 2 else t.numel() * t.element_size() for t in tensors.values())
+    return min(total, DECODE_WORKING_SET_CAP)
+
+
+def gemm_weight_copies(problem: GemmProblem, float_group: FloatGroup) -> Callable[[tuning.Candidate], tuple[Callable, int]]:
+    """candidate -> (a copy of ``problem`` with fresh copies of the weights it reads, the bytes one call reads)."""
+    def copies(candidate: tuning.Candidate) -> tuple[Callable, int]:
+        if candidate.name == "float":
+            return (lambda: replace(problem, float_run=float_group.with_copied_tensors().at(problem.x))), tensor_bytes(float_group.tensors())
+        return (lambda: replace(problem, op_args=tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in problem.op_args))), \
+            tensor_bytes(problem.op_args)
+
+    return copies
+
+
+def cold_weight_calls(problem: Any, copies: Callable[[tuning.Candidate], tuple[Callable, int]], working_set: int) -> Callable:
+    """What is timed for each candidate of a decode problem: every call reads the next of enough copies
+    of the candidate's weights (``copies``: how to make one, and its bytes) that one cycle reads
+    ``working_set`` bytes.
+
+    A decoding step streams the whole model once, so between two calls of one layer the caches have seen
+    every other weight: the layer's weights arrive cold. A GEMV timed on one hot copy measures the cache
+    instead and favours fp32 (2-core Xeon VM, 512x512 at one row: fp32 0.028 ms hot vs 0.106 ms cold,
+    FBGEMM int8 0.028 vs 0.047)."""
+
+    def timed(candidate: tuning.Candidate) -> Callable:
+        copy, nbytes = copies(candidate)
+        count = max(1, min(4096, math.ceil(working_set / max(nbytes, 1))))
+        calls = [functools.partial(candidate.run, problem)] + [functools.partial(candidate.run, copy()) for _ in range(count - 1)]
+        with torch.no_grad():
+            for call in calls:  # each copy packs its engine weight on first use: not timed
+                call()
+        cycle = itertools.cycle(calls)
+        return lambda: next(cycle)()
+
+    return timed
 
 
 def insert_call(gm: fx.GraphModule, target, args: tuple, origin: fx.Node) -> fx.Node:

@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
-from fxcompress.statistics import flat_inputs
+from fxcompress.statistics import ValueRecorder, flat_inputs
 
 DAMPING = 0.1
 """δ as a fraction of the mean diagonal of ``G_out``: the floor on an output direction's weight."""
@@ -45,25 +45,25 @@ class TwoSidedBasis:
         return self.right[:rank] @ weight.double(), self.left[:, :rank]
 
 
-class _GradientCapture(fx.Interpreter):
-    """Runs the graph with gradients on the outputs of ``names``, which are kept in ``outputs``."""
+class _GradientCapture(ValueRecorder):
+    """Runs the whole graph with gradients on the (floating-point) outputs of ``names``, which are kept."""
 
     def __init__(self, gm: fx.GraphModule, names: set[str]):
-        super().__init__(gm)
-        self.names = names
-        self.outputs: dict[str, torch.Tensor] = {}
+        super().__init__(gm, names, stop=False)
 
     def run_node(self, node: fx.Node) -> Any:
         value = super().run_node(node)
         if node.op == "get_attr" and isinstance(value, torch.Tensor):
-            return value.detach()  # gradients reach the captured outputs only, never the parameters
-        if node.name in self.names and isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.detach()  # gradients reach the kept outputs only, never the parameters
+        return value
+
+    def keep(self, keys: list[str], value: Any) -> None:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
             if value.requires_grad:
                 value.retain_grad()
             else:
                 value.requires_grad_(True)
-            self.outputs[node.name] = value
-        return value
+            super().keep(keys, value)
 
 
 def output_grams(gm: fx.GraphModule, batches: Iterable, nodes: list[fx.Node], projections: int = PROJECTIONS,
@@ -78,15 +78,13 @@ def output_grams(gm: fx.GraphModule, batches: Iterable, nodes: list[fx.Node], pr
     for batch in batches:
         flat = flat_inputs(batch, in_spec)
         for _ in range(projections):
-            capture.outputs = {}
             with torch.enable_grad():
                 outputs = [t for t in tree_leaves(capture.run(*flat)) if isinstance(t, torch.Tensor) and t.requires_grad]
-                capture.env.clear()
                 if not outputs:
                     return {}
                 directions = [torch.randn(t.shape, generator=generator).to(t) for t in outputs]
                 torch.autograd.backward(outputs, directions)
-            for name, value in capture.outputs.items():
+            for name, value in capture.recorded.items():
                 if value.grad is not None:
                     channels_last = value.grad.detach() if value.dim() < 3 or node_is_linear[name] else value.grad.movedim(1, -1)
                     rows = channels_last.reshape(-1, channels_last.shape[-1]).float()

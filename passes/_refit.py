@@ -37,7 +37,7 @@ from fxcompress.ir import add_constant, get_attr
 from fxcompress.passes._output_whitening import TwoSidedBasis
 from fxcompress.passes._factorizations import Stage, factorize, format_ranks, reconstruct
 from fxcompress.passes._projections import gemm_arguments
-from fxcompress.statistics import InputStatistics, calibration_batches, flat_inputs, layer_features
+from fxcompress.statistics import InputStatistics, calibration_batches, flat_inputs, input_recorder, layer_features
 
 RIDGE = 1e-3
 """λ as a fraction of the mean input variance (diag G'): the pull of the refit toward the original W."""
@@ -88,46 +88,16 @@ def independent_fit(weight: torch.Tensor, stats: InputStatistics, output: tuple 
     return fit(weight, mean, mean, centred, output=output)
 
 
-class _StopAfterInputs(Exception):
-    pass
-
-
-class _InputCapture(fx.Interpreter):
-    """Runs a graph until the inputs of ``names`` are all computed; they are left in ``captured``."""
-
-    def __init__(self, gm: fx.GraphModule, names: set[str]):
-        super().__init__(gm)
-        self.names = names
-        self.captured: dict[str, torch.Tensor] = {}
-
-    def run_node(self, node: fx.Node) -> Any:
-        if node.name in self.names:
-            self.captured[node.name] = self.env[ir.call_arguments(node)["input"]]
-            if len(self.captured) == len(self.names):
-                raise _StopAfterInputs
-        return super().run_node(node)
-
-    def inputs(self, flat: list) -> dict[str, torch.Tensor]:
-        self.captured = {}
-        try:
-            self.run(*flat)
-        except _StopAfterInputs:
-            pass
-        finally:
-            self.env.clear()
-        return self.captured
-
-
 def cross_statistics(original: fx.GraphModule, current: fx.GraphModule, nodes: list[fx.Node], batches: Iterable,
                      in_spec: Any) -> dict[str, tuple]:
     """Per node name: ``(m, m', G', C)`` (centred) of its inputs in ``original`` (x) and ``current`` (x')."""
     names = {node.name for node in nodes}
-    capture_original, capture_current = _InputCapture(original, names), _InputCapture(current, names)
+    capture_original, capture_current = input_recorder(original, names), input_recorder(current, names)
     sums: dict[str, list] = {}
     with torch.no_grad():
         for batch in batches:
             flat = flat_inputs(batch, in_spec)
-            xs, xs_current = capture_original.inputs(flat), capture_current.inputs(flat)
+            xs, xs_current = capture_original.record(*flat), capture_current.record(*flat)
             for node in nodes:  # per-batch products in fp32, accumulated in fp64 (as the statistics collector)
                 x = layer_features(node, xs[node.name].float())
                 x_current = layer_features(node, xs_current[node.name].float())

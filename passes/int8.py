@@ -42,8 +42,8 @@ from ._int8_embeddings import quantize_embeddings
 from ._int8_experts import quantize_expert_gemms
 from ._int8_schemes import MODES, SCHEME_CONFIGS, Int8, Int8Dynamic, Int8Static, Int8WeightOnly, Scheme, register_scheme
 from ._int8_lowering import (
-    GemmProblem, Lowering, RowBuckets, choose_lowering, decode_problem, float_run_at, insert_call, nchw_output, nhwc_input,
-    stacked_weights,
+    FloatGroup, GemmProblem, Lowering, RowBuckets, choose_lowering, decode_problem, decode_working_set,
+    insert_call, nchw_output, nhwc_input, stacked_weights,
 )
 from ._projections import ROUTER_REASON, gemm_arguments, is_projection, routes_experts, weight_matrix
 
@@ -98,6 +98,7 @@ class _GemmRewrite:
     def __init__(self, config: Int8, scheme: "GemmScheme"):
         self.config, self.scheme = config, scheme
         self.head_tables: dict[str, tuple[fx.Node, fx.Node]] = {}  # weight -> (W_q, s_w) of its plain int8 linear
+        self.decode_working_set = 0  # bytes a decoding step reads between two calls of a layer (decode timings)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult()
@@ -113,7 +114,8 @@ class _GemmRewrite:
                 result.skip(layer_name(node), problem)
             else:
                 eligible.append(node)
-        quantize_expert_gemms(gm, ctx, config, result)
+        self.decode_working_set = decode_working_set(gm)
+        quantize_expert_gemms(gm, ctx, config, result, self.decode_working_set)
         groups = self._sibling_groups(gm, eligible, scales)
         values = self._input_values(gm, ctx, groups)
         examples = [self._example(gm, group, values) for group in groups]  # before rewrites rename inputs
@@ -176,20 +178,20 @@ class _GemmRewrite:
         return node_values(gm, ctx.args, ctx.kwargs, names)
 
     def _example(self, gm: fx.GraphModule, group: list[fx.Node], values: dict) -> tuple:
-        """(input value, computed bias value or None, ``x -> the float candidate on x``) of a group on the example inputs."""
+        """(input value, computed bias value or None, the float candidate) of a group on the example inputs."""
         args = [gemm_arguments(node) for node in group]
         x_value = values[args[0]["input"].name]
         bias = args[0]["bias"]
         bias_value = values[bias.name] if len(group) == 1 and isinstance(bias, fx.Node) and bias.op != "get_attr" else None
         fused = self._fused_activation(group[0]) if len(group) == 1 else ("none", group[0])
-        return x_value, bias_value, float_run_at(gm, group, args, values, fused)
+        return x_value, bias_value, FloatGroup.bind(gm, group, args, values, fused)
 
     def _rewrite(self, gm: fx.GraphModule, group: list[fx.Node], input_scale: float | None, example: tuple,
                  calibrated: tuple = (None, None)) -> tuple[list[dict], str]:
         """Quantize and (unless float wins everywhere) rewrite ``group``: (its details, why it stays float or "")."""
         first = group[0]
         args = [gemm_arguments(node) for node in group]
-        x_value, computed_bias, float_run_at = example
+        x_value, computed_bias, float_group = example
         hessian, absmax = calibrated
         weights = [weight_matrix(gm, node) for node in group]
         sigma, alpha = None, self.scheme.smoothing_alpha(self.config)
@@ -206,7 +208,7 @@ class _GemmRewrite:
         s_x = torch.tensor([input_scale]) if input_scale is not None else None
         problem = GemmProblem(
             device=x_value.device, x=x_value, op_args=self.scheme.op_args(s_x, weight_q, weight_scale, bias_value, activation),
-            float_run=float_run_at(x_value), prepare=nhwc_input(first.target is CONV2D, sigma), finish=nchw_output(first.target is CONV2D),
+            float_run=float_group.at(x_value), prepare=nhwc_input(first.target is CONV2D, sigma), finish=nchw_output(first.target is CONV2D),
             key={"op": "conv1x1" if first.target is CONV2D else "linear", "x": list(x_value.shape), "N": [w.shape[0] for w in weights],
                  "dtype": str(x_value.dtype), "activation": activation, "bias": bias_value is not None, "smoothed": sigma is not None},
         )
@@ -215,7 +217,7 @@ class _GemmRewrite:
         lowering = choose_lowering(self.config.mode, problem, **options)
         buckets = None
         if self._decodes_apart(first, x_value, computed_bias):
-            decode = choose_lowering(self.config.mode, decode_problem(problem, float_run_at), **options)
+            decode = self._decode_lowering(problem, float_group, lowering, options)
             buckets = RowBuckets(decode, lowering, self.config.decode_rows)
         prepacked.discard(weight_q)  # one pack per engine timed; the graph repacks for the engine it runs
         details = [
@@ -237,6 +239,14 @@ class _GemmRewrite:
         for row in details if sigma is not None else ():
             row["smoothing"] = smoothing
         return details, ""
+
+    def _decode_lowering(self, problem: GemmProblem, float_group: FloatGroup, prefill: Lowering, options: dict) -> Lowering:
+        """The choice at one row, timed with the weights cold as a decoding step reads them (:func:`cold_weight_calls`).
+
+        Where the prefill engine is int8, its weight is stored anyway: float at decode must beat it
+        measurably to earn a second, float, copy of the weight."""
+        at_one_row, timed = decode_problem(problem, float_group, self.decode_working_set)
+        return choose_lowering(self.config.mode, at_one_row, timed=timed, baseline=prefill.impl, **options)
 
     def _decodes_apart(self, first: fx.Node, x_value: torch.Tensor, computed_bias) -> bool:
         """Whether the decode engine (one row) is chosen apart from the example's: a linear of the dynamic or
@@ -303,13 +313,8 @@ class _GemmRewrite:
     def _bias(gm: fx.GraphModule, group: list[fx.Node], args: list[dict], weights: list, before: fx.Node):
         if len(group) == 1:
             return args[0]["bias"]
-        if all(a["bias"] is None for a in args):
-            return None
-        parts = [
-            ir.get_attr(gm, a["bias"].target).detach() if a["bias"] is not None else torch.zeros(w.shape[0], dtype=w.dtype)
-            for a, w in zip(args, weights)
-        ]
-        return ir.add_constant(gm, f"{args[0]['weight'].target}_fused_bias", torch.cat(parts), before)
+        value = _GemmRewrite._bias_value(gm, args, weights)
+        return None if value is None else ir.add_constant(gm, f"{args[0]['weight'].target}_fused_bias", value, before)
 
     def _fused_activation(self, node: fx.Node) -> tuple[str, fx.Node]:
         """("relu"/"gelu", the activation node) when it is the sole user and can go into the epilogue."""

@@ -3,6 +3,7 @@ and a layer whose choices differ runs ``fxcompress::int8_linear_by_rows`` (graph
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import replace
@@ -15,7 +16,9 @@ import fxcompress
 from fxcompress import apply_to_model, tuning
 from fxcompress.errors import FxCompressWarning, PassConfigError
 from fxcompress.layers import Int8Linear
+from fxcompress.ops.int8_linear import quantize_weight_per_channel
 from fxcompress.passes import Int8
+from fxcompress.passes._int8_lowering import _INPUT, FloatGroup, GemmProblem, cold_weight_calls, gemm_weight_copies, tensor_bytes
 from tests import llm_zoo
 
 DYNAMIC = "int8_linear_dynamic"
@@ -90,6 +93,53 @@ def test_decode_engine_is_chosen_at_one_row_and_runs_there(decode_winner, winner
         torch.testing.assert_close(gm(DECODE), decode_reference(DECODE), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(gm(PREFILL), prefill_reference(PREFILL), rtol=1e-6, atol=1e-6)
         assert not torch.allclose(gm(DECODE), prefill_reference(DECODE), rtol=1e-6, atol=1e-6), "the buckets differ"
+
+
+def test_a_tie_at_one_row_keeps_the_int8_engine_and_no_float_weight(monkeypatch, tmp_path):
+    """int_mm wins above one row; at one row float is faster by less than the spread: a float copy of the
+    weight would buy nothing measurable, so the int8 engine runs at every row count."""
+    monkeypatch.setenv("FXCOMPRESS_CACHE_DIR", str(tmp_path))
+    family, rows_seen = tuning.family(DYNAMIC), []
+    timings = {("float", True): tuning.Timing(1.0, 0.2, 0.9), ("int_mm", True): tuning.Timing(1.05, 0.2, 0.95),
+               ("float", False): tuning.Timing(10.0, 0.2, 9.9), ("int_mm", False): tuning.Timing(1.0, 0.2, 0.9)}
+
+    def recording(candidate):
+        return replace(candidate, run=lambda problem: (rows_seen.append(_rows(problem)), candidate.run(problem))[1])
+
+    def measured(fns, device, min_run_time):
+        return {name: (fn(), timings[name, rows_seen[-1] == 1])[1] for name, fn in fns.items()}
+
+    candidates = {n: recording(family.candidates[n]) for n in ("float", "int_mm")}
+    monkeypatch.setitem(tuning._FAMILIES, DYNAMIC, tuning.Family(DYNAMIC, candidates, family.static_rule))
+    monkeypatch.setattr(tuning, "compare", measured)
+    model, inputs = _mlp()
+    gm = _optimize(model, inputs)
+    assert not any(n.target is BY_ROWS for n in gm.graph.nodes)
+    assert {(d["decode_impl"], d["impl"]) for d in gm.report.results["int8"].details} == {("int_mm", "int_mm")}
+    assert all(d["decode_chosen_by"].startswith("no measurable gain over int_mm") for d in gm.report.results["int8"].details)
+
+
+def test_decode_timings_cycle_through_cold_copies_of_the_weights():
+    weight, bias, x = torch.randn(96, 64), torch.randn(96), torch.randn(1, 64)
+    float_group = FloatGroup(((torch.ops.aten.linear.default, [_INPUT, weight, bias], {}),), lambda y: y)
+    weight_q, scale = quantize_weight_per_channel(weight)
+    problem = GemmProblem(torch.device("cpu"), x, (weight_q, scale, bias, "none"), float_group.at(x))
+    read = []
+
+    def run(problem):
+        read.append(problem.op_args[0].data_ptr())
+        return torch.ops.fxcompress.int8_linear(problem.x, *problem.op_args)
+
+    timed = cold_weight_calls(problem, gemm_weight_copies(problem, float_group), working_set=10 * tensor_bytes(problem.op_args))
+    engine_call = timed(tuning.Candidate("int_mm", run))
+    read.clear()
+    outputs = [engine_call() for _ in range(20)]
+    assert len(set(read)) == 10 and read[:10] == read[10:], "ten copies, read in turn"
+    assert all(torch.equal(o, outputs[0]) for o in outputs)
+    float_call = timed(tuning.Candidate("float", lambda p: p.float_run()))
+    reference = torch.nn.functional.linear(x, weight, bias)
+    assert all(torch.equal(float_call()[0], reference) for _ in range(5))
+    assert math.ceil(10 * tensor_bytes(problem.op_args) / tensor_bytes([weight, bias])) == 3  # fp32: fewer, larger copies
 
 
 def test_same_choice_at_both_row_counts_is_one_plain_op(decode_winner):

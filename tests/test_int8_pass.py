@@ -235,6 +235,24 @@ def test_bf16_weight_only_uses_int8_weights():
     assert fidelity(model(x).float(), out.float()).cosine > 0.999
 
 
+def test_fp32_weight_only_can_run_bf16_activations_within_the_contract(encoder):
+    model, inputs = encoder
+    gm = _optimize(model, inputs, mode="weight_only", min_weight_numel=0, impl="int8_weight_only_bf16", fuse_siblings=False)
+    assert _targets(gm).count(torch.ops.fxcompress.int8_weight_only_linear_bf16.default) == 13
+    details = gm.report.results["int8"].details
+    assert all(d["impl"] == "int8_weight_only_bf16" and d["output_rel_error"] < 0.02 for d in details)
+    reference = _optimize(model, inputs, mode="weight_only", min_weight_numel=0, fuse_siblings=False)  # float activations
+    with torch.no_grad():
+        out, exact = gm(*inputs), reference(*inputs)
+    leaves, exact_leaves = torch.utils._pytree.tree_leaves(out), torch.utils._pytree.tree_leaves(exact)
+    assert all(t.dtype == torch.float32 for t in leaves)
+    assert not all(map(torch.equal, leaves, exact_leaves)), "the activations really went through bf16"
+    assert fidelity(exact, out).cosine > 0.9999
+    module = fxcompress.apply_to_model(gm, model)
+    with torch.no_grad():
+        torch.testing.assert_close(module(*inputs), out, rtol=1e-5, atol=1e-5)
+
+
 def test_smoothquant_moves_outliers_into_weights():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256)).eval()

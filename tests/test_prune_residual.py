@@ -9,11 +9,10 @@ import torch
 import torch.nn as nn
 
 from fxcompress import ir
-from fxcompress.capture import capture
 from fxcompress.errors import PassConfigError
-from fxcompress.pass_base import PassContext
 from fxcompress.passes import PruneChannels
 from fxcompress.passes.prune.residual import residual_cross, residual_operands
+from tests.calibrated_pruning import calibrated_case, pruned, pruned_error
 
 
 class Block(nn.Module):
@@ -40,35 +39,22 @@ class ResidualNet(nn.Module):
 @pytest.fixture(scope="module")
 def residual_case():
     torch.manual_seed(0)
-    model = ResidualNet().eval()
-    mix = torch.randn(16, 16)  # correlated inputs
-    calibration = [torch.randn(256, 16) @ mix for _ in range(4)]
-    return model, calibration, capture(model, (calibration[0],))
-
-
-def pruned_error(case, **options) -> tuple[float, list]:
-    model, calibration, captured = case
-    gm = copy.deepcopy(captured)
-    result = PruneChannels(ratio=0.5, compensate="lstsq", sequential=True, **options).run(
-        gm, PassContext((calibration[0],), {}, calibration=calibration))
-    with torch.no_grad():
-        return sum((gm(x) - model(x)).square().sum().item() for x in calibration), result.details
+    return calibrated_case(ResidualNet().eval(), rows=256)
 
 
 @pytest.mark.parametrize("importance", ["activation", "reconstruction"])
 def test_residual_refit_beats_the_plain_sequential_refit(residual_case, importance):
     """Each block's down-projection also takes out the error the earlier blocks left in the residual stream."""
-    plain, _ = pruned_error(residual_case, importance=importance)
-    residual, details = pruned_error(residual_case, importance=importance, residual=True)
+    options = dict(importance=importance, compensate="lstsq", sequential=True)
+    plain, _ = pruned_error(residual_case, **options)
+    residual, details = pruned_error(residual_case, **options, residual=True)
     assert [r["method"] for r in details if "compensated" in r] == ["lstsq + residual"] * 3
     assert residual < 0.9 * plain
 
 
 def test_residual_ratio_zero_is_exact(residual_case):
-    model, calibration, captured = residual_case
-    gm = copy.deepcopy(captured)
-    result = PruneChannels(ratio=0.0, importance="activation", compensate="lstsq", sequential=True, residual=True).run(
-        gm, PassContext((calibration[0],), {}, calibration=calibration))
+    model, calibration, _ = residual_case
+    gm, result = pruned(residual_case, ratio=0.0, importance="activation", compensate="lstsq", sequential=True, residual=True)
     assert not result.changed
     torch.testing.assert_close(gm(calibration[0]), model(calibration[0]), rtol=1e-5, atol=1e-5)
 

@@ -12,12 +12,12 @@ import torch.nn as nn
 from fxcompress import ir
 from fxcompress.capture import capture
 from fxcompress.errors import PassConfigError
-from fxcompress.pass_base import PassContext
 from fxcompress.passes import PruneChannels
 from fxcompress.passes.prune import compensate as compensation
 from fxcompress.passes.prune.graph import analyze
 from fxcompress.passes.prune.sequential import _ObsSystem, group_consumers
 from fxcompress.statistics import LAYER_OPS, collect_statistics
+from tests.calibrated_pruning import calibrated_case, pruned, pruned_error
 
 
 def mlp3() -> nn.Module:
@@ -27,19 +27,7 @@ def mlp3() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def mlp_case():
-    model = mlp3()
-    mix = torch.randn(16, 16)  # correlated inputs
-    calibration = [torch.randn(128, 16) @ mix for _ in range(4)]
-    return model, calibration, capture(model, (calibration[0],))
-
-
-def pruned_error(case, **options) -> tuple[float, list]:
-    model, calibration, captured = case
-    gm = copy.deepcopy(captured)
-    result = PruneChannels(ratio=0.5, **options).run(gm, PassContext((calibration[0],), {}, calibration=calibration))
-    with torch.no_grad():
-        error = sum((gm(x) - model(x)).square().sum().item() for x in calibration)
-    return error, result.details
+    return calibrated_case(mlp3(), rows=128)
 
 
 def test_sequential_refit_is_never_worse_than_one_shot(mlp_case):
@@ -62,10 +50,8 @@ def test_reconstruction_importance_beats_activation(mlp_case):
 
 
 def test_sequential_ratio_zero_is_exact_and_input_graph_untouched(mlp_case):
-    model, calibration, captured = mlp_case
-    gm = copy.deepcopy(captured)
-    result = PruneChannels(ratio=0.0, importance="reconstruction", compensate="lstsq", sequential=True).run(
-        gm, PassContext((calibration[0],), {}, calibration=calibration))
+    model, calibration, _ = mlp_case
+    gm, result = pruned(mlp_case, ratio=0.0, importance="reconstruction", compensate="lstsq", sequential=True)
     assert not result.changed
     torch.testing.assert_close(gm(calibration[0]), model(calibration[0]), rtol=1e-5, atol=1e-5)
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from fxcompress.capture import capture
 from fxcompress.errors import InvalidInputError
 from fxcompress.pass_base import PassContext
-from fxcompress.statistics import collect_statistics, layer_statistics, check_calibration, LAYER_OPS
+from fxcompress.statistics import LAYER_OPS, ValueRecorder, check_calibration, collect_statistics, input_recorder, layer_statistics
 
 
 class ConvMLP(nn.Module):
@@ -137,3 +137,22 @@ def test_layers_reading_the_same_input_share_one_accumulation():
     assert q is k and q.rows == 30
     x = torch.cat(batches).reshape(-1, 8).double()
     torch.testing.assert_close(q.gram, x.T @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_value_recorder_stops_once_every_value_exists(model_and_graph):
+    """Outputs of named nodes (one node under two keys), layers' inputs under the layers' names; the run
+    stops before the graph's output unless ``stop=False``."""
+    model, gm = model_and_graph
+    conv, big, fc = layers(gm)
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        first = model.conv(x)
+        recorder = ValueRecorder(gm, {"conv": conv.name, "again": conv.name})
+        assert recorder.run(x) is None and set(recorder.recorded) == {"conv", "again"}
+        torch.testing.assert_close(recorder.recorded["again"], first)
+        inputs = input_recorder(gm, [big.name, fc.name, "no_such_layer"]).record(x)
+        assert set(inputs) == {big.name, fc.name}
+        torch.testing.assert_close(inputs[big.name], torch.relu(first))
+        whole = ValueRecorder(gm, [fc.name], stop=False)
+        torch.testing.assert_close(whole.run(x), model(x))
+        torch.testing.assert_close(whole.recorded[fc.name], model(x))

@@ -204,6 +204,20 @@ def int8_weight_only_linear(x: Tensor, weight_q: Tensor, weight_scale: Tensor, b
     return y.reshape(*x.shape[:-1], weight_q.shape[0])
 
 
+@custom_op("fxcompress::int8_weight_only_linear_bf16", mutates_args=())
+def int8_weight_only_linear_bf16(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """W8A16 for float32 activations: ``x`` rounded to bf16 for ATen's int8-weight GEMM (``_weight_int8pack_mm``,
+    AVX-512 BF16 kernels on the CPU), the result back in ``x.dtype``. The rounding costs ~2^-9 relative per
+    activation; the int8 pass's fidelity contract decides whether that is within the weight-only scheme's error."""
+    rows = _as_rows(x).to(torch.bfloat16).contiguous()
+    y = torch._weight_int8pack_mm(rows, weight_q, weight_scale.to(torch.bfloat16)).to(x.dtype)
+    y = y.add_(bias) if bias is not None else y
+    return y.reshape(*x.shape[:-1], weight_q.shape[0])
+
+
+int8_weight_only_linear_bf16.register_fake(_linear_fake)
+
+
 def _prepack(weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor], engine: str):
     with engine_scope(engine), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # quantized tensor creation is deprecated; it is this engine's input format
@@ -240,6 +254,8 @@ def _bucket_engine(impl: str, x: Tensor, weight_q: Tensor, weight_scale: Tensor,
         return _activate(torch.nn.functional.linear(x, float_weight, bias), activation)
     if impl in ("dequantize", "int8_weight_only"):
         return _activate(int8_weight_only_linear(x, weight_q, weight_scale, bias), activation)
+    if impl == "int8_weight_only_bf16":
+        return _activate(int8_weight_only_linear_bf16(x, weight_q, weight_scale, bias), activation)
     if impl in ("int_mm", "triton"):
         return int8_linear(x, weight_q, weight_scale, bias, activation)
     if impl.startswith("qengine:"):
@@ -247,7 +263,7 @@ def _bucket_engine(impl: str, x: Tensor, weight_q: Tensor, weight_scale: Tensor,
     raise ValueError(f"fxcompress::int8_linear_by_rows: unknown engine {impl!r}; one of {BUCKET_ENGINES} or 'qengine:<engine>'")
 
 
-BUCKET_ENGINES = ("float", "dequantize", "int_mm", "triton", "int8_weight_only")
+BUCKET_ENGINES = ("float", "dequantize", "int_mm", "triton", "int8_weight_only", "int8_weight_only_bf16")
 """What a row bucket of :func:`int8_linear_by_rows` can run: the int8 pass's candidates, plus ``dequantize``
 (``s_w ⊙ W_q`` then one float GEMM: the ``float`` choice of a layer that stores only int8)."""
 
@@ -295,8 +311,8 @@ def _linear_flops(x_shape, weight_shape) -> int:
 
 
 @register_flop_formula([
-    torch.ops.fxcompress.int8_linear, torch.ops.fxcompress.int8_weight_only_linear, torch.ops.fxcompress.int8_linear_qengine,
-    torch.ops.fxcompress.int8_linear_by_rows,
+    torch.ops.fxcompress.int8_linear, torch.ops.fxcompress.int8_weight_only_linear, torch.ops.fxcompress.int8_weight_only_linear_bf16,
+    torch.ops.fxcompress.int8_linear_qengine, torch.ops.fxcompress.int8_linear_by_rows,
 ])
 def _int8_linear_flop(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
     return _linear_flops(x_shape, weight_shape)

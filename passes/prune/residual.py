@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from fxcompress import ir
-from fxcompress.statistics import LAYER_OPS, flat_inputs, kept_tokens, layer_features
+from fxcompress.statistics import LAYER_OPS, ValueRecorder, flat_inputs, kept_tokens, layer_features
 from fxcompress.training import Batch
 
 
@@ -54,36 +54,6 @@ class ResidualDrift:
         return self.cross[-1] / max(self.rows, 1)
 
 
-class _Done(Exception):
-    pass
-
-
-class _Recorder(fx.Interpreter):
-    """Runs one batch and keeps the values of the named nodes, stopping once all of them exist."""
-
-    def __init__(self, gm: fx.GraphModule, names: set[str]):
-        super().__init__(gm)
-        self.names, self.recorded = names, {}
-
-    def record(self, *args: Any) -> dict[str, torch.Tensor]:
-        self.recorded = {}
-        try:
-            self.run(*args)
-        except _Done:
-            pass
-        finally:
-            self.env.clear()
-        return self.recorded
-
-    def run_node(self, node: fx.Node) -> Any:
-        result = super().run_node(node)
-        if node.name in self.names:
-            self.recorded[node.name] = result
-            if len(self.recorded) == len(self.names):
-                raise _Done
-        return result
-
-
 def output_rows(node: fx.Node, y: torch.Tensor) -> torch.Tensor:
     """A layer's output as rows matching :func:`~fxcompress.statistics.layer_features` (tokens / positions × N)."""
     return (y.movedim(1, -1) if LAYER_OPS[node.target] else y).reshape(-1, y.shape[1 if LAYER_OPS[node.target] else -1])
@@ -98,8 +68,8 @@ def residual_cross(work: fx.GraphModule, reference: fx.GraphModule, batches: Ite
     if not layers:
         return {}
     inputs = {name: ir.call_arguments(n)["input"].name for name, n in layers.items()}
-    work_run = _Recorder(work, set(inputs.values()) | {operands[name].name for name in layers})
-    reference_run = _Recorder(reference, {operands[name].name for name in layers})
+    work_run = ValueRecorder(work, set(inputs.values()) | {operands[name].name for name in layers})
+    reference_run = ValueRecorder(reference, {operands[name].name for name in layers})
     drift = {name: ResidualDrift(torch.zeros(0)) for name in layers}
     for item in batches:
         batch = item if isinstance(item, Batch) else Batch.of(item)

@@ -161,7 +161,7 @@ def apply_pruning(
     _resize_all(gm, sizes)
     sliced = _slice_attrs(gm, sizes)
     if refresh_meta:
-        _write_values(gm, check.values)
+        _write_values(gm, check.values, sliced)
     ir.finalize(gm)
     return sliced
 
@@ -179,19 +179,19 @@ def _slice_attrs(gm: fx.GraphModule, sizes: PrunedSizes) -> list[str]:
                 value = value.index_select(dim, torch.as_tensor(keep, device=value.device))
         ir.set_attr(gm, node.target, value.contiguous())
         sliced.append(node.target)
-    for node in gm.graph.nodes:  # every reader of a sliced attribute, e.g. a bias fold_bn added (not in the check's values)
+    return sliced
+
+
+def _write_values(gm: fx.GraphModule, values: dict[str, Any], sliced: list[str]) -> None:
+    """New ``meta["val"]``: the old (symbolic) fake values with each concrete dim at its checked size; every
+    reader of a ``sliced`` attribute's from its new tensor (a constant another pass added, such as fold_bn's
+    bias, carries a real tensor, which restamping would leave at the old shape)."""
+    for node in gm.graph.nodes:
         old = node.meta.get("val")
         if node.op == "get_attr" and node.target in sliced and isinstance(old, torch.Tensor):
             value = ir.get_attr(gm, node.target)
             node.meta["val"] = _restamped(old, value) if isinstance(old, FakeTensor) else value.detach()
-    return sliced
-
-
-def _write_values(gm: fx.GraphModule, values: dict[str, Any]) -> None:
-    """New ``meta["val"]``: the old (symbolic) fake values with each concrete dim at its checked size."""
-    for node in gm.graph.nodes:
-        old = node.meta.get("val")
-        if node.name in values and old is not None and node.op != "output":
+        elif node.name in values and old is not None and node.op != "output":
             leaves, spec = pytree.tree_flatten(old)
             new = pytree.tree_leaves(values[node.name])
             if len(new) == len(leaves):
