@@ -155,6 +155,7 @@ def run_minilm(resume: bool = False, timing: bool = True, measured_only: bool = 
                      "compress_seconds": round(seconds, 1), "layers": student.report.results[compression.name].details,
                      **float_layers(student, compression),
                      "commit": machine_info()["commit"]})
+        PARTIAL.parent.mkdir(parents=True, exist_ok=True)  # a fresh checkout has no results folder for this machine
         with PARTIAL.open("a") as partial:
             partial.write(json.dumps(rows[-1], default=str) + "\n")
         print({k: v for k, v in rows[-1].items() if k != "layers"}, flush=True)
