@@ -15,11 +15,12 @@ Every zoo, on the idle machine (each line resumes where the last run stopped):
 For each model (``bench/zoo_models.py``: torchvision classification + segmentation, timm, HF configs;
 random weights, small inputs, batch 2) and each variant in ``VARIANTS`` (the default pipeline, then
 ``PruneChannels(ratio=0.5)``, ``PruneChannels(target_macs=0.5)``, ``LowRank(target_macs=0.7)``,
-``Int8()`` each after it): whether ``fxcompress.optimize`` runs (verified), the dynamic dims kept
-(``report.shapes``), the MACs reached, the wall time and peak memory of every pass
+``Int8()`` each after it): whether the verified pipeline runs, the MACs reached, the wall time and peak memory of every pass
 (``bench/pass_cost.py``), and every skip reason the report gives; once per model, pruning's mask
 equivalence (``tests.test_prune_channels.graph_mask_equivalence``: zeroing the chosen channels in the
-original == removing them). Every model runs in its own subprocess with a timeout, so a crash or hang
+original == removing them). Each model is captured once (``capture``: wall time, peak memory, the dynamic
+dims kept and why the others are static) and every variant runs a ``PassManager`` on a deep copy of that
+graph, with the report ``optimize`` would build, so capture time is not counted five times. Every model runs in its own subprocess with a timeout, so a crash or hang
 costs one model. Results go to ``bench/results/<machine>/zoo.{json,md}`` after every model; a rerun
 skips the (model, variant) pairs already there (``--redo`` reruns them).
 """
@@ -41,6 +42,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 VARIANT_NAMES = ("default", "prune_ratio", "prune_macs", "low_rank", "int8")
 MASK = "mask_equivalence"
+CAPTURE = "capture"  # once per model; every variant runs on a copy of its graph
 MASK_TOLERANCE = 1e-4  # relative to max |output|
 NAME = "zoo"
 
@@ -61,23 +63,48 @@ def variant_passes(variant: str) -> list:
 # --- worker: one model, the requested variants, one JSON line per result --------------------------------
 
 
-def run_variant(model, inputs, variant: str) -> dict:
-    import fxcompress
-    from pass_cost import PassCost, reset_peak, peak_bytes
+def capture_once(model, inputs) -> tuple:
+    """(graph, eager reference outputs, the capture's record): one capture per model, every variant
+    runs on a copy of its graph (as ``fxcompress.optimize`` would, minus the capture)."""
+    from fxcompress.capture import capture_owned, eval_copy, run_eagerly
+    from fxcompress.inputs import Inputs
+    from pass_cost import peak_bytes, reset_peak
 
-    cost = PassCost()
+    inputs = Inputs.of(inputs)
+    owned = eval_copy(model, warn=False)
+    reference = run_eagerly(owned, inputs)
     rss = reset_peak()
     start = time.perf_counter()
-    gm = fxcompress.optimize(model, inputs, variant_passes(variant), report=fxcompress.ReportConfig(latency=False),
-                             instrumentations=[cost], progress=False)
+    graph = capture_owned(owned, inputs, reference)
+    seconds = time.perf_counter() - start
+    shapes = graph.meta["fxcompress_shapes"]
+    return graph, reference, {"status": "ok", "capture_s": seconds, "peak_extra_bytes": max(peak_bytes() - rss, 0),
+                              "dynamic": shapes.dynamic(), "specialized": shapes.specialized()}
+
+
+def run_variant(graph, inputs, reference, variant: str) -> dict:
+    """``variant``'s pipeline on a copy of ``graph``, verified and reported as ``optimize`` does."""
+    import copy
+
+    from fxcompress import PassManager, ReportConfig
+    from fxcompress.pass_base import PassContext
+    from fxcompress.report import ReportBuilder
+    from pass_cost import PassCost, peak_bytes, reset_peak
+
+    gm = copy.deepcopy(graph)
+    builder, cost = ReportBuilder(reference, ReportConfig(latency=False)), PassCost()
+    manager = PassManager(variant_passes(variant), instrumentations=[builder, cost])
+    rss = reset_peak()
+    start = time.perf_counter()
+    manager.run(gm, PassContext.of(inputs))
     wall = time.perf_counter() - start
-    report = gm.report
+    report = builder.report
     first, last = report.rows[0], report.rows[-1]
     return {
         "status": "ok", "wall_s": wall, "peak_extra_bytes": max(peak_bytes() - rss, 0), "passes": cost.rows,
         "macs_in": first["macs"], "macs_out": last["macs"], "macs_ratio": last["macs"] / max(first["macs"], 1),
         "params_ratio": last["params"] / max(first["params"], 1), "cosine": last["cosine"],
-        "dynamic": report.shapes.dynamic(), "specialized": report.shapes.specialized(), "second_shape": report.shapes.second_shape,
+        "second_shape": manager.probe.description if manager.probe is not None else None,
         "skipped": report.skipped_summary(), "details": _prune_summary(report),
     }
 
@@ -87,24 +114,39 @@ def _prune_summary(report) -> dict | None:
     return result.details[0] if result is not None and result.details else None
 
 
-def mask_equivalence(model, inputs) -> dict:
+def mask_equivalence(model, graph, inputs) -> dict:
+    """Zeroing the channels pruning would remove == removing them, on a copy of ``graph`` whose norm
+    layers (``model``'s, by name) get random affine parameters and statistics, so no channel is trivial."""
     import copy
 
     import torch
     from torch.utils import _pytree as pytree
 
-    from fxcompress.capture import capture
     from tests.test_prune_channels import ctx_of, graph_mask_equivalence, randomize_norms
 
-    model = randomize_norms(copy.deepcopy(model))
+    gm = copy.deepcopy(graph)
+    norms = randomize_norms(copy.deepcopy(model))
+    with torch.no_grad():
+        for name, tensor in [*norms.named_parameters(), *norms.named_buffers()]:
+            target = _graph_tensor(gm, name)
+            if target is not None and target.shape == tensor.shape:
+                target.copy_(tensor)
     ctx = ctx_of(inputs)
-    gm = capture(model, inputs)
     with torch.no_grad():
         scale = max(float(t.abs().max()) for t in pytree.tree_leaves(ctx.run(gm)) if isinstance(t, torch.Tensor) and t.is_floating_point())
     error, removed = graph_mask_equivalence(gm, ctx, ratio=0.5)
     relative = error / max(scale, 1e-12)
     return {"status": "ok" if relative <= MASK_TOLERANCE else "error", "relative_error": relative, "removed_indices": removed,
             **({} if relative <= MASK_TOLERANCE else {"error": f"mask equivalence: relative error {relative:.3g} > {MASK_TOLERANCE}"})}
+
+
+def _graph_tensor(gm, dotted: str):
+    from fxcompress import ir
+
+    try:
+        return ir.get_attr(gm, dotted)
+    except AttributeError:  # folded or renamed by export: nothing to randomize
+        return None
 
 
 def failure(exc: BaseException) -> dict:
@@ -147,9 +189,17 @@ def worker(key: str, variants: list[str], out: Path, threads: int, max_params: f
         emit("build", {"status": "too_large", "params": params, "error": f"{params / 1e6:.0f}M parameters > --max-params"})
         return
     emit("build", {"status": "ok", "params": params, "note": entry.note})
+    try:
+        graph, reference, record = capture_once(model, inputs)
+    except Exception as exc:
+        graph, record = None, failure(exc)
+    emit(CAPTURE, record)
     for variant in variants:
+        if graph is None:
+            emit(variant, {"status": "error", "error": f"not run: capture failed ({record['error'][:300]})", "where": "capture"})
+            continue
         try:
-            record = mask_equivalence(model, inputs) if variant == MASK else run_variant(model, inputs, variant)
+            record = mask_equivalence(model, graph, inputs) if variant == MASK else run_variant(graph, inputs, reference, variant)
         except Exception as exc:
             record = failure(exc)
         emit(variant, record)
@@ -179,7 +229,7 @@ def run_model(key: str, variants: list[str], timeout: float, threads: int, max_p
             record = json.loads(line)
             records[record.pop("variant")] = record
         out.unlink()
-    for variant in ["build", *variants]:
+    for variant in ["build", CAPTURE, *variants]:
         if variant not in records and ended:
             records[variant] = {"status": "timeout" if ended.startswith("timeout") else "crashed", "error": ended}
             ended = ended if ended.startswith("timeout") else "not run: the worker crashed on an earlier variant"

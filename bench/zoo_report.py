@@ -9,13 +9,15 @@ from tabulate import tabulate
 
 from common import write_results
 
-COLUMNS = ("default", "prune_ratio", "prune_macs", "low_rank", "int8", "mask_equivalence")
+COLUMNS = ("capture", "default", "prune_ratio", "prune_macs", "low_rank", "int8", "mask_equivalence")
 
 
 def cell(record: dict | None) -> str:
     if record is None:
         return ""
     status = record.get("status")
+    if status == "ok" and "capture_s" in record:
+        return f"ok {record['capture_s']:.1f} s, dynamic: {', '.join(record['dynamic']) or 'none'}"
     if status == "ok" and "relative_error" in record:
         return f"ok {record['relative_error']:.0e}"
     if status == "ok":
@@ -70,13 +72,16 @@ def write_zoo(results: dict, tag: str | None = None) -> list[str]:
     for key, records in sorted(results.items()):
         build = records.get("build", {})
         params = build.get("params")
-        rows.append([key, f"{params / 1e6:.1f}" if params else build.get("status", ""), *[cell(records.get(c)) for c in COLUMNS]])
+        rows.append([key, f"{params / 1e6:.1f}" if params else build.get("status", ""),
+                     *[cell(records.get(c)) for c in COLUMNS]])
     summary = family_summary(results)
     table = tabulate(rows, headers=["model", "params M", *COLUMNS], tablefmt="github")
     failures = [f"- {key} [{variant}] ({record.get('where', '')}): {record.get('error', '')[:400]}"
                 for key, records in sorted(results.items()) for variant, record in records.items()
                 if record.get("status") not in ("ok", "too_large", None)]
-    text = ("Cells: MACs kept (fraction of the input model's), slowest pass wall time (pass + verification + report), "
+    text = ("All times are wall times on a loaded (shared) machine. capture: one torch.export per model (its wall time, the "
+            "dynamic dims kept); every variant runs on a copy of that graph. "
+            "Cells: MACs kept (fraction of the input model's), slowest pass wall time (pass + verification + report), "
             "peak resident memory of the worst pass in units of the model's weight bytes; mask_equivalence: relative error.\n\n"
             "## Per family\n\n" + "\n".join(summary) + "\n\n## Models\n\n" + table + "\n\n## Failures\n\n" + "\n".join(failures))
     write_results("zoo", {"models": results, "summary": summary}, text, tag)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.utils import _pytree as pytree
 
 from .errors import CaptureError, FxCompressWarning, InferenceOnlyError, InvalidInputError
 from .hf import cache_hint, without_kv_cache
@@ -175,13 +176,12 @@ def capture_owned(model: torch.nn.Module, inputs: Inputs, reference: Any, *, dyn
     failure = None
     for attempt in _attempts(model, inputs, dynamic, dynamic_shapes):
         if attempt.static_kind == EXPORT and failure is not None:
-            attempt.static_reason = f"static: dynamic capture failed ({_first_line(failure[1])})"
+            attempt.static_reason = f"{attempt.static_reason} ({_first_line(failure[1])})"
         tracker = _ModuleTracker(model)
+        args, kwargs = _unmarked(attempt.inputs)
         try:
             with torch.no_grad(), _quiet_export():
-                program = torch.export.export(
-                    model, attempt.inputs.args, attempt.inputs.kwargs, strict=False, dynamic_shapes=attempt.dynamic_shapes
-                )
+                program = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=attempt.dynamic_shapes)
         except Exception as exc:
             failure = (tracker.stack[-1] if tracker.stack else "<root>", exc)
             continue
@@ -208,14 +208,30 @@ def _attempts(model: torch.nn.Module, inputs: Inputs, dynamic: bool, dynamic_sha
     if not dynamic:
         yield _Attempt(inputs, None, static_kind=PINNED, static_reason="pinned by dynamic=False")
         return
-    tried: set[tuple] = set()
+    examples = []  # (inputs, widened dims): the widened ones first, built lazily
     for batch_only in (False, True):
         args, kwargs, widened = widen_size_one(model, inputs.args, inputs.kwargs, batch_only)
-        if widened and tuple(widened) not in tried and _runs(model, args, kwargs):
-            tried.add(tuple(widened))
-            yield _Attempt(Inputs(args, kwargs), auto_dynamic_shapes(model, args, kwargs), widened)
+        if widened and widened not in [w for _, w in examples] and _runs(model, args, kwargs):
+            examples.append((Inputs(args, kwargs), widened))
+            yield _Attempt(examples[-1][0], auto_dynamic_shapes(model, args, kwargs), widened)
     yield _Attempt(inputs, auto_dynamic_shapes(model, inputs.args, inputs.kwargs))
+    # every dim dynamic failed (e.g. sympy cannot solve a spatial dim's guards through adaptive pooling):
+    # keep the batch dynamic, the other dims at the example's sizes, before giving up on dynamic shapes
+    if any(t.ndim > 1 for t in inputs.tensors()):
+        for example, widened in [*examples, (inputs, [])]:
+            yield _Attempt(example, auto_dynamic_shapes(model, example.args, example.kwargs, dims_of=lambda name, t: [0]),
+                           widened, EXPORT, "static: the capture with every dim dynamic failed, so only dim 0 is dynamic")
     yield _Attempt(inputs, None, static_kind=EXPORT, static_reason="static: dynamic capture failed")
+
+
+def _unmarked(inputs: Inputs) -> tuple[tuple, dict]:
+    """The inputs as new tensor objects over the same storage, for one export call: ``Dim.AUTO`` marks
+    the tensors export is given (``_dynamo_weak_dynamic_indices``, left there when export fails), and a
+    marked tensor is traced dynamic again by the next, static attempt — and the user's tensors would keep
+    the marks."""
+    def alias(value: Any) -> Any:
+        return value.detach() if isinstance(value, torch.Tensor) else value
+    return pytree.tree_map(alias, inputs.args), pytree.tree_map(alias, inputs.kwargs)
 
 
 def _runs(model: torch.nn.Module, args: tuple, kwargs: dict) -> bool:

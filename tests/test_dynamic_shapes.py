@@ -83,6 +83,24 @@ def test_vit_image_size_is_reported_static_with_the_reason_and_rejected_clearly(
     assert "'pixel_values' dim 2 has size 20" in message and "fixed at 16" in message and "modeling_vit.py" in message
 
 
+def test_unsolvable_spatial_guards_keep_the_batch_dynamic_and_leave_the_inputs_unmarked():
+    # at 32 px two poolings leave 1x1 before an adaptive pool: export cannot solve that guard with
+    # symbolic spatial dims (a NotImplementedError from sympy), but it can with only the batch dynamic
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=4, padding=1), torch.nn.MaxPool2d(3, 2), torch.nn.MaxPool2d(3, 2),
+                                torch.nn.AdaptiveAvgPool2d((2, 2)), torch.nn.Flatten(), torch.nn.Linear(16, 5)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    gm = capture(model, (x,))
+    shapes = gm.meta["fxcompress_shapes"]
+    assert shapes.dynamic() == ["input dim 0: [2, inf]"]
+    assert {s["dim"] for s in shapes.specialized()} == {1, 2, 3}
+    assert all("only dim 0 is dynamic" in s["reason"] for s in shapes.specialized() if s["dim"] in (2, 3))
+    assert not hasattr(x, "_dynamo_weak_dynamic_indices")  # export's Dim.AUTO marks stayed on its own aliases
+    bigger = torch.randn(5, 3, 32, 32)
+    assert fidelity(run(model, (bigger,)), run(gm, (bigger,))).max_rel_err <= 1e-5
+    with pytest.raises(fxcompress.InputShapeError, match="only dim 0 is dynamic"):
+        gm(torch.randn(2, 3, 48, 48))
+
+
 def test_length_beyond_the_position_table_is_rejected_with_the_range(captured):
     _, _, gm = captured("bert")
     assert "input_ids dim 1: [2, 512]" in gm.meta["fxcompress_shapes"].dynamic()

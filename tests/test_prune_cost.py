@@ -10,6 +10,7 @@ from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw as hint
 
 from fxcompress.passes.prune import analyze, apply_pruning
 from fxcompress.shapes import flat_inputs
+from fxcompress.passes.prune.core import arg
 from fxcompress.passes.prune.importance import choose_units
 from fxcompress.passes.prune.macs import MacModel
 from fxcompress.passes.prune_channels import removed_indices
@@ -35,6 +36,23 @@ def test_mac_model_predicts_the_pruned_models_macs(name):
     assert model.exact and model.total == count_macs(gm, ctx)
     apply_pruning(gm, graph, removed)
     assert model.macs(removed) == count_macs(gm, ctx) < model.total
+
+
+def test_mac_model_shrinks_a_depthwise_convs_groups_with_its_channels():
+    # groups == channels: removing channels removes whole groups, as the rewrite does (a fixed groups= failed on meta)
+    nn = torch.nn
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16),
+                          nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 1), nn.Flatten(), nn.Linear(8 * 64, 4)).eval()
+    x = (torch.randn(2, 3, 8, 8),)
+    gm, ctx = capture(model, x), ctx_of(x)
+    graph, removed = _half_removed(gm)
+    mac_model = MacModel(gm, graph, ctx)
+    assert mac_model.exact and removed
+    predicted = mac_model.macs(removed)  # before the rewrite, as target_macs bisects
+    apply_pruning(gm, graph, removed)
+    groups = [arg(n, "groups", 1) for n in gm.graph.nodes if n.target is torch.ops.aten.conv2d.default]
+    assert 1 < max(groups) < 16  # the rewrite shrank the depthwise conv's groups too
+    assert predicted == mac_model.macs(removed) == count_macs(gm, ctx) < mac_model.total
 
 
 class _Shapes(torch.fx.Interpreter):

@@ -33,12 +33,12 @@ class MacModel:
 
     def macs(self, removed: dict[int, np.ndarray]) -> int:
         total = 0
-        for node, macs, arguments, others in self.nodes:
+        for node, macs, arguments, others, call in self.nodes:
             shapes = {name: self._pruned(name, shape, removed) for name, (shape, _) in arguments.items()}
             key = (node.name, tuple(sorted((k, tuple(v)) for k, v in shapes.items())))
             if key not in self.cache:
                 unchanged = all(tuple(shapes[k]) == shape for k, (shape, _) in arguments.items())
-                self.cache[key] = macs if unchanged else _macs_on_meta(node, shapes, arguments, others)
+                self.cache[key] = macs if unchanged else _macs_on_meta(node, call, shapes, arguments, others)
             total += self.cache[key]
         return total
 
@@ -47,8 +47,8 @@ class MacModel:
 
 
 def _counted_nodes(gm: fx.GraphModule, ctx: PassContext) -> tuple[list, int]:
-    """``[(node, MACs, {tensor argument: (shape, dtype)}, {other argument: value})]`` for every node that
-    counts MACs, and the total."""
+    """``[(node, MACs, {tensor argument: (shape, dtype)}, {other argument: value}, (args, kwargs))]`` for every
+    node that counts MACs (with its call as captured: the rewrite may change it later), and the total."""
     counter = FlopCounterMode(display=False)
     recorder = _Recorder(gm, counter)
     with torch.no_grad(), counter:
@@ -68,30 +68,47 @@ class _Recorder(fx.Interpreter):
         if macs:
             values = {a.name: self.env[a] for a in n.all_input_nodes}
             arguments = {k: (tuple(v.shape), v.dtype) for k, v in values.items() if isinstance(v, torch.Tensor)}
-            self.counted.append((n, macs, arguments, {k: v for k, v in values.items() if k not in arguments}))
+            self.counted.append((n, macs, arguments, {k: v for k, v in values.items() if k not in arguments}, (n.args, n.kwargs)))
         return result
 
 
-def _reproduces(node: fx.Node, macs: int, arguments: dict, others: dict) -> bool:
+def _reproduces(node: fx.Node, macs: int, arguments: dict, others: dict, call: tuple) -> bool:
     if not isinstance(node.target, torch._ops.OpOverload):
         return False
     try:
-        return _macs_on_meta(node, {k: list(shape) for k, (shape, _) in arguments.items()}, arguments, others) == macs
+        return _macs_on_meta(node, call, {k: list(shape) for k, (shape, _) in arguments.items()}, arguments, others) == macs
     except Exception:  # no meta kernel: the MAC model cannot evaluate the op
         return False
 
 
-def _macs_on_meta(node: fx.Node, shapes: dict[str, list[int]], arguments: dict, others: dict) -> int:
+def _macs_on_meta(node: fx.Node, call: tuple, shapes: dict[str, list[int]], arguments: dict, others: dict) -> int:
     def value(a: fx.Node):
         if a.name in shapes:
             return torch.empty(shapes[a.name], dtype=arguments[a.name][1], device="meta")
         return others[a.name]
 
-    args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
+    args, kwargs = fx.node.map_arg(call, value)
+    args, kwargs = _pruned_groups(node, call[0], shapes, arguments, args, kwargs)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         node.target(*args, **kwargs)
     return counter.get_total_flops() // 2
+
+
+def _pruned_groups(node: fx.Node, call_args: tuple, shapes: dict, arguments: dict, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A grouped conv loses whole groups (``layers.Conv.resize``): ``groups`` shrinks with its weight's dim 0
+    (a depthwise conv keeps groups == channels)."""
+    schema = [a.name for a in node.target._schema.arguments]
+    if "groups" not in schema or len(call_args) < 2 or not isinstance(call_args[1], fx.Node):
+        return args, kwargs
+    index, weight = schema.index("groups"), call_args[1].name
+    groups = args[index] if index < len(args) else kwargs.get("groups", 1)
+    if groups == 1 or weight not in shapes:
+        return args, kwargs
+    new_groups = shapes[weight][0] // (arguments[weight][0][0] // groups)
+    if index < len(args):
+        return (*args[:index], new_groups, *args[index + 1:]), kwargs
+    return args, {**kwargs, "groups": new_groups}
 
 
 __all__ = ["MacModel"]
