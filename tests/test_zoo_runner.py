@@ -37,10 +37,11 @@ def sample_results():
     for key, entry in SAMPLE.items():
         torch.manual_seed(0)
         model, inputs = entry.build().eval(), entry.inputs()
-        results[key] = {"build": {"status": "ok", "params": sum(p.numel() for p in model.parameters())},
-                        "prune_ratio": run_zoo.run_variant(model, inputs, "prune_ratio")}
+        graph, reference, captured = run_zoo.capture_once(model, inputs)
+        results[key] = {"build": {"status": "ok", "params": sum(p.numel() for p in model.parameters())}, "capture": captured,
+                        "prune_ratio": run_zoo.run_variant(graph, inputs, reference, "prune_ratio")}
         if key.startswith("cnn/"):  # mask equivalence on HF models: tests/test_prune_channels.py
-            results[key][run_zoo.MASK] = run_zoo.mask_equivalence(model, inputs)
+            results[key][run_zoo.MASK] = run_zoo.mask_equivalence(model, graph, inputs)
     return results
 
 
@@ -49,7 +50,7 @@ def test_sample_prunes_verified_with_shapes_kept_and_costs_measured(sample_resul
     record = sample_results[key]["prune_ratio"]
     assert record["status"] == "ok"
     assert 0 < record["macs_ratio"] < 0.9, "half the channels pruned must remove MACs"
-    assert any("dim 0" in d for d in record["dynamic"]), "the batch stays dynamic"
+    assert any("dim 0" in d for d in sample_results[key]["capture"]["dynamic"]), "the batch stays dynamic"
     assert record["second_shape"], "every pass was verified at a second shape"
     assert [p["pass"] for p in record["passes"]] == ["eliminate_identity", "fold_bn", "prune_channels"]
     assert all(p["seconds"] > 0 and p["peak_x_weights"] >= 1 for p in record["passes"])
@@ -74,4 +75,4 @@ def test_a_crashing_or_hanging_model_costs_only_that_model(tmp_path, monkeypatch
     monkeypatch.setattr(run_zoo, "__file__", str(tmp_path / "hang.py"))
     (tmp_path / "hang.py").write_text("import time\ntime.sleep(60)\n")
     records = run_zoo.run_model("hf/Any", ["default", "int8"], timeout=1, threads=1, max_params=1e9)
-    assert {v: r["status"] for v, r in records.items()} == {"build": "timeout", "default": "timeout", "int8": "timeout"}
+    assert {v: r["status"] for v, r in records.items()} == {"build": "timeout", "capture": "timeout", "default": "timeout", "int8": "timeout"}
