@@ -29,6 +29,7 @@ import torch.fx as fx
 
 from . import hf_quantizer
 from .errors import FxCompressWarning, InvalidInputError
+from .hf import fit_module_sizes, output_width
 
 
 def apply_to_model(gm: fx.GraphModule, model: torch.nn.Module) -> torch.nn.Module:
@@ -54,18 +55,20 @@ def apply_to_model(gm: fx.GraphModule, model: torch.nn.Module) -> torch.nn.Modul
             f"{', ...' if len(dropped) > 4 else ''} (folded or removed by a pass); the module would still apply them. "
             "Apply a pipeline of eliminate_identity/prune_channels/low_rank/int8, or use the graph itself."
         )
+    written = set()
     for name, value in graph_tensors.items():
-        for owner, leaf in aliases.get(name, []):
-            if id(owner) not in alive:
-                continue
-            old = getattr(owner, leaf)
-            if isinstance(old, torch.nn.Parameter):
-                owner._parameters[leaf] = torch.nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad)
-            else:
-                owner._buffers[leaf] = value.detach().clone()
+        holders = [(owner, leaf) for owner, leaf in aliases.get(name, []) if id(owner) in alive]
+        if not holders or id(aliases[name]) in written:
+            continue
+        written.add(id(aliases[name]))
+        old = getattr(*holders[0])
+        new = torch.nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad) if isinstance(old, torch.nn.Parameter) \
+            else value.detach().clone()
+        for owner, leaf in holders:  # one new tensor for every holder: tied weights stay one tensor
+            (owner._parameters if isinstance(old, torch.nn.Parameter) else owner._buffers)[leaf] = new
     for module in reversed(list(result.modules())):  # projections before the attention reading them
-        _fit_sizes(module)
-    _fit_config(result, replaced)
+        fit_module_sizes(module)
+    _fit_config(result, model, replaced)
     return result
 
 
@@ -145,64 +148,39 @@ def _aliases(model: torch.nn.Module) -> dict[str, list[tuple[torch.nn.Module, st
     return {name: holders[key] for name, key in names.items()}
 
 
-def _fit_sizes(module: torch.nn.Module) -> None:
-    """Size attributes that the forward (or repr / save_pretrained) reads, from the tensors' new shapes."""
-    weight = getattr(module, "weight", None)
-    if isinstance(module, torch.nn.Linear):
-        module.out_features, module.in_features = weight.shape
-    elif isinstance(module, torch.nn.Embedding):
-        module.num_embeddings, module.embedding_dim = weight.shape
-    elif isinstance(module, torch.nn.LayerNorm) and weight is not None:
-        module.normalized_shape = (weight.shape[0],)
-    elif type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers.pytorch_utils.Conv1D
-        module.nf = weight.shape[1]
-    _fit_attention(module)
-
-
-def _fit_attention(module: torch.nn.Module) -> None:
-    """HF attention modules: head counts from the projections' rows (whole heads of ``head_dim``)."""
-    head_dim = getattr(module, "head_dim", None)
-    if not isinstance(head_dim, int):
-        return
-    if hasattr(module, "q_proj") and hasattr(module, "k_proj"):
-        heads, kv_heads = module.q_proj.out_features // head_dim, module.k_proj.out_features // head_dim
-    elif hasattr(module, "qkv_proj") and hasattr(module, "num_key_value_heads"):
-        return  # Phi-3 slices its fused rows by config head counts: fitted in _fit_config
-    elif type(module).__name__ == "Conv1D" or not hasattr(module, "c_attn"):
-        return
-    else:  # GPT-2: c_attn = q | k | v, split by split_size
-        module.split_size = module.embed_dim = _width(module.c_attn) // 3
-        module.num_heads = module.embed_dim // head_dim
-        return
-    if hasattr(module, "num_key_value_groups"):
-        module.num_key_value_groups = heads // kv_heads
-    for name, value in (("num_heads", heads), ("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
-        if hasattr(module, name):
-            setattr(module, name, value)
-
-
-def _fit_config(model: torch.nn.Module, replaced: dict[str, torch.nn.Module]) -> None:
+def _fit_config(model: torch.nn.Module, original: torch.nn.Module, replaced: dict[str, torch.nn.Module]) -> None:
     """The HF config follows the new sizes where every layer agrees (``scope='local'`` prunes equal groups
-    equally), so ``save_pretrained`` + ``from_pretrained`` rebuild the pruned model; replaced layers are
-    listed in ``config.quantization_config`` (``quant_method='fxcompress'``, see ``hf_quantizer.register_quantizer``)."""
+    equally). Replaced layers, and — where layers differ in a size the config holds once — every resized
+    projection, are listed in ``config.quantization_config`` (``quant_method='fxcompress'``): ``load_pretrained``
+    builds them at their shapes before the tensors load (``hf_quantizer.register_quantizer``)."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return
-    if replaced:
-        config.quantization_config = hf_quantizer.quantization_config({path: layer.spec() for path, layer in replaced.items()})
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if any(layer is head for layer in replaced.values()) and getattr(config, "tie_word_embeddings", False):
-            # the head is an int8/low-rank layer now: HF's tying by `.weight` no longer applies (a TiedInt8Linear
-            # reads its Int8Embedding's table itself, stored once)
-            config.tie_word_embeddings = False
-    found: dict[str, set[int]] = {}
-    # MLPs inside a mixture-of-experts block (Qwen-MoE's shared expert) have their own config field
-    moe_blocks = [path + "." for path, module in model.named_modules() if isinstance(getattr(module, "experts", None), torch.nn.Module)]
-    for path, module in model.named_modules():
-        if any(path.startswith(block) for block in moe_blocks):
-            continue
-        for field, value in _config_sizes(module):
-            found.setdefault(field, set()).add(value)
+    layers = {path: layer.spec() for path, layer in replaced.items()}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if any(layer is head for layer in replaced.values()) and getattr(config, "tie_word_embeddings", False):
+        # the head is an int8/low-rank layer now: HF's tying by `.weight` no longer applies (a TiedInt8Linear
+        # reads its Int8Embedding's table itself, stored once)
+        config.tie_word_embeddings = False
+    differing = _fit_config_sizes(model, config)
+    if differing:
+        resized, other = _resized_layers(model, original, replaced)
+        if other:
+            warnings.warn(
+                f"fxcompress: layers differ in {', '.join(differing)}, which the config holds once, and {', '.join(other[:3])} "
+                "changed shape (not a Linear/Conv1D the loader can rebuild); the returned model runs, but "
+                "save_pretrained/from_pretrained cannot rebuild it. Prune every layer alike (scope='local').",
+                FxCompressWarning, stacklevel=3,
+            )
+        else:
+            layers |= resized
+    if layers:
+        config.quantization_config = hf_quantizer.quantization_config(layers)
+
+
+def _fit_config_sizes(model: torch.nn.Module, config) -> list[str]:
+    """Set the config's size fields that every layer agrees on; the sizes it cannot hold once."""
+    found = _sizes_found(model)
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if isinstance(getattr(embeddings, "embedding_dim", None), int):  # nn.Embedding or Int8Embedding
         found["hidden_size"] = {embeddings.embedding_dim}
@@ -219,12 +197,46 @@ def _fit_config(model: torch.nn.Module, replaced: dict[str, torch.nn.Module]) ->
     for field, values in found.items():
         if len(values) == 1 and (hasattr(config, field) or field == "head_dim"):  # HF reads head_dim if set
             setattr(config, field, values.pop())
-    if differing:
-        warnings.warn(
-            f"fxcompress: layers differ in {', '.join(differing)}, which the config holds once; the returned model "
-            "runs, but save_pretrained/from_pretrained cannot rebuild it. Prune every layer alike (scope='local').",
-            FxCompressWarning, stacklevel=3,
-        )
+        elif len(values) == 1 and field in MOE_MLP_FIELDS.values() | {"moe_intermediate_size"}:
+            differing.append(f"{field} (the config has no such field)")
+    return differing
+
+
+def _resized_layers(model: torch.nn.Module, original: torch.nn.Module, replaced: dict) -> tuple[dict[str, dict], list[str]]:
+    """(path -> spec of every Linear/Conv1D whose weight changed shape, the other modules whose tensors did)."""
+    before = {path: {name: t.shape for name, t in m.named_parameters(recurse=False)} for path, m in original.named_modules()}
+    specs, other = {}, []
+    for path, module in model.named_modules():
+        shapes = {name: t.shape for name, t in module.named_parameters(recurse=False)}
+        if path in replaced or path not in before or shapes == before[path]:
+            continue
+        if isinstance(module, torch.nn.Linear):
+            specs[path] = {"kind": "linear", "in": module.in_features, "out": module.out_features, "bias": module.bias is not None}
+        elif type(module).__name__ == "Conv1D":
+            specs[path] = {"kind": "conv1d", "in": module.weight.shape[0], "out": module.weight.shape[1]}
+        else:
+            other.append(path)
+    return specs, other
+
+
+MOE_MLP_FIELDS = {"shared_expert": "shared_expert_intermediate_size"}
+"""MLPs inside a mixture-of-experts block whose width has its own config field (Qwen-MoE's shared expert);
+other MLPs there (per-expert modules) use ``moe_intermediate_size``."""
+
+
+def _sizes_found(model: torch.nn.Module) -> dict[str, set[int]]:
+    """Config field -> the sizes the model's attention and MLP modules imply (MLPs in MoE blocks: their own fields)."""
+    found: dict[str, set[int]] = {}
+    moe_blocks = [path + "." for path, module in model.named_modules() if isinstance(getattr(module, "experts", None), torch.nn.Module)]
+    for path, module in model.named_modules():
+        in_moe = any(path.startswith(block) for block in moe_blocks)
+        for field, value in _config_sizes(module):
+            if in_moe and field == "intermediate_size":
+                field = MOE_MLP_FIELDS.get(path.rsplit(".", 1)[-1], "moe_intermediate_size")
+            elif in_moe:
+                continue
+            found.setdefault(field, set()).add(value)
+    return found
 
 
 def _config_sizes(module: torch.nn.Module) -> list[tuple[str, int]]:
@@ -244,15 +256,10 @@ def _config_sizes(module: torch.nn.Module) -> list[tuple[str, int]]:
     if hasattr(module, "gate_proj") and hasattr(module, "up_proj"):
         sizes.append(("intermediate_size", module.up_proj.out_features))
     elif isinstance(getattr(module, "gate_up_proj", None), torch.nn.Module):  # Phi-3's fused Linear, not MoE experts' [E, 2I, H]
-        sizes.append(("intermediate_size", _width(module.gate_up_proj) // 2))
-    elif hasattr(module, "c_fc") and _width(module.c_fc):
-        sizes.append(("n_inner", _width(module.c_fc)))
+        sizes.append(("intermediate_size", output_width(module.gate_up_proj) // 2))
+    elif hasattr(module, "c_fc") and output_width(module.c_fc):
+        sizes.append(("n_inner", output_width(module.c_fc)))
     return sizes
-
-
-def _width(layer: torch.nn.Module) -> int | None:
-    """Output features of a Linear, Conv1D (``nf``) or fxcompress layer."""
-    return getattr(layer, "out_features", None) or getattr(layer, "nf", None)
 
 
 def load_pretrained(model_class, directory, **kwargs) -> torch.nn.Module:

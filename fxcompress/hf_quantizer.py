@@ -2,11 +2,13 @@
 
 :func:`fxcompress.apply_to_model` lists the layers it replaced in ``config.quantization_config``
 (``quant_method="fxcompress"``); the quantizer registered here builds empty :mod:`fxcompress.layers`
-modules of those shapes before the saved tensors load (HF's extension point for layers that are not
-``nn.Linear``). ``transformers`` is imported only when a quantizer is registered.
+modules of those shapes — and projections resized by pruning where the config cannot describe them —
+before the saved tensors load (HF's extension point for layers that are not ``nn.Linear``). ``transformers`` is imported only when a quantizer is registered.
 """
 
 from __future__ import annotations
+
+from .hf import fit_module_sizes
 
 QUANT_METHOD = "fxcompress"
 
@@ -47,6 +49,8 @@ def register_quantizer() -> None:
                     setattr(owner, leaf, layer_from_spec(layers[path], model))
                 # the parent's weight init (e.g. GPT-2's scaled c_proj init) would reach for `.weight`; all is loaded
                 owner._is_hf_initialized = True
+            for module in reversed(list(model.modules())):  # resized projections: attention head counts follow
+                fit_module_sizes(module, heads_from_config=True)
             return model
 
         def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:

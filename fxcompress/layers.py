@@ -158,6 +158,10 @@ def layer_from_spec(spec: dict, model: torch.nn.Module | None = None) -> torch.n
         return LowRankLinear(*(layer_from_spec(stage) for stage in spec["stages"]))
     if spec["kind"] == "linear":
         return torch.nn.Linear(spec["in"], spec["out"], bias=spec["bias"])
+    if spec["kind"] == "conv1d":  # GPT-2's projection, resized by pruning
+        from transformers.pytorch_utils import Conv1D  # here: only a saved GPT-style model needs transformers
+
+        return Conv1D(spec["out"], spec["in"])
     n, k = spec["out"], spec["in"]
     return Int8Linear(spec["op"], torch.zeros(n, k, dtype=torch.int8), torch.ones(n),
                       torch.zeros(n) if spec["bias"] else None, torch.ones(1) if spec["input_scale"] else None,

@@ -28,6 +28,8 @@ PIPELINES = {
     "low_rank": lambda: [LowRank(rank=0.25)],
     "prune+int8": lambda: [PruneChannels(ratio=0.5), Int8(**INT8)],
     "int8+embeddings": lambda: [Int8(**INT8, embeddings=True)],
+    "prune": lambda: [PruneChannels(ratio=0.5)],
+    "prune layer 0": lambda: [PruneChannels(ratio=0.5, ignore=("model.layers.1",))],  # layers of different widths
 }
 
 
@@ -95,6 +97,41 @@ def test_save_pretrained_and_load_pretrained_rebuild_the_compressed_layers(compr
     assert torch.equal(fxcompress.generation.greedy_tokens(reloaded, prompt, 10), fxcompress.generation.greedy_tokens(module, prompt, 10))
 
 
+@pytest.mark.parametrize("family,pipeline", [("llama", "prune layer 0"), ("gpt2", "prune")])
+def test_pruned_sizes_the_config_cannot_hold_are_rebuilt_by_load_pretrained(compressed, family, pipeline, tmp_path):
+    """Layers of different widths (Llama with one layer pruned), GPT-2 attention narrower than n_embd: the
+    resized projections are listed for the loader, which builds them and refits the attention's head counts."""
+    model, inputs, gm = compressed(family, pipeline)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FxCompressWarning)
+        module = apply_to_model(gm, model)
+    resized = {path for path, spec in module.config.quantization_config.layers.items() if spec["kind"] in ("linear", "conv1d")}
+    assert resized and all(module.get_submodule(p).weight.shape != model.get_submodule(p).weight.shape for p in resized)
+    module.save_pretrained(tmp_path)
+    reloaded = fxcompress.load_pretrained(type(model), tmp_path)
+    torch.testing.assert_close(logits(reloaded, inputs), logits(gm, inputs), rtol=1e-5, atol=1e-5)
+    prompt = inputs["input_ids"][:1, :4]
+    assert torch.equal(fxcompress.generation.greedy_tokens(reloaded, prompt, 8), fxcompress.generation.greedy_tokens(module, prompt, 8))
+
+
+def test_pruned_shared_expert_width_goes_into_its_config_field_and_reloads(tmp_path):
+    torch.manual_seed(0)
+    model, inputs = llm_zoo.qwen2_moe().eval(), llm_zoo.tokens()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FxCompressWarning)
+        gm = capture(model, inputs)
+    PassManager([PruneChannels(ratio=0.5, scope="local")]).run(gm, PassContext((), inputs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FxCompressWarning)  # every pruned width fits one config field
+        module = apply_to_model(gm, model)
+    width = module.model.layers[0].mlp.shared_expert.up_proj.out_features
+    assert width < model.config.shared_expert_intermediate_size == 32
+    assert module.config.shared_expert_intermediate_size == width
+    module.save_pretrained(tmp_path)
+    reloaded = fxcompress.load_pretrained(type(model), tmp_path)
+    torch.testing.assert_close(logits(reloaded, inputs), logits(gm, inputs), rtol=1e-5, atol=1e-5)
+
+
 def test_low_rank_layers_fine_tune_with_autograd(compressed):
     model, inputs, gm = compressed("llama", "low_rank")
     module = applied(gm, model).train()
@@ -112,6 +149,16 @@ class OwnProjection(torch.nn.Module):
 
     def forward(self, x):
         return torch.nn.functional.linear(x, self.weight) * 2
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_tied_embedding_and_head_stay_one_tensor_when_applied(compressed, family):
+    model, inputs, gm = compressed(family, "prune")
+    module = applied(gm, model)
+    head, table = module.get_output_embeddings().weight, module.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert head is table, "tied weights were copied apart: twice the bytes, and fine-tuning would untie them"
+    torch.testing.assert_close(logits(module, inputs), logits(gm, inputs), rtol=1e-5, atol=1e-5)
 
 
 def test_a_rewritten_module_that_is_not_a_linear_is_refused_by_name():

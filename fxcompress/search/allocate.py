@@ -2,8 +2,9 @@
 
 Each site (a coupled channel group, a layer) has options with a *saving* (latency, bytes or MACs the
 option removes from the model, measured per option) and an *error* (measured per option on the
-calibration data). Savings and errors are taken as additive over sites; the pipelines the allocator
-proposes are then built and measured end to end, which is what the search returns.
+calibration data). Savings and errors are taken as additive over sites: the search solves this on
+savings linearized at an allocation (:mod:`.compose`: options on the same layers multiply, so one
+site's saving depends on the others'); the pipelines proposed are then built and measured end to end.
 
 Dynamic programme over the saving discretized into ``bins`` steps (each option's saving rounded to
 the nearest step; a proposal is checked against the exact sum):

@@ -24,6 +24,7 @@ import torch.fx as fx
 from torch.fx._pytree import tree_flatten_spec
 
 from .. import tuning
+from ..ir import module_path
 from ..report import count_flops, weight_bytes
 
 FAMILY = "graph_node_latency"
@@ -57,6 +58,7 @@ class _Recorder(fx.Interpreter):
         super().__init__(gm)
         self.known = known
         self.keys: list[str] = []
+        self.nodes: list[tuple[str, str, str]] = []  # name, operator, module path
         self.thunks: dict[str, Callable[[], Any]] = {}
 
     def run_node(self, n: fx.Node) -> Any:
@@ -65,6 +67,7 @@ class _Recorder(fx.Interpreter):
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         key = node_key(n, args, kwargs)
         self.keys.append(key)
+        self.nodes.append((n.name, str(n.target), module_path(n)))
         if not self.known(key) and key not in self.thunks:
             self.thunks[key] = functools.partial(getattr(self, n.op), n.target, args, kwargs)
         return getattr(self, n.op)(n.target, args, kwargs)
@@ -72,9 +75,11 @@ class _Recorder(fx.Interpreter):
 
 @dataclass
 class GraphProfile:
-    """One graph's call nodes (their keys), for :meth:`CostModel.predict_ms`."""
+    """One graph's call nodes: their keys (for :meth:`CostModel.predict_ms`) and, in the same order, their
+    names, operators and the user modules they came from (for :mod:`.compose`, which matches them to the base graph's)."""
 
     keys: list[str]
+    nodes: list[tuple[str, str, str]] = field(default_factory=list)
     weight_bytes: int = 0
     macs: int = 0
 
@@ -121,7 +126,7 @@ class CostModel:
         with torch.no_grad():
             outputs = recorder.run(*flat)
         self._pending.update(recorder.thunks)
-        return GraphProfile(recorder.keys), outputs
+        return GraphProfile(recorder.keys, recorder.nodes), outputs
 
     def measure(self, reference: Callable[[], Any] | None = None, reference_profile: GraphProfile | None = None) -> int:
         """Time every node recorded but not yet timed, interleaved in one run, and with them the whole

@@ -5,8 +5,9 @@
 2. :func:`find_space` lists the sites; :func:`analyze` applies every option alone (error + profile).
 3. The cost model times the nodes of all option graphs; its correction is the base graph's measured
    end-to-end latency over its node sum.
-4. :class:`Front` (exact multiple-choice knapsack over the measured savings) gives the least-error
-   allocation for any required saving.
+4. :class:`~.compose.ComposedFront` gives the least-error allocation for any required saving: options
+   compose per base node (kept fractions and speed ratios multiply on the nodes they act on), solved by
+   the multiple-choice knapsack re-linearized at its own answers.
 5. Correction rounds: the allocation for the budget is built by the pass manager (unverified: the
    chosen one is built again, verified, by ``optimize``) and measured end to end, interleaved with
    the input model. The cost model's error is taken as a factor on the predicted fraction: a pipeline
@@ -40,11 +41,12 @@ from ..registry import make_pass
 from ..quiet import quiet
 from ..statistics import check_calibration
 from ..training import Batch
-from .allocate import Allocation, Choice, Front
+from .allocate import Allocation
 from .cache import ANALYSES, CAPTURES, content_digest, model_digest
+from .compose import ComposedFront, composed_front
 from .cost_model import Clock, CostModel, GraphProfile, measured_clock, static_costs
 from .result import Candidate, Round, SearchResult
-from .refine import refine, saving_of
+from .refine import refine
 from .sensitivity import Analysis, Built, ErrorMeter, analyze
 from .space import LOSSLESS, Setting, apply, find_space
 from .target import Target
@@ -97,18 +99,9 @@ class Search:
             return self.costs.predict_ms(profile)
         return float(profile.weight_bytes if resource == "size" else profile.macs)
 
-    def _front(self) -> Front:
-        base = self._quantity(self.analysis.base)
-        sites = []
-        for site in self.analysis.space.sites:
-            choices = []
-            for setting in site.options:
-                measured = self.analysis.options.get(setting)
-                ok = measured is not None and measured.error == measured.error
-                choices.append(Choice(base - self._quantity(measured.profile), measured.error) if ok else Choice(0.0, float("inf")))
-            sites.append(choices)
-        self._choices = sites
-        return Front(sites)
+    def _front(self) -> ComposedFront:
+        self.front = composed_front(self.analysis, self._quantity, self.costs if self.timed else None)
+        return self.front
 
     def _settings(self, picks: tuple[int, ...]) -> list[Setting]:
         return [site.options[j] for site, j in zip(self.analysis.space.sites, picks) if j >= 0]
@@ -268,12 +261,13 @@ class Search:
             anchor = min(meeting, key=lambda c: c.error)
             measured = getattr(anchor, t.resource)
             slack = (t.budget - measured) * reference * scale
-            picks = refine(self._choices, self._picks[anchor.name], slack)
-            if picks is None or picks == self._picks[anchor.name] or picks in tried:
+            anchor_picks = self._picks[anchor.name]
+            picks = refine(self.front.linearized(anchor_picks), anchor_picks, slack)
+            if picks is None or picks == anchor_picks or picks in tried:
                 return
             tried.add(picks)
-            saving = saving_of(self._choices, picks)
-            predicted = measured - (saving - saving_of(self._choices, self._picks[anchor.name])) / reference
+            saving = self.front.saving(picks)
+            predicted = measured - (saving - self.front.saving(anchor_picks)) / reference
             candidate = self._add_allocation(Allocation(picks, saving, 0.0), reference, predicted)
             self._measure()
             result = getattr(candidate, t.resource)
@@ -281,7 +275,7 @@ class Search:
             if result > t.budget * (1 + (t.tolerance if t.resource == "latency" else 0.0)):
                 scale /= 2
 
-    def _correction_rounds(self, front: Front, reference: float) -> None:
+    def _correction_rounds(self, front: ComposedFront, reference: float) -> None:
         """Allocate for the aim, build, measure, rescale the aim by predicted/measured; see the module doc."""
         t = self.target
         low, high = t.budget * (1 - t.tolerance), t.budget * (1 + (t.tolerance if t.resource == "latency" else 0.0))
@@ -299,7 +293,7 @@ class Search:
                 break
             aim = _next_aim(self.rounds, t.budget)
 
-    def _allocation(self, front: Front, reference: float, aim: float, tried: list[Allocation]) -> tuple[Allocation | None, bool]:
+    def _allocation(self, front: ComposedFront, reference: float, aim: float, tried: list[Allocation]) -> tuple[Allocation | None, bool]:
         """The least-error allocation predicted at ``aim`` (``reachable=False``: the largest saving, which
         falls short of it); a repeat of a tried one moves one step tighter when the last one was over the
         budget, and ends the rounds when it was under (nothing new to learn)."""
@@ -317,7 +311,7 @@ class Search:
             return None, False
         return tighter, True
 
-    def _within_error(self, front: Front, reference: float) -> None:
+    def _within_error(self, front: ComposedFront, reference: float) -> None:
         """Only ``max_error``: the largest saving within it, and within tighter fractions of it (errors
         do not add up exactly), at most ``verify_candidates`` pipelines."""
         t = self.target
@@ -359,8 +353,8 @@ class Search:
                     f"in this search space: the best reachable point measures {closest}")
         rounds = "; ".join(f"{r.predicted:.3g} -> {r.measured:.3g}" for r in self.rounds)
         return (f"target {t.resource}<={t.budget:g} not met after {len(self.rounds)} correction round(s): the closest "
-                f"measures {closest}; predicted -> measured per round: {rounds} (the additive cost model misses what "
-                f"rewrites change together, and timing noise; more rounds: Target(verify_candidates=...))")
+                f"measures {closest}; predicted -> measured per round: {rounds} (the cost model composes the options' "
+                f"measured effects per node and misses what rewrites change only together, and timing noise; more rounds: Target(verify_candidates=...))")
 
 
 MAX_AIM_STEP = 2.0  # one round moves the aim by at most this factor (a noisy measurement is one sample)
@@ -371,7 +365,7 @@ def _next_aim(rounds: list[Round], budget: float) -> float:
     prediction. Once one round measured under the budget and one over, the aim interpolates linearly
     between the two closest (a bracket that only shrinks: the rounds converge). Before that, the last
     round's measured/predicted factor is taken as constant: ``budget · predicted / measured``; a
-    prediction <= 0 (savings summed past the whole model: the additive model broke down) scales the aim
+    prediction <= 0 (the cost model broke down) scales the aim
     itself instead; the step is bounded by :data:`MAX_AIM_STEP`. Never above 1 (that saves nothing)."""
     under = [r for r in rounds if r.predicted > 0 and r.measured <= budget]
     over = [r for r in rounds if r.predicted > 0 and r.measured > budget]

@@ -1,15 +1,14 @@
 """Refinement around a measured pipeline: the least-error allocation one step from the best one that meets.
 
-The allocator takes savings as additive over sites, which overstates what options on the same layers
-save together (pruning a conv's input and output channels and factorizing it: the kept fractions
-multiply, the savings do not add up); free to combine any options, the allocator favours exactly those
-combinations, and its prediction for them can be far below their measurement. Near a measured
-pipeline the additive model's error is small. Refinement takes the best measured candidate that meets
-the budget (often a single-pass baseline), lets each site move at most one step along its options
-ordered by saving (down only when the anchor has slack, up only when it is over the budget), and asks
-for the least error whose saving, relative to the anchor's, gives up at most the anchor's measured
-slack (``budget − measured``, in the allocator's units). The same
-multiple-choice knapsack (:class:`~.allocate.Front`) solves it over the neighbourhoods.
+The composed cost model (:mod:`.compose`) still misses what no single option shows (int8 regions,
+dispatch, timing noise), and a measured pipeline's slack is worth spending. The sites' savings are
+linearized at the anchor (each option's saving with every other site as the anchor has it: exact for
+a one-site move). Refinement takes the best measured candidate that meets the budget (often a
+single-pass baseline), lets each site move at most one step along its options ordered by saving (down
+only when the anchor has slack, up only when it is over the budget), and asks for the least error
+whose saving, relative to the anchor's, gives up at most the anchor's measured slack
+(``budget − measured``, in the allocator's units). The multiple-choice knapsack
+(:class:`~.allocate.Front`) solves it over the neighbourhoods.
 """
 
 from __future__ import annotations
@@ -39,9 +38,8 @@ def saving_of(sites: Sequence[Sequence[Choice]], picks: Sequence[int]) -> float:
 def refine(sites: Sequence[Sequence[Choice]], anchor: Sequence[int], slack: float) -> tuple[int, ...] | None:
     """Picks within one step of ``anchor`` per site, least total error, saving at least the anchor's
     minus ``slack`` (``None`` if no such picks exist). A slack >= 0 only relaxes sites (gives up
-    saving for error), a negative one only tightens them: the change stays as small as the slack, and
-    an additive model that overstates savings overstates what relaxing costs too (it errs towards
-    meeting the budget). Each site's least-saving neighbour plays the front's "unchanged"."""
+    saving for error), a negative one only tightens them: the change stays as small as the slack.
+    Each site's least-saving neighbour plays the front's "unchanged"."""
     local_sites, ladders, offset = [], [], 0.0
     for options, pick in zip(sites, anchor):
         near = neighbourhood(options, pick, relax=slack >= 0)
