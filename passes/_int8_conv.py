@@ -206,12 +206,17 @@ def qparams(absmax_scale: float, nonnegative: bool, clip: float | None = None) -
     """``(s, z)`` of a uint8 value from a symmetric calibrated scale ``r/127``, on the grid ``0..top``:
     ``top`` is 255, or 127 where this CPU's engines saturate at full range (see ``activation_quant_max``)."""
     r = absmax_scale * 127.0
-    top = activation_quant_max(CONV_ENGINES)
+    top = grid_top()
     if nonnegative:
         r = min(r, clip) if clip is not None else r
         return max(r, 1e-8) / top, 0
     half = (top + 1) // 2
     return max(r, 1e-8) / (half - 1), half
+
+
+def grid_top() -> int:
+    """The top of the uint8 activation grid on this machine: every int8 value is capped there (see ``qparams``)."""
+    return activation_quant_max(CONV_ENGINES)
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,10 +259,10 @@ class ConvProblem:
 
     def int8(self, engine: str) -> torch.Tensor:
         stride, padding, dilation, groups = self.geometry
-        x_q = fxops.quantize_u8(self.x, *self.x_qparams) if self.enters_float else self.x_q
-        add = () if self.residual is None else (self.residual.q, *self.residual.qparams, *self.residual.mid_qparams)
+        x_q = fxops.quantize_u8(self.x, *self.x_qparams, grid_top()) if self.enters_float else self.x_q
+        add = (None, 1.0, 0, 1.0, 0) if self.residual is None else (self.residual.q, *self.residual.qparams, *self.residual.mid_qparams)
         y = fxops.int8_conv(x_q, *self.x_qparams, self.weight_q, self.weight_scale, self.bias,
-                            stride, padding, dilation, groups, *self.out_qparams, self.relu, engine, *add)
+                            stride, padding, dilation, groups, *self.out_qparams, self.relu, engine, *add, grid_top())
         return fxops.dequantize_u8(y, *self.out_qparams) if self.exits_float else y
 
     def as_float(self, y: torch.Tensor) -> torch.Tensor:
@@ -275,7 +280,7 @@ class ConvProblem:
             s_r, z_r = self.residual.qparams
             y = y + (self.residual.q.float() - z_r) * s_r
         y = y.relu() if self.relu else y
-        return (torch.clamp(torch.round(y / s_o) + z_o, 0, 255) - z_o) * s_o
+        return (torch.clamp(torch.round(y / s_o) + z_o, 0, grid_top()) - z_o) * s_o
 
 
 def _engine_candidate(engine: str) -> tuning.Candidate:

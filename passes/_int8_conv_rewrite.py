@@ -24,7 +24,7 @@ from fxcompress.verify import node_values
 
 from ._int8_conv import (
     CONV_OPS, FUSED_ADD_ENGINES, RELUS, Chain, ConvProblem, Residual, choose_conv_lowering,
-    conv_problem, is_nonnegative, layer_name, plan_chains, qparams, quantize_weight,
+    conv_problem, grid_top, is_nonnegative, layer_name, plan_chains, qparams, quantize_weight,
 )
 
 fxops = torch.ops.fxcompress
@@ -156,7 +156,7 @@ class ConvLowerer:
         if add_chain is not None:
             relu, r = add_chain.activation is not None, values[add_chain.residual.name]
             r_qparams = self._residual_qparams(add_chain.residual)
-            residual = Residual(fxops.quantize_u8(r, *r_qparams), r_qparams, qparams(self.scales[f"{layer}:conv"], False))
+            residual = Residual(fxops.quantize_u8(r, *r_qparams, grid_top()), r_qparams, qparams(self.scales[f"{layer}:conv"], False))
         else:
             activation = next(iter(node.users)) if len(node.users) == 1 else None
             relu, r, residual = activation is not None and activation.target in RELUS, None, None
@@ -170,7 +170,7 @@ class ConvLowerer:
             return y.relu() if relu else y
 
         return ConvProblem(
-            device=x.device, x=x, x_q=fxops.quantize_u8(x, *x_qparams), x_qparams=x_qparams, weight_q=weight_q,
+            device=x.device, x=x, x_q=fxops.quantize_u8(x, *x_qparams, grid_top()), x_qparams=x_qparams, weight_q=weight_q,
             weight_scale=weight_scale, bias=bias, geometry=geometry, out_qparams=out_qparams, relu=relu, float_run=float_run,
             key={"op": str(conv), "x": list(x.shape), "weight": list(weight.shape), "geometry": geometry, "relu": relu,
                  "bias": bias is not None, "enters_float": enters_float, "exits_float": exits_float,
@@ -249,7 +249,7 @@ class _Emitter:
         if value not in self.entries or not self.config.conv_regions:
             params = qparams(self.lowerer.scales[layer], is_nonnegative(value))
             with self.gm.graph.inserting_before(before):
-                self.entries[value] = self._call(fxops.quantize_u8.default, (value, *params), before)
+                self.entries[value] = self._call(fxops.quantize_u8.default, (value, *params, grid_top()), before)
             self.entries[value].meta["qparams"] = params
         node = self.entries[value]
         return node, node.meta["qparams"]
@@ -272,6 +272,9 @@ class _Emitter:
             q_r, r_params = self.int8[chain.residual]
             mid = qparams(lowerer.scales.get(f"{layer}:conv", 1.0 / 127), False)
             op_args += [q_r, *r_params, *mid]
+        else:
+            op_args += [None, 1.0, 0, 1.0, 0]
+        op_args.append(grid_top())
         with self.gm.graph.inserting_before(chain.end):
             q = self._call(fxops.int8_conv.default, tuple(op_args), chain.end)
         self.int8[chain.end] = (q, out_params)

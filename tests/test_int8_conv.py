@@ -493,3 +493,39 @@ def test_the_int8_ops_raise_no_deprecation_warning_in_a_fresh_process():
     )
     run = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+AVX2_CAPS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+OUT_OF_RANGE_CHECK = """
+import torch, torch.nn as nn, fxcompress
+from fxcompress.ops.int8_conv import CONV_ENGINES, activation_quant_max, conv_engine_available
+from fxcompress.passes import FoldBN, Int8
+if activation_quant_max(CONV_ENGINES) != 127:
+    print("SKIP: the AVX2 caps give no 7-bit grid on this CPU"); raise SystemExit(0)
+torch.manual_seed(0)
+model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 16, 1), nn.ReLU()).eval()
+with torch.no_grad():
+    model[2].weight.uniform_(0.5, 1.0)  # same-sign neighbours: the pair sums of the second conv are as large as they get
+scales = fxcompress.calibrate(model, [0.3 * torch.randn(4, 8, 8, 8)])
+ranges = {site: scale * 127 for site, scale in scales}
+x = 3 * torch.randn(4, 8, 8, 8)  # ten times the calibrated scale: most values lie beyond the calibrated ranges
+for engine in filter(conv_engine_available, CONV_ENGINES):
+    gm = fxcompress.optimize(model, (x,), passes=[FoldBN(), Int8(mode="static", activation_scales=scales, impl=f"qengine:{engine}",
+                                                                 min_weight_numel=1 << 30)], report=False)
+    with torch.no_grad():  # the scheme clips each value at its calibrated range; it must not saturate beyond it
+        h = model[1](model[0](x.clamp(-ranges["0"], ranges["0"]))).clamp(max=ranges["0:out"])
+        reference = model[3](model[2](h)).clamp(max=ranges["2:out"])
+        error = ((gm(x) - reference).norm() / reference.norm()).item()
+    assert error < 0.05, f"{engine}: {error:.3g} off the clipped scheme"
+"""
+
+
+def test_values_beyond_the_calibrated_range_do_not_saturate_the_next_conv_on_a_7_bit_grid():
+    """Under the AVX2 caps (VPMADDUBSW int16 pairs) the grid is 0..127; a value beyond its calibrated range
+    must be capped there, or the next conv's pair sums saturate (e.g. ResNet-50 on inputs unlike the
+    calibration batches). Every engine, in a process with the caps."""
+    env = {**__import__("os").environ, **AVX2_CAPS, "FXCOMPRESS_CACHE_DIR": str(__import__("tempfile").mkdtemp())}
+    run = subprocess.run([sys.executable, "-c", OUT_OF_RANGE_CHECK], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stdout[-1000:] + run.stderr[-2000:]
+    if run.stdout.startswith("SKIP"):
+        pytest.skip(run.stdout.strip())

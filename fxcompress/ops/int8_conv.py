@@ -64,15 +64,21 @@ def _as_uint8(qt: Tensor, dim: int) -> Tensor:
 
 
 @custom_op("fxcompress::quantize_u8", mutates_args=())
-def quantize_u8(x: Tensor, scale: float, zero_point: int) -> Tensor:
-    """``q = clamp(round(x / s) + z, 0, 255)`` as ``uint8`` (channels-last when 4-D)."""
+def quantize_u8(x: Tensor, scale: float, zero_point: int, quant_max: int = 255) -> Tensor:
+    """``q = clamp(round(x / s) + z, 0, quant_max)`` as ``uint8`` (channels-last when 4-D)."""
     x = x.float().contiguous(memory_format=_memory_format(x.dim()))
     silence_quantized_deprecation()
-    return _as_uint8(torch.quantize_per_tensor(x, scale, zero_point, torch.quint8), x.dim())
+    return _clamp_top(_as_uint8(torch.quantize_per_tensor(x, scale, zero_point, torch.quint8), x.dim()), quant_max)
+
+
+def _clamp_top(q: Tensor, quant_max: int) -> Tensor:
+    """``q`` capped at ``quant_max`` in place: on a 7-bit grid a value beyond the calibrated range (128..255)
+    would make the next conv's int16 pair sums saturate (see :func:`saturates_full_range`)."""
+    return q.clamp_max_(quant_max) if quant_max < 255 else q
 
 
 @quantize_u8.register_fake
-def _(x, scale, zero_point):
+def _(x, scale, zero_point, quant_max=255):
     return torch.empty(x.shape, dtype=torch.uint8, memory_format=_memory_format(x.dim()))
 
 
@@ -109,9 +115,10 @@ def int8_conv(
     stride: list[int], padding: list[int], dilation: list[int], groups: int,
     output_scale: float, output_zero_point: int, relu: bool, engine: str,
     accum: Optional[Tensor] = None, accum_scale: float = 1.0, accum_zero_point: int = 0,
-    mid_scale: float = 1.0, mid_zero_point: int = 0,
+    mid_scale: float = 1.0, mid_zero_point: int = 0, output_quant_max: int = 255,
 ) -> Tensor:
-    """Static int8 ``act(conv(x) [+ accum])`` from and to int8 values (see the module docstring)."""
+    """Static int8 ``act(conv(x) [+ accum])`` from and to int8 values (see the module docstring), the
+    output capped at ``output_quant_max`` (the top of the activation grid)."""
     check_engine(x, engine, "int8_conv")
     dim = x.dim()
     geometry = conv2d_geometry(dim, stride, padding, dilation)
@@ -131,7 +138,7 @@ def int8_conv(
                 mid = ops.conv2d(qx, packed, mid_scale, mid_zero_point)
                 y = (ops.add_relu if relu else ops.add)(mid, qa.contiguous(memory_format=torch.channels_last),
                                                          output_scale, output_zero_point)
-    return _as_uint8(y if dim == 4 else y.squeeze(2), dim)
+    return _clamp_top(_as_uint8(y if dim == 4 else y.squeeze(2), dim), output_quant_max)
 
 
 @int8_conv.register_fake
@@ -200,9 +207,9 @@ def _int8_conv_flop(x_shape, x_scale, x_zero_point, w_shape, *args, out_shape=No
 
 # --- CUDA: the Triton conv and ATen bodies of the region ops --------------------------------------
 
-def quantize_u8_aten(x: Tensor, scale: float, zero_point: int) -> Tensor:
-    """``quantize_u8`` in plain ATen (the CUDA body): ``clamp(round(x · (1/s)) + z, 0, 255)``, round half even."""
-    q = torch.round(x.float() * (1.0 / scale)).add_(zero_point).clamp_(0, 255).to(torch.uint8)
+def quantize_u8_aten(x: Tensor, scale: float, zero_point: int, quant_max: int = 255) -> Tensor:
+    """``quantize_u8`` in plain ATen (the CUDA body): ``clamp(round(x · (1/s)) + z, 0, quant_max)``, round half even."""
+    q = torch.round(x.float() * (1.0 / scale)).add_(zero_point).clamp_(0, quant_max).to(torch.uint8)
     return q.contiguous(memory_format=_memory_format(x.dim()))
 
 
@@ -225,7 +232,7 @@ def _pack_for_triton(weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tens
 
 def _int8_conv_triton(x, x_scale, x_zero_point, weight_q, weight_scale, bias, stride, padding, dilation, groups,
                       output_scale, output_zero_point, relu, engine, accum=None, accum_scale=1.0, accum_zero_point=0,
-                      mid_scale=1.0, mid_zero_point=0):
+                      mid_scale=1.0, mid_zero_point=0, output_quant_max=255):
     if engine != TRITON_ENGINE:
         raise RuntimeError(f"fxcompress::int8_conv on CUDA runs engine={TRITON_ENGINE!r}, not {engine!r}: re-run the int8 pass on this device")
     try:
@@ -233,8 +240,9 @@ def _int8_conv_triton(x, x_scale, x_zero_point, weight_q, weight_scale, bias, st
     except ImportError as exc:
         raise RuntimeError("fxcompress::int8_conv on CUDA needs Triton; install it with `pip install triton`") from exc
     weight, weight_sum = prepacked.get(weight_q, weight_scale, bias, TRITON_ENGINE, pack=_pack_for_triton)
-    return kernels.int8_conv(x, x_scale, x_zero_point, weight, weight_scale, bias, stride, padding, dilation, groups,
-                             output_scale, output_zero_point, relu, accum, accum_scale, accum_zero_point, weight_sum=weight_sum)
+    y = kernels.int8_conv(x, x_scale, x_zero_point, weight, weight_scale, bias, stride, padding, dilation, groups,
+                          output_scale, output_zero_point, relu, accum, accum_scale, accum_zero_point, weight_sum=weight_sum)
+    return _clamp_top(y, output_quant_max)
 
 
 quantize_u8.register_kernel("cuda")(quantize_u8_aten)
