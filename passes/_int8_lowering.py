@@ -373,8 +373,8 @@ def cold_weight_calls(problem: Any, copies: Callable[[tuning.Candidate], tuple[C
 
     A decoding step streams the whole model once, so between two calls of one layer the caches have seen
     every other weight: the layer's weights arrive cold. A GEMV timed on one hot copy measures the cache
-    instead and favours fp32 (2-core Xeon VM, 512x512 at one row: fp32 0.028 ms hot vs 0.106 ms cold,
-    FBGEMM int8 0.028 vs 0.047)."""
+    instead and favours fp32 (2-core Xeon VM, 1024x1024 at one row: fp32 0.10 ms hot vs 0.35 ms cold,
+    FBGEMM int8 0.14 vs 0.18 ms; ``bench/bench_decode_gemv.py``)."""
 
     def timed(candidate: tuning.Candidate) -> Callable:
         copy, nbytes = copies(candidate)
